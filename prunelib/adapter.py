@@ -1,0 +1,148 @@
+"""The one place that knows where a decoder-only model keeps its parts.
+
+Pruning methods, the cost model and the timing harness never touch module names:
+they ask a :class:`ModelAdapter` for layers, norms, projections, heads and KV heads.
+Supported: the Llama family layout (Llama, Qwen2, Mistral), which shares module
+names. Any other layout gets a :class:`LayoutError` naming what was not found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+class LayoutError(ValueError):
+    """The model does not have the module layout prunelib knows how to handle."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shapes of one decoder layer, read from its (possibly pruned) modules.
+
+    ``n_heads``/``n_kv_heads`` are 0 and ``intermediate`` is 0 when the attention or MLP
+    sublayer was removed.
+    """
+
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def has_attn(self) -> bool:
+        return self.n_heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.intermediate > 0
+
+
+class ModelAdapter:
+    """Accessors for a Llama-family ``*ForCausalLM`` model (its shapes may be pruned)."""
+
+    @staticmethod
+    def check_type(config) -> None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise LayoutError(
+                f"model_type {model_type!r} is not supported; supported layouts: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        config = getattr(model, "config", None)
+        self.check_type(config)
+        model_type = config.model_type
+        missing = [p for p in ("model", "model.layers", "model.embed_tokens", "model.norm", "lm_head") if not _has(model, p)]
+        if not missing:
+            for i, layer in enumerate(model.model.layers):
+                for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
+                    if not hasattr(layer, name):
+                        missing.append(f"model.layers.{i}.{name}")
+                attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+                missing += [f"model.layers.{i}.self_attn.{p}" for p in ATTN_PROJ if attn is not None and not hasattr(attn, p)]
+                missing += [f"model.layers.{i}.mlp.{p}" for p in MLP_PROJ if mlp is not None and not hasattr(mlp, p)]
+        if missing:
+            raise LayoutError(f"{type(model).__name__} ({model_type}) lacks the modules prunelib expects: {', '.join(missing[:8])}")
+        self.config = config
+
+    # --- whole-model parts -------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed.embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
+
+    @property
+    def head_dim(self) -> int:
+        """Explicit ``config.head_dim`` when the config has one, else hidden / heads."""
+        hd = getattr(self.config, "head_dim", None)
+        return int(hd) if hd else self.config.hidden_size // self.config.num_attention_heads
+
+    # --- per-layer parts ---------------------------------------------------
+    def attn(self, i: int) -> nn.Module | None:
+        """The attention sublayer of layer ``i`` (None if it was removed)."""
+        return self.layers[i].self_attn
+
+    def mlp(self, i: int) -> nn.Module | None:
+        return self.layers[i].mlp
+
+    def attn_proj(self, i: int) -> dict[str, nn.Linear]:
+        attn = self.attn(i)
+        return {} if attn is None else {p: getattr(attn, p) for p in ATTN_PROJ}
+
+    def mlp_proj(self, i: int) -> dict[str, nn.Linear]:
+        mlp = self.mlp(i)
+        return {} if mlp is None else {p: getattr(mlp, p) for p in MLP_PROJ}
+
+    def layer_shape(self, i: int) -> LayerShape:
+        hd = self.head_dim
+        attn, mlp = self.attn_proj(i), self.mlp_proj(i)
+        n_heads = attn["q_proj"].out_features // hd if attn else 0
+        n_kv = attn["k_proj"].out_features // hd if attn else 0
+        inter = mlp["up_proj"].out_features if mlp else 0
+        return LayerShape(hidden=self.hidden_size, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, intermediate=inter)
+
+    def layer_shapes(self) -> list[LayerShape]:
+        return [self.layer_shape(i) for i in range(len(self.layers))]
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Every Linear layer of the decoder stack plus the LM head, by qualified name."""
+        out = {}
+        for i in range(len(self.layers)):
+            out.update({f"layers.{i}.self_attn.{k}": v for k, v in self.attn_proj(i).items()})
+            out.update({f"layers.{i}.mlp.{k}": v for k, v in self.mlp_proj(i).items()})
+        out["lm_head"] = self.lm_head
+        return out
+
+
+def _has(obj, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True

