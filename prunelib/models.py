@@ -34,8 +34,11 @@ def random_configs() -> list[str]:
 
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     """Check that ``device`` exists here; raise a ValueError that says what is available."""
-    dev = torch.device(device)
     allowed = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {str(device)!r} is not supported; allowed here: {allowed}") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but no CUDA device is available; allowed here: {allowed}")

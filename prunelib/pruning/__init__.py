@@ -1,0 +1,1 @@
+"""Pruning: physical model surgery (``surgery``) and, on top of it, the methods' criteria."""

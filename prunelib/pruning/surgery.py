@@ -1,0 +1,92 @@
+"""Physical model surgery: remove layers, slice heads and channels. No criteria here.
+
+Every function returns a new model (the input is left untouched) whose Linear layers
+really are smaller, so the speedup (or its absence) is real. GEMM view: removing a
+layer deletes all its GEMMs; slicing MLP channels shrinks N of gate/up and K of down;
+slicing heads shrinks N of q/k/v and K of o_proj.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..adapter import ModelAdapter
+
+
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping ``idx`` along output (dim=0) or input (dim=1) features."""
+    w = lin.weight.data.index_select(dim, idx.to(lin.weight.device))
+    out_f, in_f = w.shape
+    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias.data if dim == 1 else lin.bias.data.index_select(0, idx.to(w.device)))
+    return new
+
+
+def remove_layers(model: nn.Module, indices) -> nn.Module:
+    """A copy of ``model`` without the decoder layers in ``indices`` (KV cache shrinks with them)."""
+    a = ModelAdapter(model)
+    n = len(a.layers)
+    drop = sorted(set(int(i) for i in indices))
+    bad = [i for i in drop if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range; the model has layers 0..{n - 1}")
+    if len(drop) >= n:
+        raise ValueError(f"cannot remove all {n} layers; remove at most {n - 1}")
+    new = copy.deepcopy(model)
+    na = ModelAdapter(new)
+    kept = [layer for i, layer in enumerate(na.layers) if i not in set(drop)]
+    new.model.layers = nn.ModuleList(kept)
+    for j, layer in enumerate(kept):
+        if layer.self_attn is not None:
+            layer.self_attn.layer_idx = j  # the KV cache is indexed by position in the new stack
+    new.config.num_hidden_layers = len(kept)
+    if getattr(new.config, "layer_types", None):
+        new.config.layer_types = [t for i, t in enumerate(new.config.layer_types) if i not in set(drop)]
+    return new
+
+
+def slice_mlp(model: nn.Module, keep: dict[int, torch.Tensor]) -> nn.Module:
+    """A copy keeping, in layer ``i``, the intermediate channels ``keep[i]`` (N of gate/up, K of down)."""
+    new = copy.deepcopy(model)
+    a = ModelAdapter(new)
+    for i, idx in keep.items():
+        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
+        mlp = a.mlp(i)
+        if idx.numel() == 0:
+            raise ValueError(f"layer {i}: keeping no MLP channel; remove the sublayer instead")
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
+        mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
+        mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
+    return new
+
+
+def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module:
+    """A copy keeping, in layer ``i``, the KV heads ``keep_kv[i]`` and all query heads of their groups.
+
+    GQA-aware: query heads are removed group by group, so the query/KV ratio (and
+    ``num_key_value_groups``) stays valid.
+    """
+    new = copy.deepcopy(model)
+    a = ModelAdapter(new)
+    hd = a.head_dim
+    for i, kv in keep_kv.items():
+        kv = torch.as_tensor(kv, dtype=torch.long).sort().values
+        shape = a.layer_shape(i)
+        if kv.numel() == 0:
+            raise ValueError(f"layer {i}: keeping no KV head; remove the attention sublayer instead")
+        if kv.max() >= shape.n_kv_heads or kv.min() < 0:
+            raise ValueError(f"layer {i}: KV head indices must be in 0..{shape.n_kv_heads - 1}, got {kv.tolist()}")
+        group = shape.n_heads // shape.n_kv_heads
+        q_heads = (kv[:, None] * group + torch.arange(group)).reshape(-1)
+        q_rows = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        kv_rows = (kv[:, None] * hd + torch.arange(hd)).reshape(-1)
+        attn = a.attn(i)
+        attn.q_proj = _slice_linear(attn.q_proj, q_rows, 0)
+        attn.k_proj = _slice_linear(attn.k_proj, kv_rows, 0)
+        attn.v_proj = _slice_linear(attn.v_proj, kv_rows, 0)
+        attn.o_proj = _slice_linear(attn.o_proj, q_rows, 1)
+    return new

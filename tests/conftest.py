@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+
+def tiny_config(model_type: str = "llama", **kw):
+    from transformers import AutoConfig
+
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    fields.update(kw)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+@pytest.fixture
+def tiny_model():
+    """A 4-layer random Llama with GQA (4 query heads, 2 KV heads): fast, for shape-level tests."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (cached safetensors copy; made by make setup)."""
+    from prunelib.models import load_model
+
+    return load_model()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

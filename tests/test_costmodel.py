@@ -1,0 +1,131 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunelib import costmodel, hardware, timing
+from prunelib.costmodel import ModelShape
+from prunelib.pruning.surgery import remove_layers, slice_heads, slice_mlp
+
+HW = hardware.HardwareSpec("test", {"float32": 1e12, "bfloat16": 4e12, "float16": 4e12}, 1e11)
+
+
+def counted_flops(model, phase, batch, length):
+    """FLOPs that torch's own counter sees in one prefill / decode step (eager attention: plain matmuls)."""
+    work = timing.Workload(model, phase, batch, length)
+    with FlopCounterMode(display=False) as fc:
+        work()
+    return fc.get_total_flops()
+
+
+def variants(model):
+    n = len(model.model.layers)
+    depth = remove_layers(model, range(n - n // 4, n))
+    width = slice_mlp(model, {i: torch.arange(0, model.config.intermediate_size, 2) for i in range(n)})
+    width = slice_heads(width, {i: torch.tensor([0, 2]) for i in range(0, n, 2)})
+    return {"dense": model, "depth": depth, "width": width}
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_flops_match_torch_flop_counter_embedded(embedded, phase):
+    model = embedded[0]
+    old = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # SDPA's CPU kernel has no formula in FlopCounterMode
+    try:
+        for name, m in variants(model).items():
+            predicted = sum(g.flops for g in costmodel.gemms(ModelShape.of(m), phase, 2, 48))
+            counted = counted_flops(m, phase, 2, 48)
+            assert predicted == pytest.approx(counted, rel=0.01), name
+    finally:
+        model.set_attn_implementation(old)
+
+
+def test_shapes_read_from_pruned_model(tiny_model):
+    pruned = slice_heads(slice_mlp(tiny_model, {1: torch.arange(32)}), {2: torch.tensor([1])})
+    shape = ModelShape.of(pruned)
+    assert [ls.intermediate for ls in shape.layers] == [128, 32, 128, 128]
+    assert [(ls.n_heads, ls.n_kv_heads) for ls in shape.layers] == [(4, 2), (4, 2), (2, 1), (4, 2)]
+    assert len(ModelShape.of(remove_layers(tiny_model, [0])).layers) == 3
+
+
+def test_gemm_dims_follow_taxonomy(tiny_model):
+    shape = ModelShape.of(tiny_model)
+    pre = {g.name: g for g in costmodel.gemms(shape, "prefill", 2, 10)}
+    dec = {g.name: g for g in costmodel.gemms(shape, "decode", 2, 10)}
+    q = pre["layers.0.self_attn.q_proj"]
+    assert (q.m, q.n, q.k) == (20, 64, 64)  # M = B*S, N = heads*head_dim, K = hidden
+    d = dec["layers.0.mlp.down_proj"]
+    assert (d.m, d.n, d.k) == (2, 64, 128)  # M = B in decode
+    qk = dec["layers.0.self_attn.qk"]
+    assert (qk.m, qk.n, qk.k, qk.count) == (1, 11, 16, 8)  # one query vs S+1 keys, per (sequence, head)
+    assert pre["lm_head"].m == 2  # prefill needs last-position logits only
+
+
+def test_from_config_matches_model(tiny_model):
+    assert ModelShape.from_config(tiny_model.config) == ModelShape.of(tiny_model)
+
+
+def test_shipped_big_configs_cost_as_expected():
+    import json
+
+    from transformers import AutoConfig
+
+    from prunelib.models import CONFIG_DIR
+
+    fields = json.loads((CONFIG_DIR / "llama-3.1-8b.json").read_text())
+    fields.pop("_source")
+    shape = ModelShape.from_config(AutoConfig.for_model(**fields))
+    # decode at B=1 is weight-bound: bytes ~ 2 bytes x (8.03e9 params - 0.53e9 input embeddings)
+    c = costmodel.cost(shape, "decode", 1, 1, "bfloat16", hardware.KNOWN["h100-sxm"])
+    assert c.bytes == pytest.approx(2 * 7.5e9, rel=0.01)
+    assert c.seconds == pytest.approx(c.bytes / 3.35e12, rel=0.01)  # memory-bound on H100
+
+
+def test_theoretical_speedup(tiny_model):
+    dense = ModelShape.of(tiny_model)
+    half = costmodel.drop_layers(dense, [2, 3])
+    s = costmodel.theoretical_speedup(dense, half, "decode", 1, 8, "float32", HW)
+    assert 1.5 < s < 2.0  # the LM head is not removed, so less than 2x
+    assert costmodel.theoretical_speedup(dense, dense, "prefill", 1, 8, "float32", HW) == 1.0
+    assert ModelShape.of(remove_layers(tiny_model, [2, 3])) == half
+
+
+def test_roofline_regimes(tiny_model):
+    c = costmodel.cost(ModelShape.of(tiny_model), "prefill", 8, 256, "float32", HW)
+    assert set(c.table.bound) <= {"compute", "memory"}
+    assert c.seconds == pytest.approx(c.table.seconds.sum())
+    causal = costmodel.cost(ModelShape.of(tiny_model), "prefill", 8, 256, "float32", HW, causal=True)
+    assert causal.flops < c.flops
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(phase="train"), "phase"), (dict(batch=0), "batch"), (dict(length=-3), "length"), (dict(dtype="int4"), "dtype"),
+])
+def test_bad_input(tiny_model, kw, match):
+    args = dict(phase="prefill", batch=1, length=8, dtype="float32") | kw
+    with pytest.raises(ValueError, match=match):
+        costmodel.gemms(ModelShape.of(tiny_model), **args)
+
+
+def test_hardware_specs():
+    assert hardware.spec("h200").bandwidth == 4.8e12
+    with pytest.raises(ValueError, match="unknown hardware"):
+        hardware.spec("tpu-v9")
+    with pytest.raises(ValueError, match="no peak"):
+        hardware.KNOWN["a100-80gb"].flops("int8")
+
+
+def test_cpu_microbenchmark_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELIB_CACHE", str(tmp_path))
+    calls = []
+    real = hardware.measure_cpu
+
+    def fake_measure(threads=None):
+        calls.append(threads)
+        return real(threads, size_mb=8, gemm_n=128)
+
+    monkeypatch.setattr(hardware, "measure_cpu", fake_measure)
+    a = hardware.local_cpu()
+    b = hardware.local_cpu()
+    assert a == b and len(calls) == 1
+    assert a.bandwidth > 1e8 and a.flops("float32") > 1e8
+    assert (tmp_path / "hardware.json").exists()

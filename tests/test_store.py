@@ -1,0 +1,96 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from prunelib.store import CorruptRowError, CorruptRowWarning, ResultsStore, config_hash, make_row
+
+
+def row(i, metric="ttft_s"):
+    return dict(model="m", cell="static_depth", method="last_n", sparsity=0.25, phase="prefill", batch=1,
+                length=512, device="cpu", dtype="float32", metric=metric, value=float(i),
+                config_hash=config_hash({"i": i}))
+
+
+def test_roundtrip_and_schema(tmp_path):
+    s = ResultsStore(tmp_path / "r.jsonl")
+    assert s.load().empty and list(s.load().columns)[:3] == ["model", "cell", "method"]
+    s.append([row(1), row(2, "tpot_s") | {"layers_removed": [1, 2]}])
+    df = s.load()
+    assert len(df) == 2 and df.value.tolist() == [1.0, 2.0]
+    assert df.extra[1] == {"layers_removed": [1, 2]}  # unknown keys kept under extra
+    assert df.versions[0]["torch"] and df.timestamp[0]
+
+
+def test_skip_what_is_stored(tmp_path):
+    s = ResultsStore(tmp_path / "r.jsonl")
+    s.append(row(1))
+    assert s.has(config_hash({"i": 1}), "ttft_s") and not s.has(config_hash({"i": 1}), "tpot_s")
+    assert ResultsStore(tmp_path / "r.jsonl").has(config_hash({"i": 1}))
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+
+
+def test_missing_fields_rejected(tmp_path):
+    with pytest.raises(ValueError, match="needs metric"):
+        make_row(model="m", method="x", value=1.0, config_hash="h")
+
+
+def test_corrupt_line_named_and_others_load(tmp_path):
+    path = tmp_path / "r.jsonl"
+    s = ResultsStore(path)
+    s.append(row(1))
+    with open(path, "a") as f:
+        f.write('{"model": "m", "value": \n')
+    s.append(row(2))
+    with pytest.warns(CorruptRowWarning, match=rf"{path}:2: corrupt result row"):
+        df = s.load()
+    assert df.value.tolist() == [1.0, 2.0]
+    with pytest.raises(CorruptRowError, match=":2:"):
+        s.load(strict=True)
+
+
+def test_partial_last_line_does_not_swallow_next_row(tmp_path):
+    path = tmp_path / "r.jsonl"
+    s = ResultsStore(path)
+    s.append(row(1))
+    with open(path, "a") as f:
+        f.write(json.dumps(make_row(**row(2)))[:40])  # a writer died mid-line
+    s.append(row(3))
+    with pytest.warns(CorruptRowWarning, match=":2:"):
+        assert s.load().value.tolist() == [1.0, 3.0]
+
+
+def test_survives_killed_writer(tmp_path):
+    path = tmp_path / "r.jsonl"
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {os.getcwd()!r})
+        from prunelib.store import ResultsStore
+        s = ResultsStore({str(path)!r})
+        i = 0
+        while True:
+            s.append(dict(model="m", method="x", metric="v", value=float(i), config_hash=str(i), extra={{"pad": "x" * 5000}}))
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while (not path.exists() or path.stat().st_size < 200_000) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    s = ResultsStore(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptRowWarning)
+        values = s.load().value.tolist()
+    assert len(values) > 10
+    assert values == [float(i) for i in range(len(values))]  # every stored row intact, in order
+    s.append(dict(model="m", method="x", metric="v", value=-1.0, config_hash="after"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptRowWarning)
+        assert s.load().value.tolist()[-1] == -1.0
