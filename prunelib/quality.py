@@ -1,0 +1,180 @@
+"""Quality through lm-evaluation-harness, on in-memory (possibly pruned) models, cached in the store.
+
+``evaluate(model, tokenizer, preset="quick")`` scores a model zero-shot with lm-eval's
+``HFLM(pretrained=model)`` over the offline task suite (:mod:`prunelib.evaltasks`), or
+the stock Hub tasks with ``offline=False``. Every metric becomes a row of the results
+store (``phase="quality"``, ``metric="<task>/<metric>"``, stderr and n in the row), keyed
+by the model's fingerprint, task, limit, seed and batch size: asking again reads the store.
+
+Quality loss (:func:`quality_loss`) = the mean over the preset's tasks of the relative
+drop of each task's chosen accuracy (:data:`CHOSEN_METRIC`) against the dense model, in
+percent; its standard error comes from the per-task stderrs by the delta method, treating
+the two models' errors as independent (conservative: both see the same items).
+WikiText-2 word perplexity is reported beside it, not averaged into it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import evaltasks
+from .models import fingerprint
+from .store import ResultsStore, config_hash
+
+#: the accuracy each task contributes to the quality score (acc_norm where papers report it)
+CHOSEN_METRIC = {
+    "arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
+    "piqa": "acc", "winogrande": "acc", "openbookqa": "acc_norm", "lambada_openai": "acc", "blimp": "acc",
+}
+PERPLEXITY_TASK, PERPLEXITY_METRIC = "wikitext", "word_perplexity"
+
+
+@dataclass(frozen=True)
+class Preset:
+    tasks: tuple[str, ...]
+    limit: int | None
+    doc: str = ""
+
+
+PRESETS = {
+    "full": Preset(("wikitext", "lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande",
+                    "boolq", "openbookqa", "blimp"), None, "every task, every document"),
+    # chosen in the quality issue's note: about a minute for the embedded model on 2 CPU cores,
+    # and sensitive enough that removing a quarter of the layers costs > 2 standard errors
+    "quick": Preset(("lambada_openai", "arc_easy", "piqa", "hellaswag"), 80,
+                    "4 tasks, first 80 documents each (WikiText-2 perplexity is too slow on 2 CPU cores for it)"),
+}
+
+
+def _check_limit(limit):
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+        raise ValueError(f"limit must be a positive number of documents (or None for all), got {limit!r}")
+    return limit
+
+
+def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=None, batch_size: int = 16,
+             seed: int = 1234, offline: bool = True, store: ResultsStore | None = None, model_name: str = "",
+             cell: str = "dense", method: str = "dense", sparsity: float = 0.0, extra: dict | None = None,
+             bootstrap_iters: int = 1000, max_length: int = 2048, data_dir=None) -> pd.DataFrame:
+    """Score ``model`` on ``tasks`` (or a preset) and return its rows from the store.
+
+    Tasks already stored for this model fingerprint and settings are not re-run.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown quality preset {preset!r}; available: {sorted(PRESETS)}")
+        tasks = tasks or PRESETS[preset].tasks
+        limit = limit if limit is not None else PRESETS[preset].limit
+    if not tasks:
+        raise ValueError("give tasks or a preset")
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    limit = _check_limit(limit)
+    evaltasks._expand(tasks)  # unknown names -> ValueError listing the allowed ones
+    if tokenizer is None or getattr(tokenizer, "pad_token", None) is None:
+        raise ValueError("the tokenizer has no pad token, which lm-eval needs for batching; "
+                         "set tokenizer.pad_token = tokenizer.eos_token first")
+    store = store or ResultsStore()
+    fp = fingerprint(model)
+    device = str(next(model.parameters()).device)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def key(task):
+        return config_hash({"kind": "quality", "fingerprint": fp, "task": task, "limit": limit, "num_fewshot": 0,
+                            "seed": seed, "offline": offline, "batch_size": batch_size, "max_length": max_length,
+                            "lm_eval": lm_eval.__version__})
+
+    todo = [t for t in tasks if not store.has(key(t))]
+    if todo:
+        tm = evaltasks.task_manager(todo, offline=offline, data_dir=data_dir)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        t0 = time.perf_counter()
+        out = lm_eval.simple_evaluate(model=lm, tasks=todo, task_manager=tm, num_fewshot=0, limit=limit,
+                                      bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+        seconds = time.perf_counter() - t0
+        rows = []
+        for task in todo:
+            for name, n, metrics in _task_results(out, task):
+                for metric, (value, stderr) in metrics.items():
+                    half = 1.96 * stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+                    rows.append(dict(
+                        model=model_name or getattr(model.config, "name_or_path", ""), cell=cell, method=method,
+                        sparsity=sparsity, phase="quality", device=device, dtype=dtype, metric=f"{name}/{metric}",
+                        value=value, ci_low=None if half is None else value - half,
+                        ci_high=None if half is None else value + half, n=n, config_hash=key(task),
+                        extra=dict(extra or {}, task=name, requested=task, score=metric, stderr=stderr, limit=limit,
+                                   fingerprint=fp, offline=offline, seed=seed, num_fewshot=0,
+                                   batch_size=batch_size, max_length=max_length, seconds=seconds, lm_eval=lm_eval.__version__)))
+        store.append(rows)
+    df = store.load()
+    wanted = {key(t) for t in tasks}
+    return df[df.config_hash.isin(wanted)].reset_index(drop=True)
+
+
+def _task_results(out: dict, task: str):
+    """(task name, n, {metric: (value, stderr)}) for a requested task and, for a group, its members."""
+    names = [task] + sorted(k for k in out["results"] if k != task and out.get("group_subtasks", {}).get(task)
+                            and k in out["group_subtasks"][task])
+    for name in names:
+        res = out["results"][name]
+        metrics = {}
+        for k, v in res.items():
+            if "," not in k or "_stderr," in k or not isinstance(v, (int, float)):
+                continue
+            metric = k.split(",")[0]
+            metrics[metric] = (float(v), _num(res.get(f"{metric}_stderr,{k.split(',', 1)[1]}")))
+        n = out.get("n-samples", {}).get(name, {}).get("effective")
+        if n is None and name in out.get("group_subtasks", {}):
+            n = sum(out["n-samples"][s]["effective"] for s in out["group_subtasks"][name] if s in out["n-samples"])
+        yield name, n, metrics
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" where it has no stderr
+
+
+def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None) -> dict:
+    """Mean relative drop (%) of the chosen accuracies, with its stderr, and the perplexities.
+
+    ``dense``/``pruned`` are rows from :func:`evaluate` (or the store) for the two models.
+    """
+    def table(df):
+        t = df.assign(task=df.metric.str.split("/").str[0], score=df.metric.str.split("/").str[1])
+        t["stderr"] = [e.get("stderr") if isinstance(e, dict) else None for e in t.extra]
+        return t.drop_duplicates(["task", "score"], keep="last").set_index(["task", "score"])
+
+    d, p = table(dense), table(pruned)
+    tasks = tasks or [t for t in CHOSEN_METRIC if (t, CHOSEN_METRIC[t]) in d.index and (t, CHOSEN_METRIC[t]) in p.index]
+    if not tasks:
+        raise ValueError("no accuracy task is scored for both models; evaluate them on the same tasks first")
+    per_task, var = [], 0.0
+    for t in tasks:
+        k = (t, CHOSEN_METRIC[t])
+        dv, pv = d.loc[k, "value"], p.loc[k, "value"]
+        ds, ps = d.loc[k, "stderr"] or 0.0, p.loc[k, "stderr"] or 0.0
+        drop = 100 * (dv - pv) / dv
+        se = 100 * math.sqrt(ps**2 + (ds * pv / dv) ** 2) / dv
+        per_task.append({"task": t, "metric": CHOSEN_METRIC[t], "dense": dv, "pruned": pv, "loss_pct": drop, "stderr_pct": se})
+        var += se**2
+    per = pd.DataFrame(per_task)
+    ppl = (PERPLEXITY_TASK, PERPLEXITY_METRIC)
+    return {
+        "loss_pct": float(per.loss_pct.mean()),
+        "stderr_pct": math.sqrt(var) / len(tasks),
+        "dense_score": float(per.dense.mean()),
+        "pruned_score": float(per.pruned.mean()),
+        "per_task": per,
+        "ppl_dense": float(d.loc[ppl, "value"]) if ppl in d.index else None,
+        "ppl_pruned": float(p.loc[ppl, "value"]) if ppl in p.index else None,
+    }

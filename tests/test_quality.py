@@ -1,0 +1,113 @@
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from prunelib import quality
+from prunelib.config import data_dir
+from prunelib.store import ResultsStore
+
+pytestmark = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
+
+
+@pytest.fixture
+def tiny_lm(embedded):
+    """A 2-layer random Llama with the embedded model's tokenizer: lm-eval end to end in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = embedded[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_rows_stored_and_cached(tiny_lm, tmp_path, monkeypatch):
+    model, tok = tiny_lm
+    store = ResultsStore(tmp_path / "r.jsonl")
+    df = quality.evaluate(model, tok, ["arc_easy"], limit=4, store=store, model_name="tiny", method="dense")
+    got = dict(zip(df.metric, df.value))
+    assert set(got) == {"arc_easy/acc", "arc_easy/acc_norm"}
+    row = df.iloc[0]
+    assert row.phase == "quality" and row.n == 4 and row.extra["limit"] == 4
+    assert row.extra["stderr"] > 0 and row.extra["fingerprint"] and row.versions["lm_eval"] == "0.4.13"
+    assert row.ci_low < row.value < row.ci_high
+
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: pytest.fail("cached score was re-computed"))
+    again = quality.evaluate(model, tok, ["arc_easy"], limit=4, store=store)
+    assert again.value.tolist() == df.value.tolist()
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(tasks=["arc_hard"]), ValueError, "arc_hard"),
+    (dict(tasks=["piqa"], limit=0), ValueError, "limit must be a positive"),
+    (dict(preset="medium"), ValueError, "unknown quality preset 'medium'"),
+])
+def test_bad_input_stores_nothing(tiny_lm, tmp_path, kw, err, match):
+    store = ResultsStore(tmp_path / "r.jsonl")
+    with pytest.raises(err, match=match):
+        quality.evaluate(*tiny_lm, store=store, **kw)
+    assert len(store) == 0
+
+
+def test_tokenizer_without_pad_token(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        quality.evaluate(model, tok, ["piqa"], limit=2, store=ResultsStore(tmp_path / "r.jsonl"))
+
+
+def test_quality_loss_definition():
+    def rows(values, stderr):
+        return pd.DataFrame({"metric": [f"{t}/{m}" for t, m in values], "value": list(values.values()),
+                             "extra": [{"stderr": stderr}] * len(values)})
+
+    dense = rows({("arc_easy", "acc"): 0.6, ("piqa", "acc"): 0.7, ("wikitext", "word_perplexity"): 20.0}, 0.01)
+    pruned = rows({("arc_easy", "acc"): 0.45, ("piqa", "acc"): 0.63, ("wikitext", "word_perplexity"): 35.0}, 0.01)
+    r = quality.quality_loss(dense, pruned)
+    assert r["loss_pct"] == pytest.approx((25.0 + 10.0) / 2)
+    assert r["ppl_dense"] == 20.0 and r["ppl_pruned"] == 35.0
+    se_arc = 100 * (0.01**2 + (0.01 * 0.45 / 0.6) ** 2) ** 0.5 / 0.6
+    se_piqa = 100 * (0.01**2 + (0.01 * 0.63 / 0.7) ** 2) ** 0.5 / 0.7
+    assert r["stderr_pct"] == pytest.approx((se_arc**2 + se_piqa**2) ** 0.5 / 2)
+
+
+@pytest.mark.slow
+def test_stored_scores_equal_lm_eval_cli(embedded, tmp_path):
+    """What prunelib stores for the embedded model equals what lm-eval's CLI prints for its saved copy."""
+    from prunelib import evaltasks
+    from prunelib.models import embedded_path
+
+    model, tok = embedded
+    tasks, limit = ["wikitext", "arc_easy", "piqa"], 3
+    store = ResultsStore(tmp_path / "r.jsonl")
+    df = quality.evaluate(model, tok, tasks, limit=limit, store=store, batch_size=4)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={embedded_path()},max_length=2048", "--batch_size", "4",
+           "--tasks", ",".join(tasks), "--include_path", str(evaltasks.prepare_tasks(tasks)),
+           "--limit", str(limit), "--device", "cpu", "--bootstrap_iters", "1000",
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result_file,) = (tmp_path / "out").rglob("results_*.json")
+    cli = json.loads(result_file.read_text())["results"]
+    stored = dict(zip(df.metric, df.value))
+    checked = 0
+    for task in tasks:
+        for key, value in cli[task].items():
+            metric = key.split(",")[0]
+            if "_stderr" in metric or not isinstance(value, float):
+                continue
+            assert stored[f"{task}/{metric}"] == value, (task, metric)  # digit for digit
+            checked += 1
+    assert checked >= 7  # wikitext: 3 perplexity metrics; arc_easy and piqa: acc and acc_norm
