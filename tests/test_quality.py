@@ -95,7 +95,7 @@ def test_stored_scores_equal_lm_eval_cli(embedded, tmp_path):
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
            "--model_args", f"pretrained={embedded_path()},max_length=2048", "--batch_size", "4",
            "--tasks", ",".join(tasks), "--include_path", str(evaltasks.prepare_tasks(tasks)),
-           "--limit", str(limit), "--device", "cpu", "--bootstrap_iters", "1000",
+           "--limit", str(limit), "--device", "cpu",
            "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
