@@ -16,6 +16,25 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
+class Removed(nn.Module):
+    """Stands in for a removed attention or MLP sublayer: contributes nothing to the residual.
+
+    No GEMM runs; the residual add of a zero tensor remains (a few microseconds).
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        out = x.new_zeros(())  # broadcasts in the residual add: no [tokens, hidden] buffer
+        return (out, None) if self.kind == "attention" else out
+
+    def extra_repr(self) -> str:
+        return f"removed {self.kind}"
+
+
 class LayoutError(ValueError):
     """The model does not have the module layout prunelib knows how to handle."""
 
@@ -66,6 +85,8 @@ class ModelAdapter:
                     if not hasattr(layer, name):
                         missing.append(f"model.layers.{i}.{name}")
                 attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+                attn = None if isinstance(attn, Removed) else attn
+                mlp = None if isinstance(mlp, Removed) else mlp
                 missing += [f"model.layers.{i}.self_attn.{p}" for p in ATTN_PROJ if attn is not None and not hasattr(attn, p)]
                 missing += [f"model.layers.{i}.mlp.{p}" for p in MLP_PROJ if mlp is not None and not hasattr(mlp, p)]
         if missing:
@@ -106,10 +127,13 @@ class ModelAdapter:
     # --- per-layer parts ---------------------------------------------------
     def attn(self, i: int) -> nn.Module | None:
         """The attention sublayer of layer ``i`` (None if it was removed)."""
-        return self.layers[i].self_attn
+        attn = self.layers[i].self_attn
+        return None if isinstance(attn, Removed) else attn
 
     def mlp(self, i: int) -> nn.Module | None:
-        return self.layers[i].mlp
+        """The MLP sublayer of layer ``i`` (None if it was removed)."""
+        mlp = self.layers[i].mlp
+        return None if isinstance(mlp, Removed) else mlp
 
     def attn_proj(self, i: int) -> dict[str, nn.Linear]:
         attn = self.attn(i)

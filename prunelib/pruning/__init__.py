@@ -1,1 +1,6 @@
-"""Pruning: physical model surgery (``surgery``) and, on top of it, the methods' criteria."""
+"""Pruning: physical model surgery (``surgery``), the method registry, and the methods.
+
+Importing this package registers every method: ``prunelib.pruning.prune(model, "shortgpt", 0.25, calibration=...)``.
+"""
+from . import depth  # noqa: F401  (registers the static depth methods)
+from .registry import REGISTRY, Report, get, methods, prune  # noqa: F401

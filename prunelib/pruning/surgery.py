@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..adapter import ModelAdapter
+from ..adapter import ModelAdapter, Removed
 
 
 def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
@@ -40,10 +40,8 @@ def remove_layers(model: nn.Module, indices) -> nn.Module:
     na = ModelAdapter(new)
     kept = [layer for i, layer in enumerate(na.layers) if i not in set(drop)]
     new.model.layers = nn.ModuleList(kept)
-    for j, layer in enumerate(kept):
-        if layer.self_attn is not None:
-            layer.self_attn.layer_idx = j  # the KV cache is indexed by position in the new stack
     new.config.num_hidden_layers = len(kept)
+    _renumber_attention(new)
     if getattr(new.config, "layer_types", None):
         new.config.layer_types = [t for i, t in enumerate(new.config.layer_types) if i not in set(drop)]
     return new
@@ -89,4 +87,34 @@ def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module
         attn.k_proj = _slice_linear(attn.k_proj, kv_rows, 0)
         attn.v_proj = _slice_linear(attn.v_proj, kv_rows, 0)
         attn.o_proj = _slice_linear(attn.o_proj, q_rows, 1)
+    return new
+
+
+def _renumber_attention(model: nn.Module) -> None:
+    """Give the remaining attention sublayers consecutive KV-cache slots 0, 1, ..."""
+    a = ModelAdapter(model)
+    j = 0
+    for i in range(len(a.layers)):
+        if a.attn(i) is not None:
+            a.attn(i).layer_idx = j
+            j += 1
+
+
+def remove_sublayers(model: nn.Module, attention=(), mlp=()) -> nn.Module:
+    """A copy without the attention sublayers of layers ``attention`` and the MLPs of layers ``mlp``.
+
+    The residual stream passes through unchanged where a sublayer was; the KV cache
+    keeps entries only for the attention sublayers that remain.
+    """
+    n = len(ModelAdapter(model).layers)
+    for what, idx in (("attention", attention), ("mlp", mlp)):
+        bad = [i for i in idx if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"{what} sublayer indices {bad} out of range; the model has layers 0..{n - 1}")
+    new = copy.deepcopy(model)
+    for i in set(int(i) for i in attention):
+        new.model.layers[i].self_attn = Removed("attention")
+    for i in set(int(i) for i in mlp):
+        new.model.layers[i].mlp = Removed("mlp")
+    _renumber_attention(new)
     return new

@@ -1,0 +1,103 @@
+"""One registry of pruning methods, keyed by name, each bound to a taxonomy cell.
+
+A method is a function ``fn(model, sparsity, ctx) -> (pruned_model, removed)`` where
+``removed`` says what went (layers, heads, channels, ranks); :func:`prune` wraps it
+with argument checks, calibration data, and a :class:`Report` (shapes, parameter
+counts, analytic FLOPs/bytes and the theoretical speedup from the cost model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import costmodel
+from ..adapter import ModelAdapter
+from ..hardware import HardwareSpec
+from ..models import parameter_count
+from ..taxonomy import CELLS, Cell
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    cell: Cell
+    fn: Callable
+    criterion: str  # one line: how the removed structures are chosen
+    needs_calibration: bool
+    max_sparsity: Callable  # model -> largest allowed sparsity (inclusive)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable):
+    """Decorator adding a method; a duplicate name or unknown cell is an error."""
+    if cell not in CELLS:
+        raise ValueError(f"unknown taxonomy cell {cell!r}; known: {sorted(CELLS)}")
+
+    def deco(fn):
+        if name in REGISTRY:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def methods(cell: str | None = None) -> list[str]:
+    return sorted(n for n, m in REGISTRY.items() if cell is None or m.cell.name == cell)
+
+
+@dataclass
+class Context:
+    """What a method may use besides the model: calibration batches and a seed."""
+
+    calibration: object = None  # prunelib.calibration.CalibrationSet
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    method: str
+    cell: str
+    sparsity: float
+    removed: dict
+    params_dense: int
+    params_pruned: int
+    shapes: list  # per-layer LayerShape of the pruned model
+    cost: dict = field(default_factory=dict)  # phase -> {flops, bytes, bound_speedup}
+
+    @property
+    def param_reduction(self) -> float:
+        return 1 - self.params_pruned / self.params_dense
+
+
+def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 0, hw: HardwareSpec | None = None,
+          batch: int = 1, length: int = 512, **options):
+    """Prune ``model`` (left untouched) with a registered method; returns ``(pruned_model, report)``."""
+    m = get(method)
+    ModelAdapter(model)
+    hi = m.max_sparsity(model)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= hi:
+        raise ValueError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): allowed 0 <= s <= {hi:.4g}")
+    if m.needs_calibration and calibration is None and sparsity > 0:
+        raise ValueError(f"method {method!r} needs calibration data: pass calibration=calibration_batch(tokenizer, ...)")
+    pruned, removed = m.fn(model, float(sparsity), Context(calibration, seed, options))
+    dense_shape, pruned_shape = costmodel.ModelShape.of(model), costmodel.ModelShape.of(pruned)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    report = Report(method, m.cell.name, float(sparsity), removed, parameter_count(model), parameter_count(pruned),
+                    list(pruned_shape.layers))
+    if hw is not None:
+        for phase in costmodel.PHASES:
+            c = costmodel.cost(pruned_shape, phase, batch, length, dtype, hw)
+            report.cost[phase] = {"flops": c.flops, "bytes": c.bytes, "batch": batch, "length": length,
+                                  "bound_speedup": costmodel.theoretical_speedup(dense_shape, pruned_shape, phase,
+                                                                                 batch, length, dtype, hw)}
+    return pruned, report

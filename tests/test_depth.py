@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from prunelib import hardware, pruning, timing
+from prunelib.adapter import ModelAdapter
+from prunelib.calibration import CalibrationSet
+from prunelib.models import parameter_count
+from prunelib.pruning import registry
+from prunelib.pruning.surgery import remove_sublayers
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+DEPTH = ["shortgpt", "angular", "last_n", "shortgpt_attn", "shortgpt_mlp"]
+
+
+@pytest.fixture
+def cal():
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
+    return CalibrationSet(ids, "synthetic", None, 1)
+
+
+def logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def make_identity(model, layer, part="both"):
+    """Zero the output projections: the (sub)layer then adds nothing to the residual."""
+    with torch.no_grad():
+        if part in ("both", "attention"):
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+        if part in ("both", "mlp"):
+            model.model.layers[layer].mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.parametrize("method", DEPTH)
+def test_zero_sparsity_equals_dense(tiny_model, cal, method):
+    pruned, report = pruning.prune(tiny_model, method, 0.0, calibration=cal)
+    torch.testing.assert_close(logits(pruned), logits(tiny_model), rtol=0, atol=0)
+    assert report.params_pruned == report.params_dense == parameter_count(tiny_model)
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "angular"])
+def test_criteria_find_the_layer_that_does_nothing(tiny_model, cal, method):
+    make_identity(tiny_model, 2)
+    pruned, report = pruning.prune(tiny_model, method, 0.25, calibration=cal)
+    assert report.removed["layers"] == [2]
+    torch.testing.assert_close(logits(pruned), logits(tiny_model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,kind", [("shortgpt_attn", "attention"), ("shortgpt_mlp", "mlp")])
+def test_sublayer_criteria(tiny_model, cal, method, kind):
+    make_identity(tiny_model, 1, kind)
+    pruned, report = pruning.prune(tiny_model, method, 0.25, calibration=cal)
+    assert report.removed[kind] == [1]
+    torch.testing.assert_close(logits(pruned), logits(tiny_model), rtol=1e-5, atol=1e-5)
+    shape = ModelAdapter(pruned).layer_shape(1)
+    assert (shape.has_attn, shape.has_mlp) == (kind != "attention", kind != "mlp")
+
+
+def test_shapes_and_parameter_counts(tiny_model, cal):
+    per_layer = sum(p.numel() for p in tiny_model.model.layers[0].parameters())
+    attn = sum(p.numel() for p in tiny_model.model.layers[0].self_attn.parameters())
+    mlp = sum(p.numel() for p in tiny_model.model.layers[0].mlp.parameters())
+    dense = parameter_count(tiny_model)
+    for method, expected in [("last_n", dense - 2 * per_layer), ("shortgpt", dense - 2 * per_layer),
+                             ("shortgpt_attn", dense - 2 * attn), ("shortgpt_mlp", dense - 2 * mlp)]:
+        pruned, report = pruning.prune(tiny_model, method, 0.5, calibration=cal, hw=hardware.KNOWN["h100-sxm"])
+        assert report.params_pruned == parameter_count(pruned) == expected, method
+        assert report.cost["decode"]["bound_speedup"] > 1.0
+    pruned, report = pruning.prune(tiny_model, "last_n", 0.5)
+    assert report.removed["layers"] == [2, 3] and len(pruned.model.layers) == 2
+
+
+def test_sublayer_removed_model_decodes(tiny_model):
+    pruned = remove_sublayers(tiny_model, attention=[0, 2], mlp=[1])
+    assert [l.self_attn.layer_idx for l in pruned.model.layers if hasattr(l.self_attn, "layer_idx")] == [0, 1]
+    work = timing.Workload(pruned, "decode", 1, 10, seed=3)
+    out = work().logits[:, -1]
+    full = torch.cat([timing._tokens(pruned, 1, 10, 3), work.inputs["input_ids"]], dim=1)
+    torch.testing.assert_close(out, logits(pruned, full)[:, -1], rtol=1e-4, atol=1e-4)
+    assert pruned.generate(IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_bad_input(tiny_model, cal):
+    with pytest.raises(ValueError, match=r"sparsity 1.0 is out of range for 'shortgpt'.*0 <= s <= 0.75"):
+        pruning.prune(tiny_model, "shortgpt", 1.0, calibration=cal)
+    with pytest.raises(ValueError, match="sparsity -0.1 is out of range"):
+        pruning.prune(tiny_model, "last_n", -0.1)
+    with pytest.raises(ValueError, match="unknown pruning method 'magic'; registered: .*shortgpt"):
+        pruning.prune(tiny_model, "magic", 0.1)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        pruning.prune(tiny_model, "shortgpt", 0.25)
+
+
+def test_registry_refuses_duplicates_and_unknown_cells():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("shortgpt", "static_depth", "x", needs_calibration=False, max_sparsity=lambda m: 1)(lambda *a: a)
+    with pytest.raises(ValueError, match="unknown taxonomy cell 'static_magic'"):
+        registry.register("x", "static_magic", "x", needs_calibration=False, max_sparsity=lambda m: 1)
+    assert set(DEPTH) <= set(pruning.methods("static_depth"))
