@@ -81,7 +81,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     if tokenizer is None or getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token, which lm-eval needs for batching; "
                          "set tokenizer.pad_token = tokenizer.eos_token first")
-    store = store or ResultsStore()
+    store = ResultsStore() if store is None else store
     fp = fingerprint(model)
     device = str(next(model.parameters()).device)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -12,6 +12,12 @@ def tiny_config(model_type: str = "llama", **kw):
     return AutoConfig.for_model(model_type, **fields)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_results(tmp_path, monkeypatch):
+    """No test may write to the project's own results store."""
+    monkeypatch.setenv("PRUNELIB_RESULTS", str(tmp_path / "results"))
+
+
 @pytest.fixture
 def tiny_model():
     """A 4-layer random Llama with GQA (4 query heads, 2 KV heads): fast, for shape-level tests."""

@@ -28,8 +28,9 @@ def tiny_lm(embedded):
 
 def test_rows_stored_and_cached(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm
-    store = ResultsStore(tmp_path / "r.jsonl")
+    store = ResultsStore(tmp_path / "r.jsonl")  # empty (falsy length) yet must be the store used
     df = quality.evaluate(model, tok, ["arc_easy"], limit=4, store=store, model_name="tiny", method="dense")
+    assert len(store) == 2 and len(ResultsStore()) == 0
     got = dict(zip(df.metric, df.value))
     assert set(got) == {"arc_easy/acc", "arc_easy/acc_norm"}
     row = df.iloc[0]
@@ -53,7 +54,7 @@ def test_bad_input_stores_nothing(tiny_lm, tmp_path, kw, err, match):
     store = ResultsStore(tmp_path / "r.jsonl")
     with pytest.raises(err, match=match):
         quality.evaluate(*tiny_lm, store=store, **kw)
-    assert len(store) == 0
+    assert len(store) == 0 and len(ResultsStore()) == 0  # neither the given nor the default store
 
 
 def test_tokenizer_without_pad_token(tiny_lm, tmp_path):
