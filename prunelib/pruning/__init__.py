@@ -2,5 +2,5 @@
 
 Importing this package registers every method: ``prunelib.pruning.prune(model, "shortgpt", 0.25, calibration=...)``.
 """
-from . import depth  # noqa: F401  (registers the static depth methods)
+from . import depth, width  # noqa: F401  (importing registers the methods)
 from .registry import REGISTRY, Report, get, methods, prune  # noqa: F401

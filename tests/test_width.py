@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from prunelib import pruning
+from prunelib.adapter import ModelAdapter
+from prunelib.calibration import CalibrationSet
+from prunelib.models import parameter_count
+from prunelib.pruning import width
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+WIDTH = ["width_magnitude", "width_wanda_sp", "width_flap"]
+
+
+@pytest.fixture
+def cal():
+    return CalibrationSet(torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
+
+
+def logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("method", WIDTH)
+def test_zero_sparsity_equals_dense(tiny_model, cal, method):
+    pruned, report = pruning.prune(tiny_model, method, 0.0, calibration=cal)
+    torch.testing.assert_close(logits(pruned), logits(tiny_model))
+    assert report.params_pruned == parameter_count(tiny_model)
+
+
+@pytest.mark.parametrize("method", WIDTH)
+def test_shapes_and_parameter_counts(tiny_model, cal, method):
+    pruned, report = pruning.prune(tiny_model, method, 0.5, calibration=cal)
+    shapes = ModelAdapter(pruned).layer_shapes()
+    assert all((s.n_heads, s.n_kv_heads, s.intermediate) == (2, 1, 64) for s in shapes)  # GQA ratio kept
+    h, hd = 64, 16
+    per_layer = 2 * h * 32 + 2 * h * hd + 3 * h * 64 + 2 * h  # q,o + k,v + gate,up,down + 2 norms
+    if method == "width_flap":
+        per_layer += 2 * h  # compensation biases of o_proj and down_proj
+    expected = 2 * 256 * h + h + 4 * per_layer
+    assert report.params_pruned == parameter_count(pruned) == expected
+    assert len(report.removed["mlp_channels"][0]) == 64 and len(report.removed["kv_heads"][0]) == 1
+    assert pruned.generate(IDS[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_criteria_keep_what_matters(tiny_model, cal):
+    """Channels whose down_proj columns are zero contribute nothing: every criterion drops them first."""
+    dead = torch.arange(0, 128, 2)
+    with torch.no_grad():
+        for layer in tiny_model.model.layers:
+            layer.mlp.down_proj.weight[:, dead] = 0
+            layer.mlp.gate_proj.weight[dead] *= 0.01
+            layer.mlp.up_proj.weight[dead] *= 0.01
+    for method in WIDTH:
+        pruned, report = pruning.prune(tiny_model, method, 0.5, calibration=cal)
+        assert report.removed["mlp_channels"][0] == dead.tolist(), method
+
+
+def test_rounding_to_multiples(tiny_model, cal):
+    pruned, _ = pruning.prune(tiny_model, "width_magnitude", 0.3, round_to=64)
+    assert ModelAdapter(pruned).layer_shape(0).intermediate == 128  # 128 - 38 = 90 -> rounded up to 128
+    pruned, _ = pruning.prune(tiny_model, "width_magnitude", 0.3, round_to=8)
+    assert ModelAdapter(pruned).layer_shape(0).intermediate == 96
+    with pytest.raises(ValueError, match="round_to must be None, 8 or 64"):
+        pruning.prune(tiny_model, "width_magnitude", 0.3, round_to=7)
+
+
+def test_compensation_matches_calibration_mean(tiny_model, cal):
+    """FLAP's bias equals W[:, removed] @ mean(X[removed]) over the calibration tokens."""
+    stats = width.consumer_input_stats(tiny_model, cal)
+    pruned, report = pruning.prune(tiny_model, "width_flap", 0.5, calibration=cal)
+    gone = torch.tensor(report.removed["mlp_channels"][2])
+    w = tiny_model.model.layers[2].mlp.down_proj.weight.detach()
+    torch.testing.assert_close(pruned.model.layers[2].mlp.down_proj.bias.detach(), w[:, gone] @ stats[("mlp", 2)]["mean"][gone])
