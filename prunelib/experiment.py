@@ -1,0 +1,140 @@
+"""Sweeps: prune with each method at each sparsity, time it against the dense model, score it, store it.
+
+What a notebook or ``python -m prunelib.experiment`` calls. Every measurement is keyed in
+the results store, so an interrupted sweep resumes where it stopped and a finished one
+re-reads instead of re-measuring.
+
+Rows written per (method, sparsity):
+- ``metric="speedup"`` per phase/batch/length: median(dense) / median(pruned) of
+  interleaved runs, ``ci_low``/``ci_high`` the bootstrap 95% CI, ``bound`` the roofline
+  speedup on this device's spec; extra: both medians, efficiency = measured / bound,
+  parameter counts, analytic FLOPs and bytes;
+- quality rows from :func:`prunelib.quality.evaluate`, and ``metric="quality_loss_pct"``
+  (with its stderr as extra and a 95% CI).
+"""
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import costmodel, hardware, quality, timing
+from .calibration import calibration_batch
+from .models import EMBEDDED, fingerprint, load_model, parameter_count
+from .pruning import get, prune
+from .store import ResultsStore, config_hash
+
+
+def _base(model_name, method, sparsity, device, dtype):
+    cell = "dense" if method == "dense" else get(method).cell.name
+    return dict(model=model_name, cell=cell, method=method, sparsity=sparsity, device=device, dtype=dtype)
+
+
+def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("prefill", "decode"), batches=(1,),
+               lengths=(512,), reps=20, hw=None, extra=None):
+    """Interleaved speedup of ``pruned`` over ``dense`` for each phase/batch/length, stored once."""
+    dev = next(dense.parameters()).device
+    dtype = str(next(dense.parameters()).dtype).removeprefix("torch.")
+    hw = hw or hardware.for_device(dev)
+    fp_d, fp_p = fingerprint(dense), fingerprint(pruned)
+    sd, sp = costmodel.ModelShape.of(dense), costmodel.ModelShape.of(pruned)
+    for phase in phases:
+        for b in batches:
+            for s in lengths:
+                key = config_hash({"kind": "speed", "dense": fp_d, "pruned": fp_p, "phase": phase, "batch": b,
+                                   "length": s, "device": str(dev), "dtype": dtype, "reps": reps,
+                                   "threads": torch.get_num_threads(), "hw": hw.name})
+                if store.has(key, "speedup"):
+                    continue
+                c = timing.compare(dense, pruned, phase, b, s, reps=reps)
+                bound = costmodel.theoretical_speedup(sd, sp, phase, b, s, dtype, hw)
+                cost = costmodel.cost(sp, phase, b, s, dtype, hw)
+                store.append(dict(
+                    _base(model_name, method, sparsity, str(dev), dtype), phase=phase, batch=b, length=s,
+                    metric="speedup", value=c.speedup, ci_low=c.ci_low, ci_high=c.ci_high, bound=bound, n=reps,
+                    config_hash=key,
+                    extra=dict(extra or {}, t_dense=c.base.median, t_pruned=c.cand.median, efficiency=c.speedup / bound,
+                               params=parameter_count(pruned), params_dense=parameter_count(dense), flops=cost.flops,
+                               bytes=cost.bytes, hw=hw.name, samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
+
+
+def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
+        batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
+        device="cpu", dtype="float32", store: ResultsStore | None = None, **options) -> pd.DataFrame:
+    """The sweep. Returns every stored row of this model (a tidy DataFrame)."""
+    store = ResultsStore() if store is None else store
+    for m in methods:
+        get(m)  # unknown names fail before any work
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
+    dense_q = quality.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
+    for method in methods:
+        for sparsity in tqdm(sparsities, desc=method):
+            pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
+            extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
+                     "options": options}
+            speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
+                       lengths=lengths, reps=reps, extra=extra)
+            if preset:
+                q = quality.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
+                                     cell=report.cell, method=method, sparsity=sparsity, extra=extra)
+                _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset)
+            del pruned
+    df = store.load()
+    return df[df.model == model_name].reset_index(drop=True)
+
+
+def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset):
+    key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash))})
+    if store.has(key, "quality_loss_pct"):
+        return
+    r = quality.quality_loss(dense_q, q)
+    store.append(dict(model=model_name, cell=cell, method=method, sparsity=sparsity, phase="quality", device=device,
+                      dtype=dtype, metric="quality_loss_pct", value=r["loss_pct"],
+                      ci_low=r["loss_pct"] - 1.96 * r["stderr_pct"], ci_high=r["loss_pct"] + 1.96 * r["stderr_pct"],
+                      config_hash=key, extra={"stderr": r["stderr_pct"], "preset": preset,
+                                              "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
+
+
+def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
+    """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss."""
+    sp = df[(df.metric == "speedup") & (df.batch == batch) & (df.length == length)]
+    loss = df[df.metric == "quality_loss_pct"].drop_duplicates(["method", "sparsity"], keep="last")
+    out = []
+    for (method, s), g in sp.groupby(["method", "sparsity"]):
+        row = {"method": method, "cell": g.cell.iloc[0], "sparsity": s}
+        for _, r in g.drop_duplicates("phase", keep="last").iterrows():
+            row[f"{r.phase}_speedup"] = r.value
+            row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+            row[f"{r.phase}_bound"] = r.bound
+            row[f"{r.phase}_efficiency"] = r.value / r.bound
+            row["params_M"] = r.extra["params"] / 1e6
+        lr = loss[(loss.method == method) & (loss.sparsity == s)]
+        if len(lr):
+            row["quality_loss_pct"] = lr.value.iloc[0]
+            row["loss_stderr"] = lr.extra.iloc[0]["stderr"]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="prune, time and score; results go to the store")
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--methods", default="last_n,shortgpt,angular")
+    p.add_argument("--sparsities", default="0.1,0.25,0.4")
+    p.add_argument("--lengths", default="512")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--preset", default="quick")
+    a = p.parse_args(argv)
+    df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")],
+             batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
+             reps=a.reps, preset=None if a.preset == "none" else a.preset)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
