@@ -1,0 +1,65 @@
+"""Every notebook runs under papermill with tiny parameters and produces what it promises."""
+import json
+from pathlib import Path
+
+import pytest
+
+from prunelib import checks
+from prunelib.store import ResultsStore
+
+NB = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def test_notebooks_are_committed_clean_with_a_parameters_cell():
+    for path in NB.glob("*.ipynb"):
+        nb = json.loads(path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), path.name
+        assert "parameters" in code[0]["metadata"].get("tags", []), path.name
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(methods=["shortgpt", "bogus"]), "unknown pruning method 'bogus'"),
+    (dict(batches=[1, "2"]), r"batches=\[1, '2'\]"),
+    (dict(sparsities=[1.5]), "sparsities"),
+    (dict(quality_preset="medium"), "quality_preset='medium'"),
+])
+def test_bad_parameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        checks.parameters(**kw)
+
+
+def run(name, tmp_path, **params):
+    import papermill as pm
+
+    out = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(NB / f"{name}.ipynb"), str(out), parameters=params, cwd=str(NB), progress_bar=False,
+                        kernel_name="python3")
+    return out
+
+
+@pytest.mark.slow
+def test_pareto_on_empty_store_says_nothing_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
+    out = run("pareto", tmp_path)
+    assert "Nothing measured yet" in out.read_text()
+
+
+@pytest.mark.slow
+def test_bad_parameter_fails_in_first_cell(tmp_path):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError, match="unknown pruning method 'bogus'"):
+        run("static_depth", tmp_path, methods=["bogus"])
+
+
+@pytest.mark.slow
+def test_depth_then_pareto(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
+    run("static_depth", tmp_path, methods=["last_n", "shortgpt"], sparsities=[0.1], lengths=[32], reps=3,
+        quality_preset=None, calib_n=4, calib_len=32)
+    df = ResultsStore().load()
+    assert set(df[df.metric == "speedup"].method) == {"last_n", "shortgpt"}
+    assert (tmp_path / "fig" / "depth_importance.png").exists()
+    run("baseline", tmp_path, batches=[1], lengths=[16], reps=2, quality_preset=None)
+    assert (tmp_path / "fig" / "baseline_latency.png").exists()
