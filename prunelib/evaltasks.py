@@ -135,8 +135,15 @@ OFFLINE_TASKS: tuple[str, ...] = (
 
 # ------------------------------------------------------------------ conversions
 def _read_jsonl(path: Path) -> list[dict]:
+    out = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+    return out
 
 
 def _wikitext_pages(files: list[Path]) -> list[dict]:
@@ -318,7 +325,11 @@ def prepare_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None
             data_file = raw[0]
         else:
             data_file = folder / "data" / f"{leaf}.jsonl"
-            records = spec.convert(raw)
+            try:
+                records = spec.convert(raw)
+            except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"malformed data for task {leaf!r} in {', '.join(map(str, raw))}: "
+                                 f"{type(err).__name__}: {err} (see SOURCES.md for the expected format)") from err
             _write_if_changed(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         splits = {k: None for k in ("training_split", "validation_split", "test_split")}
         splits[spec.split_key] = spec.split

@@ -314,3 +314,14 @@ def test_simple_evaluate_equals_cli(tmp_path, cache):
     for name, cli_metrics in cli["results"].items():
         assert res["results"][name] == cli_metrics, name  # exact float equality
     assert res["results"]["wikitext"]["word_perplexity,none"] > 1
+
+
+def test_malformed_file_is_named_with_its_line(tmp_path):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{"goal": broken\n')
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(ValueError, match=r"malformed data for task 'piqa'.*valid.jsonl:2: not valid JSON"):
+        et.prepare_tasks(["piqa"], data_dir=tmp_path)
+    (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    with pytest.raises(ValueError, match="1 records"):  # two labels for one record
+        et.prepare_tasks(["piqa"], data_dir=tmp_path)
