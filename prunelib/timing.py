@@ -3,7 +3,8 @@
 - CPU: ``time.perf_counter`` around the call, a fixed thread count.
 - CUDA: CUDA events, an optional L2 flush before every run, optional CUDA-graph replay.
 
-TTFT = one forward of B x S prompt tokens (logits for the last position only).
+TTFT = one forward of B x S prompt tokens that fills a fresh KV cache (logits for the
+last position only).
 TPOT = one decode step of B sequences against a KV cache of S tokens: the cache is
 built once, and after every timed step it is cut back to S tokens (outside the
 timed region), so each sample sees the same KV length. With CUDA graphs a static
@@ -148,7 +149,8 @@ class Workload:
         prompt = _tokens(model, batch, length, seed)
         with torch.inference_mode():
             if phase == "prefill":
-                self.inputs = {"input_ids": prompt, "use_cache": False, "logits_to_keep": 1}
+                # a real prefill also fills a (fresh) KV cache: its size shrinks with depth pruning
+                self.inputs = {"input_ids": prompt, "use_cache": True, "logits_to_keep": 1}
             else:
                 from transformers import DynamicCache, StaticCache
 
