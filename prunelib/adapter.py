@@ -44,7 +44,20 @@ class LayerShape:
     """Shapes of one decoder layer, read from its (possibly pruned) modules.
 
     ``n_heads``/``n_kv_heads`` are 0 and ``intermediate`` is 0 when the attention or MLP
-    sublayer was removed.
+    sublayer was removed. The remaining fields (dense defaults) describe the other cells:
+
+    - ``ranks``: ``(proj, r)`` for projections factorised K->r->N (low rank);
+    - ``sparse24``: projections holding 2:4 weights;
+    - ``shortcut``: extra [hidden x hidden] GEMMs on every token (SliceGPT shortcuts);
+    - ``attn_tokens`` / ``mlp_tokens``: fraction of tokens that run the attention (q/o
+      projections and the query side of the attention products; k/v still run on all
+      tokens) / the MLP (dynamic depth); ``router``: output features of the router(s);
+    - ``seq_frac``: fraction of the prompt tokens that reach this layer (token pruning);
+    - ``attn_density``: fraction of the attention score matrix computed (block-sparse
+      attention), ``attn_block`` the block/page size of its estimator.
+
+    Static fields are read from the modules; dynamic ones are what the layer's modules
+    realised on the inputs they ran on since their last ``reset_stats()``.
     """
 
     hidden: int
@@ -52,6 +65,19 @@ class LayerShape:
     n_kv_heads: int
     head_dim: int
     intermediate: int
+    ranks: tuple = ()
+    sparse24: tuple = ()
+    shortcut: int = 0
+    attn_tokens: float = 1.0
+    mlp_tokens: float = 1.0
+    router: int = 0
+    seq_frac: float = 1.0
+    attn_density: float = 1.0
+    attn_block: int = 0
+
+    @property
+    def rank(self) -> dict:
+        return dict(self.ranks)
 
     @property
     def has_attn(self) -> bool:
@@ -149,7 +175,26 @@ class ModelAdapter:
         n_heads = attn["q_proj"].out_features // hd if attn else 0
         n_kv = attn["k_proj"].out_features // hd if attn else 0
         inter = mlp["up_proj"].out_features if mlp else 0
-        return LayerShape(hidden=self.hidden_size, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, intermediate=inter)
+        projs = {**attn, **mlp}
+        ranks = tuple((k, int(p.rank)) for k, p in projs.items() if isinstance(getattr(p, "rank", None), int))
+        sparse = tuple(k for k, p in projs.items() if getattr(p, "sparse24", False))
+        overrides = {}
+        layer = self.layers[i]
+        for mod in (layer, layer.self_attn, layer.mlp):  # dynamic / cross-layer modules say what they realised
+            fn = getattr(mod, "shape_overrides", None)
+            if callable(fn):
+                overrides.update(fn())
+        unknown = set(overrides) - set(LayerShape.__dataclass_fields__)
+        if unknown:
+            raise LayoutError(f"layer {i}: shape_overrides() returned unknown fields {sorted(unknown)}")
+        return LayerShape(hidden=self.hidden_size, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, intermediate=inter,
+                          ranks=ranks, sparse24=sparse, **overrides)
+
+    def reset_stats(self) -> None:
+        """Reset the realised-sparsity counters of every dynamic module (see :class:`LayerShape`)."""
+        for mod in self.model.modules():
+            if mod is not self.model and callable(getattr(mod, "reset_stats", None)):
+                mod.reset_stats()
 
     def layer_shapes(self) -> list[LayerShape]:
         return [self.layer_shape(i) for i in range(len(self.layers))]

@@ -24,6 +24,7 @@ For attention, the K/V cache of a KV head is read once for all query heads of it
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -88,8 +89,22 @@ def _check(phase: str, batch: int, length: int, dtype: str) -> None:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
 
 
-def _linear(name: str, layer: int | None, m: int, n: int, k: int, e: int) -> Gemm:
+def _linear(name: str, layer: int | None, m: float, n: int, k: int, e: int) -> Gemm:
     return Gemm(name, layer, "linear", m, n, k, 1, 2.0 * m * n * k, float(e * (m * k + k * n + m * n)))
+
+
+def _projection(p: str, proj: str, ls: LayerShape, layer: int, m: float, n: int, k: int, e: int,
+                sparse_kernels: bool) -> list[Gemm]:
+    """The GEMM(s) of one projection: one dense GEMM, two for a low-rank pair, a 2:4 one with sparse kernels."""
+    name, proj = p + proj, proj.rsplit(".", 1)[-1]
+    if proj in ls.rank:
+        r = ls.rank[proj]
+        return [_linear(name + ".first", layer, m, r, k, e), _linear(name + ".second", layer, m, n, r, e)]
+    if proj in ls.sparse24 and sparse_kernels:
+        # half the multiply-adds; half the weights plus 2 bits of metadata per kept weight
+        w_bytes = e * k * n / 2 + k * n / 2 * 2 / 8
+        return [Gemm(name, layer, "linear_24", m, n, k, 1, 1.0 * m * n * k, float(e * (m * k + m * n) + w_bytes))]
+    return [_linear(name, layer, m, n, k, e)]
 
 
 def gemms(
@@ -101,41 +116,62 @@ def gemms(
     *,
     logits: str = "last",
     causal: bool = False,
+    sparse_kernels: bool = False,
 ) -> list[Gemm]:
-    """Enumerate the GEMMs of one prefill (B x S tokens) or one decode step (KV length S)."""
+    """Enumerate the GEMMs of one prefill (B x S tokens) or one decode step (KV length S).
+
+    ``sparse_kernels``: cost 2:4 projections as the semi-structured kernels run them
+    (the device has them); otherwise they are the dense GEMMs they really are.
+    Dynamic fields of a layer (token fractions, kept sequence, attention density) scale
+    M, the attention lengths and the score matrix as realised.
+    """
     _check(phase, batch, length, dtype)
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
     e = DTYPE_BYTES[dtype]
     B, S = batch, length
-    tokens = B * S if phase == "prefill" else B
-    q_len, kv_len = (S, S) if phase == "prefill" else (1, S + 1)
     out: list[Gemm] = []
     for i, ls in enumerate(shape.layers):
         p = f"layers.{i}."
+        proj = lambda name, m, n, k: _projection(p, name, ls, i, m, n, k, e, sparse_kernels)  # noqa: E731
+        if phase == "prefill":
+            seq = S * ls.seq_frac
+            q_len, kv_len = seq, seq
+        else:
+            seq = 1
+            q_len, kv_len = 1, S * ls.seq_frac + 1
+        tokens = B * seq
+        if ls.router:
+            out.append(_linear(p + "router", i, tokens, ls.router, ls.hidden, e))
+        out += [_linear(p + f"shortcut{j}", i, tokens, ls.hidden, ls.hidden, e) for j in range(ls.shortcut)]
         if ls.has_attn:
             hd, nq, nkv = ls.head_dim, ls.n_heads, ls.n_kv_heads
-            out += [
-                _linear(p + "self_attn.q_proj", i, tokens, nq * hd, ls.hidden, e),
-                _linear(p + "self_attn.k_proj", i, tokens, nkv * hd, ls.hidden, e),
-                _linear(p + "self_attn.v_proj", i, tokens, nkv * hd, ls.hidden, e),
-            ]
+            q_rows = q_len * ls.attn_tokens
+            out += proj("self_attn.q_proj", tokens * ls.attn_tokens, nq * hd, ls.hidden)
+            out += proj("self_attn.k_proj", tokens, nkv * hd, ls.hidden)
+            out += proj("self_attn.v_proj", tokens, nkv * hd, ls.hidden)
             frac = 0.5 if (causal and phase == "prefill") else 1.0
-            flops = frac * 2.0 * q_len * kv_len * hd * B * nq
+            frac *= ls.attn_density
+            flops = frac * 2.0 * q_rows * kv_len * hd * B * nq
             # Q and scores per query head; K (or V) once per KV head
-            qk_bytes = e * B * (nq * (q_len * hd + q_len * kv_len) + nkv * kv_len * hd)
-            pv_bytes = e * B * (nq * (q_len * kv_len + q_len * hd) + nkv * kv_len * hd)
+            kv_read = kv_len * ls.attn_density
+            qk_bytes = e * B * (nq * (q_rows * hd + frac * q_rows * kv_len) + nkv * kv_read * hd)
+            pv_bytes = e * B * (nq * (frac * q_rows * kv_len + q_rows * hd) + nkv * kv_read * hd)
+            if ls.attn_block:
+                bm, bn = math.ceil(q_rows / ls.attn_block), math.ceil(kv_len / ls.attn_block)
+                out.append(Gemm(p + "self_attn.estimate", i, "attn_est", bm, bn, hd, B * nq, 2.0 * bm * bn * hd * B * nq,
+                                float(e * B * (nq * (bm * hd + bm * bn) + nkv * bn * hd))))
             out += [
-                Gemm(p + "self_attn.qk", i, "attn_qk", q_len, kv_len, hd, B * nq, flops, float(qk_bytes)),
-                Gemm(p + "self_attn.pv", i, "attn_pv", q_len, hd, kv_len, B * nq, flops, float(pv_bytes)),
-                _linear(p + "self_attn.o_proj", i, tokens, ls.hidden, nq * hd, e),
+                Gemm(p + "self_attn.qk", i, "attn_qk", q_rows, kv_len, hd, B * nq, flops, float(qk_bytes)),
+                Gemm(p + "self_attn.pv", i, "attn_pv", q_rows, hd, kv_len, B * nq, flops, float(pv_bytes)),
             ]
+            out += proj("self_attn.o_proj", tokens * ls.attn_tokens, ls.hidden, nq * hd)
         if ls.has_mlp:
-            out += [
-                _linear(p + "mlp.gate_proj", i, tokens, ls.intermediate, ls.hidden, e),
-                _linear(p + "mlp.up_proj", i, tokens, ls.intermediate, ls.hidden, e),
-                _linear(p + "mlp.down_proj", i, tokens, ls.hidden, ls.intermediate, e),
-            ]
+            m = tokens * ls.mlp_tokens
+            out += proj("mlp.gate_proj", m, ls.intermediate, ls.hidden)
+            out += proj("mlp.up_proj", m, ls.intermediate, ls.hidden)
+            out += proj("mlp.down_proj", m, ls.hidden, ls.intermediate)
+    tokens = B * S if phase == "prefill" else B
     head_m = tokens if (phase == "decode" or logits == "all") else B
     out.append(_linear("lm_head", None, head_m, shape.vocab, shape.hidden, e))
     return out
@@ -160,6 +196,7 @@ class Cost:
 
 def cost(shape: ModelShape, phase: str, batch: int, length: int, dtype: str, hw: HardwareSpec, **kw) -> Cost:
     """Total FLOPs, bytes and roofline time of a forward pass, with the per-GEMM table."""
+    kw.setdefault("sparse_kernels", hw.sparse24 and dtype in ("float16", "bfloat16"))
     gs = gemms(shape, phase, batch, length, dtype, **kw)
     table = pd.DataFrame([g.__dict__ for g in gs])
     table["seconds"] = [roofline_seconds(g, hw, dtype) for g in gs]

@@ -15,6 +15,7 @@ Rows written per (method, sparsity):
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pandas as pd
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import costmodel, hardware, quality, timing
 from .calibration import calibration_batch
+from .adapter import ModelAdapter
 from .models import EMBEDDED, fingerprint, load_model, parameter_count
 from .pruning import get, prune
 from .store import ResultsStore, config_hash
@@ -32,23 +34,46 @@ def _base(model_name, method, sparsity, device, dtype):
     return dict(model=model_name, cell=cell, method=method, sparsity=sparsity, device=device, dtype=dtype)
 
 
+def realised_sparsity(method: str, model) -> float | None:
+    """What a dynamic method actually skipped since its counters were reset (None for static methods)."""
+    fn = getattr(sys.modules[get(method).fn.__module__], "realised_sparsity", None)
+    return None if fn is None else float(fn(model))
+
+
+def timing_text(tokenizer, batches, lengths, seed: int = 1) -> torch.Tensor | None:
+    """Real-text prompts for timing (calibration text; dynamic methods route on content)."""
+    if tokenizer is None:
+        return None
+    return calibration_batch(tokenizer, n=max(batches), length=max(lengths) + 1, seed=seed).input_ids
+
+
 def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("prefill", "decode"), batches=(1,),
-               lengths=(512,), reps=20, hw=None, extra=None):
-    """Interleaved speedup of ``pruned`` over ``dense`` for each phase/batch/length, stored once."""
+               lengths=(512,), reps=20, hw=None, extra=None, text=None):
+    """Interleaved speedup of ``pruned`` over ``dense`` for each phase/batch/length, stored once.
+
+    The bound is costed from the pruned model's shapes after the timed runs, so a dynamic
+    method is bounded by what it realised on the timed prompt (also stored as
+    ``extra.realised_sparsity``).
+    """
     dev = next(dense.parameters()).device
     dtype = str(next(dense.parameters()).dtype).removeprefix("torch.")
     hw = hw or hardware.for_device(dev)
     fp_d, fp_p = fingerprint(dense), fingerprint(pruned)
-    sd, sp = costmodel.ModelShape.of(dense), costmodel.ModelShape.of(pruned)
+    sd = costmodel.ModelShape.of(dense)
+    adapter = ModelAdapter(pruned)
     for phase in phases:
         for b in batches:
             for s in lengths:
                 key = config_hash({"kind": "speed", "dense": fp_d, "pruned": fp_p, "phase": phase, "batch": b,
                                    "length": s, "device": str(dev), "dtype": dtype, "reps": reps,
-                                   "threads": torch.get_num_threads(), "hw": hw.name})
+                                   "threads": torch.get_num_threads(), "hw": hw.name,
+                                   "prompt": "random" if text is None else "text"})
                 if store.has(key, "speedup"):
                     continue
-                c = timing.compare(dense, pruned, phase, b, s, reps=reps)
+                adapter.reset_stats()
+                c = timing.compare(dense, pruned, phase, b, s, reps=reps, text=text)
+                realised = None if method == "dense" else realised_sparsity(method, pruned)
+                sp = costmodel.ModelShape.of(pruned)
                 bound = costmodel.theoretical_speedup(sd, sp, phase, b, s, dtype, hw)
                 cost = costmodel.cost(sp, phase, b, s, dtype, hw)
                 store.append(dict(
@@ -57,7 +82,8 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
                     config_hash=key,
                     extra=dict(extra or {}, t_dense=c.base.median, t_pruned=c.cand.median, efficiency=c.speedup / bound,
                                params=parameter_count(pruned), params_dense=parameter_count(dense), flops=cost.flops,
-                               bytes=cost.bytes, hw=hw.name, samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
+                               bytes=cost.bytes, hw=hw.name, realised_sparsity=realised,
+                               samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
 
 
 def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
@@ -69,6 +95,7 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
         get(m)  # unknown names fail before any work
     model, tok = load_model(model_name, device=device, dtype=dtype)
     cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
+    text = timing_text(tok, batches, lengths, seed=seed + 1)
     dense_q = quality.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
     for method in methods:
         for sparsity in tqdm(sparsities, desc=method):
@@ -76,17 +103,19 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
             extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
                      "options": options}
             speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
-                       lengths=lengths, reps=reps, extra=extra)
+                       lengths=lengths, reps=reps, extra=extra, text=text)
             if preset:
+                ModelAdapter(pruned).reset_stats()
                 q = quality.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
                                      cell=report.cell, method=method, sparsity=sparsity, extra=extra)
-                _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset)
+                _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
+                            realised_sparsity(method, pruned))
             del pruned
     df = store.load()
     return df[df.model == model_name].reset_index(drop=True)
 
 
-def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset):
+def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None):
     key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash))})
     if store.has(key, "quality_loss_pct"):
         return
@@ -94,7 +123,7 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
     store.append(dict(model=model_name, cell=cell, method=method, sparsity=sparsity, phase="quality", device=device,
                       dtype=dtype, metric="quality_loss_pct", value=r["loss_pct"],
                       ci_low=r["loss_pct"] - 1.96 * r["stderr_pct"], ci_high=r["loss_pct"] + 1.96 * r["stderr_pct"],
-                      config_hash=key, extra={"stderr": r["stderr_pct"], "preset": preset,
+                      config_hash=key, extra={"stderr": r["stderr_pct"], "preset": preset, "realised_sparsity": realised,
                                               "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
 
 
@@ -110,6 +139,8 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
             row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
             row[f"{r.phase}_bound"] = r.bound
             row[f"{r.phase}_efficiency"] = r.value / r.bound
+            if r.extra.get("realised_sparsity") is not None:
+                row[f"{r.phase}_realised"] = r.extra["realised_sparsity"]
             row["params_M"] = r.extra["params"] / 1e6
         lr = loss[(loss.method == method) & (loss.sparsity == s)]
         if len(lr):

@@ -27,6 +27,7 @@ class HardwareSpec:
     bandwidth: float  # bytes/s
     source: str = ""
     extra: dict = field(default_factory=dict)
+    sparse24: bool = False  # has semi-structured (2:4) sparse GEMM kernels: 2x dense 16-bit tensor throughput
 
     def flops(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -38,18 +39,18 @@ KNOWN = {
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP32 67 TFLOPS, BF16/FP16 tensor 1,979 TFLOPS
     # "with sparsity" -> 989.5 dense; HBM3 3.35 TB/s.
     "h100-sxm": HardwareSpec("h100-sxm", {"float32": 67 * T, "bfloat16": 989.5 * T, "float16": 989.5 * T}, 3.35e12,
-                             "NVIDIA H100 datasheet, SXM5 column"),
+                             "NVIDIA H100 datasheet, SXM5 column", sparse24=True),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): same compute as H100 SXM; HBM3e 4.8 TB/s.
     "h200": HardwareSpec("h200", {"float32": 67 * T, "bfloat16": 989.5 * T, "float16": 989.5 * T}, 4.8e12,
-                         "NVIDIA H200 datasheet, SXM column"),
+                         "NVIDIA H200 datasheet, SXM column", sparse24=True),
     # NVIDIA A100 datasheet (80GB SXM): FP32 19.5 TFLOPS, BF16/FP16 tensor 312 TFLOPS dense; HBM2e 2,039 GB/s.
     "a100-80gb": HardwareSpec("a100-80gb", {"float32": 19.5 * T, "bfloat16": 312 * T, "float16": 312 * T}, 2.039e12,
-                              "NVIDIA A100 datasheet, 80GB SXM column"),
+                              "NVIDIA A100 datasheet, 80GB SXM column", sparse24=True),
     # NVIDIA RTX PRO 6000 Blackwell Workstation Edition datasheet: FP32 125 TFLOPS; 4,000 AI TOPS is FP4
     # with sparsity, i.e. ~500 TFLOPS dense FP16/BF16 tensor (FP4 dense 2,000 -> FP8 1,000 -> FP16 500);
     # GDDR7 1,792 GB/s.
     "rtx-pro-6000": HardwareSpec("rtx-pro-6000", {"float32": 125 * T, "bfloat16": 500 * T, "float16": 500 * T}, 1.792e12,
-                                 "NVIDIA RTX PRO 6000 Blackwell datasheet (16-bit dense derived from FP4 sparse TOPS)"),
+                                 "NVIDIA RTX PRO 6000 Blackwell datasheet (16-bit dense derived from FP4 sparse TOPS)", sparse24=True),
 }
 
 

@@ -4,7 +4,8 @@
 - CUDA: CUDA events, an optional L2 flush before every run, optional CUDA-graph replay.
 
 TTFT = one forward of B x S prompt tokens that fills a fresh KV cache (logits for the
-last position only).
+last position only). Prompts are real text when ``text`` ids are given (dynamic methods
+route on content, so :mod:`prunelib.experiment` always gives them), else seeded random ids.
 TPOT = one decode step of B sequences against a KV cache of S tokens: the cache is
 built once, and after every timed step it is cut back to S tokens (outside the
 timed region), so each sample sees the same KV length. With CUDA graphs a static
@@ -130,7 +131,13 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
+def _tokens(model, batch: int, length: int, seed: int, text: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt tokens: the first ``batch`` x ``length`` of ``text`` (real text, which dynamic methods
+    route on), else seeded random ids (enough for static shapes)."""
+    if text is not None:
+        if text.dim() != 2 or text.shape[0] < batch or text.shape[1] < length:
+            raise ValueError(f"text ids of shape {tuple(text.shape)} cannot supply {batch} x {length} tokens")
+        return text[:batch, :length].to(_device(model))
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(_device(model))
 
@@ -138,7 +145,8 @@ def _tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
 class Workload:
     """A callable that runs one prefill or one decode step of ``model``; built once, called many times."""
 
-    def __init__(self, model, phase: str, batch: int, length: int, *, seed: int = 0, cuda_graph: bool = False):
+    def __init__(self, model, phase: str, batch: int, length: int, *, seed: int = 0, cuda_graph: bool = False,
+                 text: torch.Tensor | None = None):
         _check(phase, batch, length)
         self.model, self.phase, self.batch, self.length = model, phase, int(batch), int(length)
         dev = _device(model)
@@ -146,7 +154,7 @@ class Workload:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.cuda_graph = cuda_graph
         self.cache = None
-        prompt = _tokens(model, batch, length, seed)
+        prompt = _tokens(model, batch, length, seed, text)
         with torch.inference_mode():
             if phase == "prefill":
                 # a real prefill also fills a (fresh) KV cache: its size shrinks with depth pruning
@@ -159,8 +167,10 @@ class Workload:
                 else:
                     self.cache = DynamicCache(config=model.config)
                 model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self._kv_lengths = [layer.get_seq_length() for layer in self.cache.layers]
                 self.inputs = {
-                    "input_ids": _tokens(model, batch, 1, seed + 1),
+                    "input_ids": (_tokens(model, batch, 1, seed + 1) if text is None or text.shape[1] <= length
+                                  else text[:batch, length : length + 1].to(dev)),
                     "past_key_values": self.cache,
                     "cache_position": torch.tensor([length], device=dev),
                     "use_cache": True,
@@ -191,11 +201,16 @@ class Workload:
             return self._forward()
 
     def reset(self):
-        """Restore the KV length to S after a decode step (not timed)."""
+        """Restore every layer's KV length after a decode step (not timed).
+
+        Layers may hold different lengths (token pruning keeps fewer prompt tokens in
+        later layers), so each is cut back to the length it had before the step.
+        """
         if self.cache is not None and self._graph is None:
-            extra = self.cache.get_seq_length() - self.length
-            if extra > 0:
-                self.cache.crop(-extra)
+            for layer, n in zip(self.cache.layers, self._kv_lengths):
+                extra = layer.get_seq_length() - n
+                if extra > 0:
+                    layer.crop(-extra)
 
 
 def _sample(timer, work: Workload) -> float:
@@ -215,11 +230,11 @@ class Timing:
 
 
 def measure(model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
-            timer=None, seed: int = 0, cuda_graph: bool = False) -> Timing:
+            timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Timing:
     """TTFT (phase="prefill") or TPOT (phase="decode") of one model, raw samples kept."""
     timer = timer or timer_for(_device(model))
     with timer.session():
-        work = Workload(model, phase, batch, length, seed=seed, cuda_graph=cuda_graph)
+        work = Workload(model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
         for _ in range(warmup):
             _sample(timer, work)
         lat = Latency([_sample(timer, work) for _ in range(reps)])
@@ -262,12 +277,12 @@ class Comparison:
 
 
 def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
-            timer=None, seed: int = 0, cuda_graph: bool = False) -> Comparison:
+            timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Comparison:
     """Time two models interleaved (ABBA order) and return the speedup of ``cand`` over ``base``."""
     timer = timer or timer_for(_device(base_model))
     with timer.session():
-        wa = Workload(base_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph)
-        wb = Workload(cand_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph)
+        wa = Workload(base_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
+        wb = Workload(cand_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
         for _ in range(warmup):
             _sample(timer, wa), _sample(timer, wb)
         ta, tb = [], []

@@ -129,3 +129,61 @@ def test_cpu_microbenchmark_is_cached(tmp_path, monkeypatch):
     assert a == b and len(calls) == 1
     assert a.bandwidth > 1e8 and a.flops("float32") > 1e8
     assert (tmp_path / "hardware.json").exists()
+
+
+# --- the fields of the other cells: low rank, 2:4, shortcuts, dynamic fractions ----------
+def _layer(**kw):
+    from prunelib.adapter import LayerShape
+
+    return LayerShape(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, **kw)
+
+
+def _flops(layer, phase="prefill", B=2, S=32, **kw):
+    shape = ModelShape(hidden=64, vocab=256, layers=(layer,))
+    return {g.name: g for g in costmodel.gemms(shape, phase, B, S, **kw)}
+
+
+def test_low_rank_projection_is_two_gemms():
+    g = _flops(_layer(ranks=(("down_proj", 8),)))
+    assert "layers.0.mlp.down_proj" not in g
+    first, second = g["layers.0.mlp.down_proj.first"], g["layers.0.mlp.down_proj.second"]
+    assert (first.m, first.n, first.k) == (64, 8, 128) and (second.m, second.n, second.k) == (64, 64, 8)
+    assert first.flops + second.flops == 2 * 64 * 8 * (128 + 64)
+
+
+def test_2to4_halves_flops_only_with_sparse_kernels():
+    layer = _layer(sparse24=("up_proj",))
+    dense = _flops(layer)["layers.0.mlp.up_proj"]
+    sparse = _flops(layer, sparse_kernels=True)["layers.0.mlp.up_proj"]
+    assert sparse.flops == dense.flops / 2 and sparse.bytes < dense.bytes
+    cpu = hardware.HardwareSpec("cpu", {"float32": 1e12}, 1e11)  # no sparse kernels: no saving claimed
+    shape = ModelShape(hidden=64, vocab=256, layers=(layer,))
+    assert costmodel.theoretical_speedup(ModelShape(64, 256, (_layer(),)), shape, "prefill", 1, 32, "float32", cpu) == 1
+    gpu = hardware.KNOWN["h100-sxm"]
+    assert costmodel.theoretical_speedup(ModelShape(64, 256, (_layer(),)), shape, "prefill", 8, 512, "bfloat16", gpu) > 1
+
+
+def test_dynamic_fractions_scale_m_and_attention():
+    dense, routed = _flops(_layer()), _flops(_layer(attn_tokens=0.5, mlp_tokens=0.25, router=1))
+    assert routed["layers.0.self_attn.q_proj"].flops == dense["layers.0.self_attn.q_proj"].flops / 2
+    assert routed["layers.0.self_attn.k_proj"].flops == dense["layers.0.self_attn.k_proj"].flops  # K/V kept for all
+    assert routed["layers.0.self_attn.qk"].flops == dense["layers.0.self_attn.qk"].flops / 2
+    assert routed["layers.0.mlp.down_proj"].flops == dense["layers.0.mlp.down_proj"].flops / 4
+    assert routed["layers.0.router"].flops == 2 * 64 * 64 * 1
+    pruned = _flops(_layer(seq_frac=0.5))
+    assert pruned["layers.0.mlp.up_proj"].flops == dense["layers.0.mlp.up_proj"].flops / 2
+    assert pruned["layers.0.self_attn.qk"].flops == dense["layers.0.self_attn.qk"].flops / 4  # S/2 x S/2
+    sparse = _flops(_layer(attn_density=0.25, attn_block=8))
+    assert sparse["layers.0.self_attn.pv"].flops == dense["layers.0.self_attn.pv"].flops / 4
+    assert sparse["layers.0.self_attn.estimate"].m == 4 and sparse["layers.0.self_attn.estimate"].n == 4
+    assert _flops(_layer(shortcut=2))["layers.0.shortcut1"].flops == 2 * 64 * 64 * 64
+
+
+def test_shape_overrides_reach_the_cost_model(tiny_model):
+    from prunelib.adapter import LayoutError, ModelAdapter
+
+    tiny_model.model.layers[1].mlp.shape_overrides = lambda: {"mlp_tokens": 0.5}
+    assert ModelAdapter(tiny_model).layer_shape(1).mlp_tokens == 0.5
+    tiny_model.model.layers[1].mlp.shape_overrides = lambda: {"bogus": 1}
+    with pytest.raises(LayoutError, match="bogus"):
+        ModelAdapter(tiny_model).layer_shape(1)
