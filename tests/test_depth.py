@@ -9,7 +9,7 @@ from prunelib.pruning import registry
 from prunelib.pruning.surgery import remove_sublayers
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-DEPTH = ["shortgpt", "angular", "last_n", "shortgpt_attn", "shortgpt_mlp"]
+DEPTH = ["shortgpt", "angular", "last_n", "depth_random", "shortgpt_attn", "shortgpt_mlp"]
 
 
 @pytest.fixture
@@ -98,3 +98,14 @@ def test_registry_refuses_duplicates_and_unknown_cells():
     with pytest.raises(ValueError, match="unknown taxonomy cell 'static_magic'"):
         registry.register("x", "static_magic", "x", needs_calibration=False, max_sparsity=lambda m: 1)
     assert set(DEPTH) <= set(pruning.methods("static_depth"))
+
+
+def test_random_baseline_is_seeded():
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(num_hidden_layers=12)).eval()
+    picks = [pruning.prune(model, "depth_random", 0.25, seed=s)[1].removed["layers"] for s in (0, 0, 1, 2)]
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+    assert len({tuple(p) for p in picks}) > 1

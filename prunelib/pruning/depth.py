@@ -10,6 +10,7 @@ Criteria (all measured on calibration batches, averaged over every token):
   (The paper uses the last token of each sequence; averaging every token is more stable
   on few calibration sequences.)
 - ``last_n``: the naive baseline, the last n layers.
+- ``depth_random``: n layers drawn at random (seeded), the baseline a criterion must beat.
 - ``shortgpt_attn`` / ``shortgpt_mlp``: BI of a sublayer alone, 1 - cos(h, h + f(h)),
   removing only attention or only MLP sublayers.
 
@@ -109,6 +110,14 @@ def angular(model, sparsity, ctx):
 def last_n(model, sparsity, ctx):
     L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
     drop = list(range(L - n, L))
+    return remove_layers(model, drop), {"layers": drop}
+
+
+@register("depth_random", "static_depth", "n random layers, seeded (the baseline every criterion must beat)",
+          needs_calibration=False, max_sparsity=_max_layers)
+def depth_random(model, sparsity, ctx):
+    L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
+    drop = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(ctx.seed))[:n].tolist())
     return remove_layers(model, drop), {"layers": drop}
 
 

@@ -15,6 +15,7 @@ channels per layer, the kept channel count optionally rounded up to a multiple o
 - ``wanda_sp``: Wanda's |W| * ||X|| summed over the structure's consumer columns
   (An et al., FLAP paper's Wanda-sp), ||X_j|| the L2 norm over calibration tokens of input
   feature j of down_proj / o_proj.
+- ``random``: seeded random structures, the baseline a criterion must beat.
 - ``flap``: FLAP's fluctuation, Var(X_j) * ||W[:, j]||^2 summed over the structure, with
   bias compensation: the consumer gets a bias W[:, removed] @ mean(X[removed]), so the
   removed features still contribute their calibration mean. (FLAP's global adaptive
@@ -79,6 +80,8 @@ def _feature_scores(criterion: str, w_consumer: torch.Tensor, stats: dict | None
         return (w.abs() * stats["norm"][None, :]).sum(0)
     if criterion == "flap":
         return stats["var"] * (w**2).sum(0)
+    if criterion == "random":  # the baseline: a seeded random score per feature
+        return torch.rand(w.shape[1], generator=stats["generator"])
     raise ValueError(f"unknown width criterion {criterion!r}")
 
 
@@ -96,14 +99,16 @@ def width_prune(model, sparsity: float, ctx, criterion: str):
         raise ValueError(f"round_to must be None, 8 or 64, got {round_to!r}")
     if sparsity == 0:
         return slice_mlp(model, {}), {"mlp_channels": {}, "kv_heads": {}}
-    stats = consumer_input_stats(model, ctx.calibration) if criterion != "magnitude" else {}
+    stats = consumer_input_stats(model, ctx.calibration) if criterion not in ("magnitude", "random") else {}
+    gen = torch.Generator().manual_seed(ctx.seed)
     keep_mlp, keep_kv, removed = {}, {}, {"mlp_channels": {}, "kv_heads": {}}
     comp = {}  # (kind, layer) -> bias to add to the sliced consumer (FLAP)
     for i in range(len(a.layers)):
         shape = a.layer_shape(i)
         if shape.has_mlp:
             mlp = a.mlp(i)
-            s = _feature_scores(criterion, mlp.down_proj.weight, stats.get(("mlp", i)), (mlp.gate_proj.weight, mlp.up_proj.weight))
+            s = _feature_scores(criterion, mlp.down_proj.weight, stats.get(("mlp", i), {"generator": gen}),
+                                (mlp.gate_proj.weight, mlp.up_proj.weight))
             keep = torch.argsort(s, descending=True)[: _n_keep(shape.intermediate, sparsity, round_to)].sort().values
             keep_mlp[i] = keep
             gone = _complement(keep, shape.intermediate)
@@ -113,7 +118,8 @@ def width_prune(model, sparsity: float, ctx, criterion: str):
         if shape.has_attn:
             attn, hd = a.attn(i), shape.head_dim
             group = shape.n_heads // shape.n_kv_heads
-            s = _feature_scores(criterion, attn.o_proj.weight, stats.get(("attn", i)), (attn.q_proj.weight,))
+            s = _feature_scores(criterion, attn.o_proj.weight, stats.get(("attn", i), {"generator": gen}),
+                                (attn.q_proj.weight,))
             per_group = s.reshape(shape.n_kv_heads, group * hd).sum(1)
             if criterion == "magnitude":  # K and V rows belong to the group too
                 kv = (attn.k_proj.weight.detach().float().cpu() ** 2 + attn.v_proj.weight.detach().float().cpu() ** 2)
@@ -157,6 +163,7 @@ for _name, _doc, _cal in (
     ("magnitude", "L2 norm of each head group's / channel's weights", False),
     ("wanda_sp", "sum over consumer columns of |W| * ||X|| on calibration data (Wanda-sp)", True),
     ("flap", "fluctuation Var(X) * ||W||^2 on calibration data, with bias compensation (FLAP)", True),
+    ("random", "random head groups and channels, seeded (the baseline every criterion must beat)", False),
 ):
     register(f"width_{_name}", "static_width", _doc, needs_calibration=_cal, max_sparsity=_max_width)(
         lambda model, sparsity, ctx, _c=_name: width_prune(model, sparsity, ctx, _c))
