@@ -159,10 +159,11 @@ def main(argv=None):
     p.add_argument("--batches", default="1")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--preset", default="quick")
+    p.add_argument("--seed", type=int, default=0, help="calibration windows and random baselines")
     a = p.parse_args(argv)
     df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")],
              batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
-             reps=a.reps, preset=None if a.preset == "none" else a.preset)
+             reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
 

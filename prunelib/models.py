@@ -139,13 +139,61 @@ def load_model(
                 f"(embedded default: {EMBEDDED!r}; random-weight configs: {['random:' + c for c in random_configs()]})"
             ) from err
         ModelAdapter.check_type(config)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        if (Path(path) / STRUCTURE_FILE).exists():  # a pruned model whose shapes the config cannot express
+            model = load_pruned(path).to(device=dev, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     ModelAdapter(model)  # fail early, with a clear message, on a layout we do not know
     model.eval()
     return model, tokenizer
+
+
+STRUCTURE_FILE = "prunelib_structure.pt"
+
+
+def save_pruned(model, path, tokenizer=None) -> Path:
+    """``save_pretrained`` plus the module structure, so per-layer shapes survive a reload.
+
+    The config records what it can (layer count, ...); a per-layer shape it cannot
+    express (sliced heads or channels, removed sublayers, low-rank pairs, 2:4 layers,
+    SliceGPT shortcuts, routers) lives in ``prunelib_structure.pt``: the model's module
+    tree with every parameter on the meta device (no weights; buffers such as rotary
+    frequencies kept). :func:`load_model` on the folder rebuilds the tree and fills it
+    with the safetensors weights.
+    """
+    import copy
+
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in model.parameters()}
+    torch.save(copy.deepcopy(model, memo), path / STRUCTURE_FILE)
+    return path
+
+
+def load_pruned(path):
+    """The model saved by :func:`save_pruned`: its stored structure filled with its saved weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model = torch.load(path / STRUCTURE_FILE, weights_only=False)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    a = ModelAdapter(model)
+    if "lm_head.weight" in missing and getattr(model.config, "tie_word_embeddings", False):
+        a.lm_head.weight = a.embed.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: saved weights do not fit the saved structure: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.eval()
 
 
 def parameter_count(model: torch.nn.Module) -> int:
