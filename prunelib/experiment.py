@@ -40,6 +40,18 @@ def realised_sparsity(method: str, model) -> float | None:
     return None if fn is None else float(fn(model))
 
 
+def quality_batch_size(method: str) -> int:
+    """lm-eval's batch size for scoring ``method``.
+
+    HFLM right-pads a batch without an attention mask; a static model's real positions
+    never see the padding (causal), but a dynamic method decides per sequence (top-k
+    routing capacity, the last token's attention, pooled blocks), so padding would change
+    its choices and its scores would depend on the batch. Dynamic methods score one
+    sequence at a time.
+    """
+    return 16 if get(method).cell.static else 1
+
+
 def timing_text(tokenizer, batches, lengths, seed: int = 1) -> torch.Tensor | None:
     """Real-text prompts for timing (calibration text; dynamic methods route on content)."""
     if tokenizer is None:
@@ -107,7 +119,8 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
             if preset:
                 ModelAdapter(pruned).reset_stats()
                 q = quality.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
-                                     cell=report.cell, method=method, sparsity=sparsity, extra=extra)
+                                     batch_size=quality_batch_size(method), cell=report.cell, method=method,
+                                     sparsity=sparsity, extra=extra)
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
                             realised_sparsity(method, pruned))
             del pruned

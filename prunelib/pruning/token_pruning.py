@@ -1,0 +1,343 @@
+"""Prompt-token pruning: from layer l on, the model runs only the prompt tokens that matter.
+
+Method (FastV, Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"; LazyLLM,
+Fu et al. 2024, "Dynamic Token Pruning for Efficient Long Context LLM Inference"):
+the importance of prompt token j is the attention the last prompt token pays to it,
+softmax(q_last . K^T / sqrt(d)) averaged over query heads, in the attention of layer
+l - 1 (the layer before the first pruned one, as FastV uses layer K - 1). Its q/k
+projections run anyway; we only read them (forward hooks on ``q_proj``/``k_proj``), so
+the estimator is one extra M = 1 product per head (q_last against S keys), negligible
+next to the layer and not costed. The top (1 - s) fraction is kept; the first token
+(the attention sink) and the last one (it makes the next token) are always kept.
+
+- ``token_prune_attn``: that criterion, recomputed for every prompt (nothing is learnt;
+  calibration text only measures the realised sparsity reported in ``removed``).
+- ``token_prune_random``: the baseline, the same keep count of seeded random tokens
+  (first and last kept as well), so only the criterion differs.
+
+Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the
+first layer that runs the kept tokens only, 1 <= layer <= L - 1.
+
+How the speedup is realised: layers >= l gather the kept hidden states and physically
+run on K tokens instead of S (M of every GEMM and both attention lengths shrink); the
+rotary embeddings and the attention mask are sliced to the kept positions, which keep
+their original position ids. Pruned tokens exit early: they keep the hidden state they
+had when they were dropped, scattered back before the final norm, so the output (and
+the logits lm-eval needs) always has the input's length. The scatter is one
+[B, S, hidden] copy and the final norm runs on all S tokens; the LM head runs only on
+the ``logits_to_keep`` rows.
+
+KV cache (``DynamicCache`` only; other caches are refused): layers < l cache every
+token, layers >= l only the K kept ones. Pruning happens only on a prefill with an empty
+cache and more than one token; every later forward (decode steps, further chunks)
+runs all its tokens through all layers, each attending to its own (possibly shorter)
+cache: the mask columns of layers >= l are mapped to the cached positions.
+
+Padding (a 4-D or no attention mask; eager or sdpa attention): real tokens are those the
+last query row may see. Each row keeps ceil((1 - s) * n_real) of its real tokens (at
+least 2), so a padded row is pruned as it would be alone; rows with fewer real tokens
+fill the common count K with padding positions (masked, never attended to). Without a
+mask every token counts as real: lm-eval's HFLM passes no mask for causal models, so
+score token-pruned models with ``batch_size=1`` or padding changes what is kept.
+
+Sparsity = fraction of the prompt tokens removed from layer l on (0 <= s <= 0.99 through
+the registry; :func:`token_prune` takes any 0 <= s < 1). Realised
+sparsity = fraction of token-layer pairs skipped over the whole model,
+(L - l) / L * (1 - K / S). Prompts too short to lose a token (K == S, e.g. 2 tokens, or
+s = 0) run dense: a pass-through, not an error.
+
+Realised values: ``shape_overrides()`` of layers >= l gives ``seq_frac`` = kept / total
+prompt tokens over the prefills since ``reset_stats()`` (or, if only later forwards ran,
+the ratio of their KV length to the full one); ``realised_sparsity(model)`` the
+token-layer fraction. ``prune`` leaves the counters at what the calibration batches
+realised (also in ``removed``) until the next ``reset_stats()``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from transformers import DynamicCache
+
+from ..adapter import ModelAdapter
+from .registry import register
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Tokens kept out of ``n`` real ones: ceil((1 - s) n), at least 2 (first and last), at most n."""
+    return min(n, max(2, n - math.floor(sparsity * n + 1e-9)))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean 'may attend' of a 4-D mask (bool, or additive float with a large negative for 'no')."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+class TokenPruner:
+    """State shared by the scoring layer l - 1 and the pruned layers l..L-1 of one model.
+
+    Holds the plan (layer, sparsity, criterion), the tapped q/k of layer l - 1, what the
+    current forward kept, and running counters of the tokens seen and kept by prefills
+    (and of the KV entries seen by later forwards) since ``reset()``.
+    """
+
+    def __init__(self, layer: int, n_layers: int, sparsity: float, criterion: str, seed: int, scaling: float,
+                 head_dim: int):
+        self.layer, self.n_layers, self.sparsity = layer, n_layers, sparsity
+        self.criterion, self.seed, self.scaling, self.head_dim = criterion, seed, scaling, head_dim
+        self.taps: dict[str, torch.Tensor] = {}
+        self.last_kept = None  # [B, K] positions kept by the latest pruning prefill (for inspection)
+        self.reset()
+        self._clear()
+
+    def reset(self) -> None:
+        self.seen = self.kept_tokens = 0  # prefill tokens reaching layer l / kept from there on
+        self.kv_seen = self.kv_kept = 0  # later forwards: full KV length / KV length of layers >= l
+
+    def _clear(self) -> None:
+        self.kept = self.full = self.mask = self.rope = self.position_ids = None
+
+    # --- per forward, at layer l -------------------------------------------
+    def begin(self, hidden, mask, rope, position_ids, cache, cache_idx):
+        """Decide what layers >= l run on; returns the hidden states they start from."""
+        q_k = (self.taps.pop("q", None), self.taps.pop("k", None))
+        self._clear()
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"token pruning needs a DynamicCache (layers keep different lengths); got {type(cache).__name__}")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            raise ValueError(f"token pruning needs a 4-D attention mask or none (eager or sdpa attention); got "
+                             f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
+        B, S = hidden.shape[:2]
+        past = cache.get_seq_length(cache_idx) if cache is not None else 0
+        self.mask, self.rope, self.position_ids = mask, rope, position_ids
+        if past > 0 or S == 1:
+            self._extend(cache, past, S, B)
+            return hidden
+        real = torch.ones(B, S, dtype=torch.bool, device=hidden.device) if mask is None else \
+            _visible(mask[:, 0, -1, :]).expand(B, S)
+        keep = torch.tensor([keep_count(int(n), self.sparsity) for n in real.sum(-1).tolist()], device=hidden.device)
+        K = int(keep.max())
+        self.seen += B * S
+        kept = self._select(real, keep, K, q_k, rope) if K < S else None
+        if cache is not None:
+            cache.prunelib_kept = kept  # original positions held by the caches of layers >= l (None: all)
+        if kept is None:  # nothing to prune: dense pass-through
+            self.kept_tokens += B * S
+            return hidden
+        self.kept_tokens += B * K
+        self.kept, self.full, self.last_kept = kept, hidden, kept
+        rows = kept[:, :, None]
+        if mask is not None:
+            m = mask.expand(B, -1, -1, -1)
+            m = m.gather(2, rows[:, None].expand(B, m.shape[1], K, S))
+            self.mask = m.gather(3, kept[:, None, None, :].expand(B, m.shape[1], K, K))
+        self.rope = tuple(t.expand(B, -1, -1).gather(1, rows.expand(B, K, t.shape[-1])) for t in rope)
+        if position_ids is not None:
+            self.position_ids = position_ids.expand(B, -1).gather(1, kept)
+        return hidden.gather(1, rows.expand(B, K, hidden.shape[-1]))
+
+    def _select(self, real, keep, K, q_k, rope) -> torch.Tensor:
+        """[B, K] sorted positions: per row the ``keep`` best real tokens, then padding to fill K."""
+        B, S = real.shape
+        ar = torch.arange(S, device=real.device).expand(B, S)
+        last = torch.where(real, ar, -1).amax(-1)
+        first = torch.where(real, ar, S).amin(-1)
+        if self.criterion == "attention":
+            score = self._attention(q_k, rope, real, last)
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            score = torch.rand(B, S, generator=g).to(real.device)
+        score = score.float().masked_fill(~real, -math.inf)
+        score = score.masked_fill((ar == last[:, None]) | (ar == first[:, None]), math.inf)
+        rank = torch.argsort(score, dim=-1, descending=True, stable=True).argsort(-1)
+        chosen = real & (rank < keep[:, None])
+        pad_rank = (~real).cumsum(-1) - 1
+        chosen |= ~real & (pad_rank < (K - keep)[:, None])
+        return torch.where(chosen, ar, ar + S).sort(-1).values[:, :K]
+
+    def _attention(self, q_k, rope, real, last) -> torch.Tensor:
+        """softmax(q_last K^T / sqrt(d)) of layer l - 1, averaged over heads: [B, S]."""
+        q, k = q_k
+        if q is None or k is None:
+            raise RuntimeError("token pruning: layer l - 1 did not record its q/k projections in this forward")
+        B, S = real.shape
+        d = self.head_dim
+        b = torch.arange(B, device=real.device)
+        cos, sin = (t.expand(B, -1, -1).float() for t in rope)
+        q_last = q[b, last].float().view(B, -1, d)  # [B, Hq, d]: M = 1 per row
+        q_last = _rotate(q_last, cos[b, last][:, None], sin[b, last][:, None])
+        keys = _rotate(k.float().view(B, S, -1, d), cos[:, :, None], sin[:, :, None])  # [B, S, Hkv, d]
+        n_kv = keys.shape[2]
+        q_last = q_last.view(B, n_kv, -1, d)
+        logits = torch.einsum("bkgd,bskd->bkgs", q_last, keys) * self.scaling
+        logits = logits.masked_fill(~real[:, None, None, :], -math.inf)
+        return logits.softmax(-1).mean((1, 2))
+
+    def _extend(self, cache, past, q, B) -> None:
+        """A forward after the prefill: all tokens run; map the mask columns of layers >= l to their cache."""
+        if cache is None:
+            return
+        full = cache.get_seq_length(0) - q  # positions cached by layer 0 (never pruned) before this forward
+        self.kv_seen += B * full
+        self.kv_kept += B * past
+        if past == full or self.mask is None:  # no mask: every cached entry is visible to every new token
+            return
+        kept = getattr(cache, "prunelib_kept", None)
+        if kept is None or kept.shape[0] != B or past < kept.shape[1]:
+            raise ValueError("token pruning: this cache was not filled by a token-pruned prefill of the same batch")
+        tail = torch.arange(full - (past - kept.shape[1]), full + q, device=kept.device).expand(B, -1)
+        cols = torch.cat([kept, tail], dim=1)
+        m = self.mask.expand(B, -1, q, -1)
+        self.mask = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], q, cols.shape[1]))
+
+    # --- per forward, at the last layer ------------------------------------
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scatter the kept tokens back among the early-exited ones (input length restored)."""
+        out = hidden
+        if self.kept is not None:
+            idx = self.kept[:, :, None].expand(-1, -1, hidden.shape[-1])
+            out = self.full.scatter(1, idx, hidden)
+        self._clear()
+        return out
+
+    # --- realised sparsity -------------------------------------------------
+    def seq_frac(self) -> float:
+        if self.seen:
+            return self.kept_tokens / self.seen
+        return self.kv_kept / self.kv_seen if self.kv_seen else 1.0
+
+    def realised_sparsity(self) -> float:
+        """Fraction of token-layer pairs skipped over the whole model on the prefills since ``reset()``."""
+        return (self.n_layers - self.layer) / self.n_layers * (1 - self.seq_frac())
+
+
+class _Tap:
+    """Forward hook on a q/k projection of layer l - 1: hands its output to the pruner (no copy).
+
+    An object rather than a closure, so a deep copy of the model hooks into the copied pruner.
+    """
+
+    def __init__(self, pruner: TokenPruner, name: str):
+        self.pruner, self.name = pruner, name
+
+    def __call__(self, module, args, out):
+        self.pruner.taps[self.name] = out
+
+
+class TokenPrunedLayer:
+    """Mixin for decoder layers l..L-1: run the kept tokens only (see the module docstring).
+
+    Mixed into the model's own decoder-layer class, so every attribute, parameter name
+    and the original forward stay as they were.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        p = self.token_pruner
+        if self.token_prune_first:
+            hidden_states = p.begin(hidden_states, attention_mask, position_embeddings, position_ids, past_key_values,
+                                    self.self_attn.layer_idx)
+        out = super().forward(hidden_states, attention_mask=p.mask, position_ids=p.position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache, position_embeddings=p.rope, **kwargs)
+        return p.finish(out) if self.token_prune_last else out
+
+    def shape_overrides(self) -> dict:
+        """Realised fraction of the prompt tokens this layer ran on since ``reset_stats()``."""
+        return {"seq_frac": self.token_pruner.seq_frac()}
+
+    def reset_stats(self) -> None:
+        self.token_pruner.reset()
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _pruned_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"TokenPruned{base.__name__}", (TokenPrunedLayer, base), {"__module__": __name__})
+    return _CLASSES[base]
+
+
+def _pruner(model) -> TokenPruner | None:
+    for layer in ModelAdapter(model).layers:
+        if isinstance(layer, TokenPrunedLayer):
+            return layer.token_pruner
+    return None
+
+
+def realised_sparsity(model) -> float:
+    """Fraction of token-layer pairs the model skipped since its last ``reset_stats()`` (0.0 if none)."""
+    p = _pruner(model)
+    return 0.0 if p is None else p.realised_sparsity()
+
+
+def token_prune(model, sparsity: float, criterion: str, *, layer: int | None = None, seed: int = 0, calibration=None):
+    """A copy of ``model`` whose layers >= ``layer`` run only the kept prompt tokens; returns ``(model, removed)``."""
+    if criterion not in ("attention", "random"):
+        raise ValueError(f"criterion {criterion!r} is not known; allowed: 'attention', 'random'")
+    a = ModelAdapter(model)
+    L = len(a.layers)
+    if L < 2:
+        raise ValueError(f"token pruning needs at least 2 layers (one to score, one to prune); the model has {L}")
+    layer = max(1, L // 4) if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= L - 1:
+        raise ValueError(f"layer {layer!r} is out of range: allowed 1 <= layer <= {L - 1} (layer - 1 scores the tokens)")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity {sparsity!r} is out of range: allowed 0 <= s < 1")
+    new = copy.deepcopy(model)
+    na = ModelAdapter(new)
+    if any(na.attn(i) is None for i in range(layer - 1, L)):
+        raise ValueError(f"token pruning needs the attention of layers {layer - 1}..{L - 1}; some were removed")
+    scorer = na.attn(layer - 1)
+    p = TokenPruner(layer, L, float(sparsity), criterion, seed, float(getattr(scorer, "scaling", a.head_dim ** -0.5)),
+                    a.head_dim)
+    if criterion == "attention":
+        scorer.q_proj.register_forward_hook(_Tap(p, "q"))
+        scorer.k_proj.register_forward_hook(_Tap(p, "k"))
+    for i in range(layer, L):
+        mod = na.layers[i]
+        mod.__class__ = _pruned_class(type(mod))
+        mod.token_pruner, mod.token_prune_first, mod.token_prune_last = p, i == layer, i == L - 1
+    removed = {"layer": layer, "keep_ratio": 1 - float(sparsity), "criterion": criterion,
+               "seq_frac": None, "realised_sparsity": None}
+    if calibration is not None:
+        dev = next(new.parameters()).device
+        with torch.inference_mode():
+            for ids in calibration.batches(4):
+                new(ids.to(dev), use_cache=False, logits_to_keep=1)
+        removed.update(seq_frac=p.seq_frac(), realised_sparsity=p.realised_sparsity())
+    return new, removed
+
+
+_OPTIONS = ("layer",)
+
+
+def _options(ctx) -> dict:
+    bad = sorted(set(ctx.options) - set(_OPTIONS))
+    if bad:
+        raise ValueError(f"unknown token-pruning options {bad}; allowed: {list(_OPTIONS)}")
+    return dict(ctx.options)
+
+
+def _max_sparsity(model) -> float:
+    return 0.99
+
+
+@register("token_prune_attn", "token_pruning",
+          "attention of the last prompt token at layer l - 1 (FastV / LazyLLM), first and last token always kept",
+          needs_calibration=False, max_sparsity=_max_sparsity)
+def token_prune_attn(model, sparsity, ctx):
+    return token_prune(model, sparsity, "attention", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))
+
+
+@register("token_prune_random", "token_pruning",
+          "seeded random prompt tokens (baseline), same keep count, first and last token always kept",
+          needs_calibration=False, max_sparsity=_max_sparsity)
+def token_prune_random(model, sparsity, ctx):
+    return token_prune(model, sparsity, "random", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))
