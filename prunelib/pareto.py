@@ -25,6 +25,7 @@ def points(df: pd.DataFrame) -> pd.DataFrame:
     loss = loss[["model", "method", "sparsity", "value", "ci_low", "ci_high"]].rename(
         columns={"value": "loss", "ci_low": "loss_low", "ci_high": "loss_high"})
     pts = sp.rename(columns={"value": "speedup"}).merge(loss, on=["model", "method", "sparsity"], how="inner")
+    pts = pts.astype({"batch": int, "length": int})  # stored beside quality rows, which have none: NaN made them floats
     cols = ["model", "method", "cell", "sparsity", "phase", "batch", "length", "device", "speedup", "ci_low",
             "ci_high", "bound", "loss", "loss_low", "loss_high"]
     return pts[cols].reset_index(drop=True)

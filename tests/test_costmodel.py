@@ -187,3 +187,12 @@ def test_shape_overrides_reach_the_cost_model(tiny_model):
     tiny_model.model.layers[1].mlp.shape_overrides = lambda: {"bogus": 1}
     with pytest.raises(LayoutError, match="bogus"):
         ModelAdapter(tiny_model).layer_shape(1)
+
+
+def test_routed_decode_skips_weight_reads_at_batch_one():
+    dense = _flops(_layer(), "decode", B=1)["layers.0.mlp.up_proj"]
+    routed = _flops(_layer(mlp_tokens=0.25), "decode", B=1)["layers.0.mlp.up_proj"]
+    weights = 4 * 64 * 128
+    assert dense.bytes - routed.bytes == pytest.approx(0.75 * weights + 4 * 0.75 * 128 + 4 * 0.75 * 64)
+    prefill = _flops(_layer(mlp_tokens=0.25), "prefill", B=1, S=64)["layers.0.mlp.up_proj"]
+    assert prefill.bytes == pytest.approx(4 * (16 * 64 + 16 * 128) + weights)  # some token always runs it

@@ -80,3 +80,43 @@ def test_report_index_links_pages_and_figures(tmp_path):
     assert (tmp_path / "report" / "pareto.html").exists()
     with pytest.raises(FileNotFoundError, match="make demo"):
         report.build(tmp_path / "none", figs, tmp_path / "r2")
+
+
+TINY = dict(lengths=[32], reps=2, quality_preset=None, calib_n=4, calib_len=32)
+# notebook -> (methods, sparsity, other parameters, figures it promises)
+AXES = {
+    "static_width": (["width_wanda_sp"], 0.1, {}, ["static_width_speedup.png", "static_width_round_to.png"]),
+    "hidden_width": (["slicegpt", "slicegpt_random"], 0.1, {}, ["hidden_width_speedup.png"]),
+    "sparse24": (["sparse24_wanda", "sparse24_random"], 0.5, {}, ["sparse24_speedup.png"]),
+    "lowrank": (["lowrank_asvd"], 0.25, {}, ["lowrank_speedup.png"]),  # float64 SVDs of 210 weights: one method
+    "dynamic_depth": (["dyn_depth_router", "dyn_depth_random"], 0.25, {},
+                      ["dynamic_depth_speedup.png", "dynamic_depth_realised.png"]),
+    "token_pruning": (["token_prune_attn", "token_prune_random"], 0.5, {},
+                      ["token_pruning_speedup.png", "token_pruning_realised.png"]),
+    # 8 blocks of 64 tokens: enough for the sink + diagonal floor to stay below the target density
+    "sparse_attention": (["sparse_attn_block", "sparse_attn_random"], 0.5, dict(lengths=[512]),
+                         ["sparse_attention_speedup.png", "sparse_attention_realised.png"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(AXES))
+def test_axis_notebook_stores_rows_and_draws_figures(name, tmp_path, monkeypatch):
+    methods, sparsity, extra, figures = AXES[name]
+    monkeypatch.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
+    run(name, tmp_path, **dict(TINY, methods=methods, sparsities=[sparsity], **extra))
+    speed = ResultsStore().load().query("metric == 'speedup'")
+    assert set(speed.method) == set(methods)
+    assert set(speed.phase) == {"prefill", "decode"} and (speed.sparsity == sparsity).all()
+    assert (speed.value > 0).all() and (speed.bound > 0).all()
+    for fig in figures:
+        assert (tmp_path / "fig" / fig).stat().st_size > 1000, fig
+    if name in ("dynamic_depth", "token_pruning", "sparse_attention"):
+        realised = speed.set_index("phase").extra.map(lambda e: e["realised_sparsity"])
+        assert realised.between(0, 1).all() and (realised["prefill"] > 0).all()
+    if name == "sparse24":  # on CPU no sparse kernel runs, and the rows say so
+        assert not speed.extra.map(lambda e: e["removed"]["sparse_kernel"]).any()
+    if name == "static_width":  # the round_to variant went to its own store, timed only
+        side = ResultsStore(ResultsStore().path.parent / "results_round_to_64.jsonl").load()
+        assert set(side.metric) == {"speedup"}
+        assert side.extra.map(lambda e: e["options"] == {"round_to": 64}).all()

@@ -79,6 +79,24 @@ class Report:
         return 1 - self.params_pruned / self.params_dense
 
 
+def _stamp(model, pruned, method, sparsity, seed, options) -> None:
+    """Record the pruning in the pruned model's config (``prunelib_pruning``, a list: prunings stack).
+
+    Provenance survives ``save_pretrained``, and the model fingerprint (which hashes the
+    config) tells apart methods that change no weight (token pruning, sparse attention,
+    random routing) from the dense model and from each other.
+    """
+    import copy
+    import json
+
+    if pruned.config is model.config:
+        pruned.config = copy.deepcopy(model.config)
+    history = list(getattr(model.config, "prunelib_pruning", None) or [])
+    entry = {"method": method, "sparsity": sparsity, "seed": seed,
+             "options": json.loads(json.dumps(options, sort_keys=True, default=str))}
+    pruned.config.prunelib_pruning = history + [entry]
+
+
 def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 0, hw: HardwareSpec | None = None,
           batch: int = 1, length: int = 512, **options):
     """Prune ``model`` (left untouched) with a registered method; returns ``(pruned_model, report)``."""
@@ -90,6 +108,7 @@ def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 
     if m.needs_calibration and calibration is None and sparsity > 0:
         raise ValueError(f"method {method!r} needs calibration data: pass calibration=calibration_batch(tokenizer, ...)")
     pruned, removed = m.fn(model, float(sparsity), Context(calibration, seed, options))
+    _stamp(model, pruned, method, float(sparsity), seed, options)
     dense_shape, pruned_shape = costmodel.ModelShape.of(model), costmodel.ModelShape.of(pruned)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     report = Report(method, m.cell.name, float(sparsity), removed, parameter_count(model), parameter_count(pruned),

@@ -1,0 +1,98 @@
+"""The HTML report renders in a real browser, offline: headless Chromium screenshots of the
+report index (static Pareto PNGs), the executed Pareto notebook page (interactive plotly
+figure, plotly.js embedded) and a standalone plotly figure (plotly.js beside it).
+
+The Pareto notebook runs through :func:`prunelib.demo.execute` (what ``make demo`` runs) on a
+store filled with a few synthetic speedup / quality-loss rows; skipped without Chromium
+(``make setup-browser`` installs it).
+"""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from prunelib.store import ResultsStore
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make setup-browser)")]
+
+PLOTLY_COLOURS = [(0x63, 0x6E, 0xFA), (0x00, 0xCC, 0x96)]  # plotly's colours of the two methods' traces
+MPL_COLOURS = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)]  # matplotlib / seaborn's first two (tab10 blue, orange)
+
+
+def fill_store():
+    rows = []
+    points = [("shortgpt", "static_depth", 0.1, 1.10, 3.0), ("shortgpt", "static_depth", 0.25, 1.30, 12.0),
+              ("width_flap", "static_width", 0.1, 1.05, 1.5), ("width_flap", "static_width", 0.25, 1.20, 6.0)]
+    for i, (method, cell, s, speed, loss) in enumerate(points):
+        base = dict(model="smollm2-135m", cell=cell, method=method, sparsity=s, device="cpu", dtype="float32")
+        for phase in ("prefill", "decode"):
+            rows.append(dict(base, phase=phase, batch=1, length=512, metric="speedup", value=speed,
+                             ci_low=speed - 0.03, ci_high=speed + 0.03, bound=speed + 0.1, n=10,
+                             config_hash=f"speed{i}{phase}"))
+        rows.append(dict(base, phase="quality", metric="quality_loss_pct", value=loss, ci_low=loss - 1,
+                         ci_high=loss + 1, config_hash=f"loss{i}", extra={"stderr": 0.5}))
+    ResultsStore().append(rows)
+
+
+def screenshot(page, png, height=900):
+    """Headless Chromium; the virtual-time budget lets the page's scripts finish before the shot."""
+    subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--virtual-time-budget=15000", f"--screenshot={png}", f"--window-size=1200,{height}",
+                    page.as_uri()], check=True, capture_output=True, timeout=180)
+    from PIL import Image
+
+    return np.asarray(Image.open(png).convert("RGB")).astype(int)
+
+
+def pixels_near(img, rgb, tol=30) -> int:
+    return int((np.abs(img - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def assert_plot_drawn(img, colours, what):
+    assert img.reshape(-1, 3).std(axis=0).max() > 10, f"{what}: the screenshot is one flat colour"
+    for rgb in colours:
+        assert pixels_near(img, rgb) >= 30, f"{what}: no plot drawn in colour {rgb}"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from prunelib import demo
+    from prunelib import report as rep
+
+    tmp = tmp_path_factory.mktemp("browser")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
+        mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
+        mp.setenv("PLOTLY_RENDERER", "")
+        mp.delenv("PLOTLY_RENDERER")  # demo.execute chooses the renderer; restored afterwards
+        fill_store()
+        (tmp / "exec").mkdir()
+        demo.execute("pareto", tmp / "exec", {}, progress_bar=False)
+        yield rep.build(tmp / "exec", tmp / "fig", tmp / "report").parent
+    finally:
+        mp.undo()
+
+
+def test_index_shows_the_static_pareto_figures(report, tmp_path):
+    text = (report / "index.html").read_text()
+    assert 'href="pareto.html"' in text and "<img" in text
+    assert_plot_drawn(screenshot(report / "index.html", tmp_path / "index.png"), MPL_COLOURS, "report index")
+
+
+def test_pareto_page_renders_its_plotly_figure_offline(report, tmp_path):
+    page = (report / "pareto.html").read_text()
+    assert "plotly.js v" in page, "plotly.js is not embedded in the executed Pareto notebook"
+    assert not any(f'src="{u}' in page for u in ("https://cdn.plot.ly", "http://cdn.plot.ly"))
+    # the first figure starts ~750 px down the page: a taller window shows all of it
+    img = screenshot(report / "pareto.html", tmp_path / "pareto.png", height=1400)
+    assert_plot_drawn(img[700:], PLOTLY_COLOURS, "Pareto page")
+
+
+def test_standalone_plotly_figure_renders_offline(report, tmp_path):
+    figs = sorted((report / "figures").glob("pareto_prefill_*.html"))
+    assert figs and (report / "figures" / "plotly.min.js").exists()
+    assert_plot_drawn(screenshot(figs[0], tmp_path / "fig.png"), PLOTLY_COLOURS, figs[0].name)
