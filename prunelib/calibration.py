@@ -92,6 +92,41 @@ def calibration_batch(tokenizer, n: int = 128, length: int = 2048, seed: int = 0
     return CalibrationSet(ids, source, path, seed)
 
 
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer0_inputs(model, calibration: CalibrationSet, batch_size: int = 4) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) the first decoder layer receives, per calibration batch.
+
+    For methods that calibrate layer by layer (SparseGPT, SliceGPT): the forward stops at
+    layer 0, so only the embeddings run. The keywords carry the mask and rotary
+    embeddings; the cache is switched off.
+    """
+    from .adapter import ModelAdapter
+
+    layer0, dev, got = ModelAdapter(model).layers[0], next(model.parameters()).device, []
+
+    def catch(mod, args, kwargs):
+        kw = dict(kwargs)
+        x = args[0] if args else kw.pop("hidden_states")
+        kw.update(past_key_values=None, use_cache=False)
+        got.append((x.detach(), kw))
+        raise _Captured
+
+    hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in calibration.batches(batch_size):
+            try:
+                model(ids.to(dev), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return got
+
+
 def _assert_disjoint_from_evaluation() -> None:
     from .evaltasks import evaluation_files
 

@@ -27,6 +27,19 @@ def tiny_model():
     return AutoModelForCausalLM.from_config(tiny_config()).eval()
 
 
+def synthetic_calibration(n: int = 6, length: int = 16):
+    """Seeded random token windows standing in for calibration text in tiny-model tests."""
+    from prunelib.calibration import CalibrationSet
+
+    return CalibrationSet(torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(1)), "synthetic",
+                          None, 1)
+
+
+@pytest.fixture
+def cal():
+    return synthetic_calibration()
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (cached safetensors copy; made by make setup)."""

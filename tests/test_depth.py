@@ -3,19 +3,12 @@ import torch
 
 from prunelib import hardware, pruning, timing
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.models import parameter_count
 from prunelib.pruning import registry
 from prunelib.pruning.surgery import remove_sublayers
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 DEPTH = ["shortgpt", "angular", "last_n", "depth_random", "shortgpt_attn", "shortgpt_mlp"]
-
-
-@pytest.fixture
-def cal():
-    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
-    return CalibrationSet(ids, "synthetic", None, 1)
 
 
 def logits(model, ids=IDS):

@@ -8,16 +8,10 @@ from transformers.masking_utils import create_causal_mask
 from conftest import tiny_config
 from prunelib import pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.pruning import dynamic_depth as dd
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 METHODS = ["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random"]
-
-
-@pytest.fixture
-def cal():
-    return CalibrationSet(torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
 
 
 def logits(model, ids=IDS, **kw):

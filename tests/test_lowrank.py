@@ -5,17 +5,11 @@ from transformers import DynamicCache
 
 from prunelib import hardware, pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.models import parameter_count
 from prunelib.pruning import lowrank
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 LOWRANK = ["lowrank_svd", "lowrank_asvd", "lowrank_random"]
-
-
-@pytest.fixture
-def cal():
-    return CalibrationSet(torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
 
 
 def logits(model, ids=IDS):

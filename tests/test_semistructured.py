@@ -2,10 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import tiny_config
+from conftest import synthetic_calibration, tiny_config
 from prunelib import pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.pruning.semistructured import Sparse24Linear
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -15,7 +14,7 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 @pytest.fixture
 def cal():
-    return CalibrationSet(torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
+    return synthetic_calibration(8, 32)
 
 
 def logits(model, ids=IDS):

@@ -2,10 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import tiny_config
+from conftest import synthetic_calibration, tiny_config
 from prunelib import pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.models import parameter_count
 from prunelib.pruning.slicegpt import ScaleFreeRMSNorm, SlicedDecoderLayer
 
@@ -15,7 +14,7 @@ METHODS = ["slicegpt", "slicegpt_random"]
 
 @pytest.fixture
 def cal():
-    return CalibrationSet(torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
+    return synthetic_calibration(8, 32)
 
 
 def _scaled_norms(model):

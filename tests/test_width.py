@@ -3,17 +3,11 @@ import torch
 
 from prunelib import pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
 from prunelib.models import parameter_count
 from prunelib.pruning import width
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 WIDTH = ["width_magnitude", "width_wanda_sp", "width_flap", "width_random"]
-
-
-@pytest.fixture
-def cal():
-    return CalibrationSet(torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1)), "synthetic", None, 1)
 
 
 def logits(model, ids=IDS):

@@ -51,6 +51,7 @@ from torch import nn
 from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
 from ..adapter import ModelAdapter
+from ..calibration import layer0_inputs
 from .registry import register
 
 BLOCK = 128  # SparseGPT column block
@@ -144,34 +145,6 @@ def _prune_weight(criterion: str, w: torch.Tensor, stats: dict | None, gen: torc
     return new, float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 
-class _Captured(Exception):
-    pass
-
-
-def _layer0_inputs(model, calibration) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword arguments) that the first decoder layer receives, per calibration batch."""
-    a = ModelAdapter(model)
-    dev = next(model.parameters()).device
-    out = []
-
-    def grab(mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        out.append((hidden.detach(), kwargs))
-        raise _Captured
-
-    hook = a.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in calibration.batches(BATCH):
-            try:
-                model(ids.to(dev), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    return out
-
-
 def _run(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -207,7 +180,7 @@ def _walk(model, criterion: str, layers: set[int], ctx, apply: bool) -> dict[int
     a = ModelAdapter(model)
     gen = torch.Generator().manual_seed(ctx.seed)
     data = criterion in CALIBRATED
-    inputs = _layer0_inputs(model, ctx.calibration) if data else []
+    inputs = layer0_inputs(model, ctx.calibration, BATCH) if data else []
     last, losses = max(layers), {}
     for i in range(last + 1):
         layer, projs, outs = a.layers[i], _projections(a, i), None

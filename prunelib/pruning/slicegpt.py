@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..adapter import ModelAdapter
+from ..calibration import layer0_inputs
 from .registry import register
 
 
@@ -94,34 +95,6 @@ class SlicedDecoderLayer(nn.Module):
 
     def shape_overrides(self) -> dict:
         return {"shortcut": 2}
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def _layer0_inputs(model, calibration) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden_states, keyword arguments) that layer 0 receives, per calibration batch of 4."""
-    layer0, dev, got = ModelAdapter(model).layers[0], next(model.parameters()).device, []
-
-    def catch(mod, args, kwargs):
-        kw = dict(kwargs)
-        x = args[0] if args else kw.pop("hidden_states")
-        kw.update(past_key_values=None, use_cache=False)
-        got.append((x, kw))
-        raise _Stop
-
-    hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for ids in calibration.batches(4):
-            try:
-                model(ids.to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    return got
 
 
 class _Bases:
@@ -211,7 +184,7 @@ def slicegpt(model, sparsity: float, ctx, random: bool = False):
         cfg.tie_word_embeddings = False
 
     bases = _Bases(d, width, random, ctx.seed)
-    batches = None if random or ctx.calibration is None else _layer0_inputs(new, ctx.calibration)
+    batches = None if random or ctx.calibration is None else layer0_inputs(new, ctx.calibration)
     q = bases.next(None if batches is None else [x for x, _ in batches])
     emb = na.embed
     emb.weight = nn.Parameter((emb.weight.detach().double() @ q.to(emb.weight.device)).to(dtype))
