@@ -122,13 +122,13 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                                      batch_size=quality_batch_size(method), cell=report.cell, method=method,
                                      sparsity=sparsity, extra=extra)
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
-                            realised_sparsity(method, pruned))
+                            realised_sparsity(method, pruned), seed)
             del pruned
     df = store.load()
     return df[df.model == model_name].reset_index(drop=True)
 
 
-def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None):
+def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0):
     key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash))})
     if store.has(key, "quality_loss_pct"):
         return
@@ -137,6 +137,7 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
                       dtype=dtype, metric="quality_loss_pct", value=r["loss_pct"],
                       ci_low=r["loss_pct"] - 1.96 * r["stderr_pct"], ci_high=r["loss_pct"] + 1.96 * r["stderr_pct"],
                       config_hash=key, extra={"stderr": r["stderr_pct"], "preset": preset, "realised_sparsity": realised,
+                                              "seed": seed,
                                               "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
 
 
@@ -163,6 +164,22 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
+def versus_random(df: pd.DataFrame) -> pd.DataFrame:
+    """Each criterion's quality loss beside its cell's random baseline (mean and spread over the stored seeds)."""
+    loss = df[df.metric == "quality_loss_pct"].copy()
+    loss["seed"] = [e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra]
+    loss = loss.drop_duplicates(["method", "sparsity", "seed"], keep="last")
+    rand = loss[loss.method.str.endswith("_random")].groupby(["cell", "sparsity"]).value.agg(["mean", "std", "count"])
+    out = []
+    for (method, s), g in loss[~loss.method.str.endswith("_random")].groupby(["method", "sparsity"]):
+        key = (g.cell.iloc[0], s)
+        if key in rand.index:
+            r = rand.loc[key]
+            out.append({"method": method, "sparsity": s, "loss_pct": g.value.mean(), "random_loss_pct": r["mean"],
+                        "random_std": r["std"], "random_seeds": int(r["count"]), "beats_random": g.value.mean() < r["mean"]})
+    return pd.DataFrame(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="prune, time and score; results go to the store")
     p.add_argument("--model", default=EMBEDDED)
@@ -173,8 +190,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0, help="calibration windows and random baselines")
+    p.add_argument("--phases", default="prefill,decode", help="'none' scores quality only")
     a = p.parse_args(argv)
-    df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")],
+    phases = () if a.phases == "none" else tuple(a.phases.split(","))
+    df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")], phases=phases,
              batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
              reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed)
     with pd.option_context("display.width", 200, "display.max_columns", 30):

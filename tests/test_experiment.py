@@ -26,3 +26,28 @@ def test_speed_rows_stored_once(tiny_model, tmp_path):
 def test_unknown_method_fails_before_work(tmp_path):
     with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
         experiment.run(methods=["nope"], store=ResultsStore(tmp_path / "r.jsonl"))
+
+
+def test_dynamic_speed_rows_record_what_was_realised(tiny_model, tmp_path):
+    from prunelib.pruning import prune
+
+    store = ResultsStore(tmp_path / "r.jsonl")
+    pruned, _ = prune(tiny_model, "token_prune_attn", 0.5, layer=2)
+    text = experiment.timing_text(None, (1,), (32,))
+    experiment.speed_rows(store, "tiny", tiny_model, pruned, "token_prune_attn", 0.5, phases=("prefill",),
+                          lengths=(32,), reps=3, text=text)
+    r = store.load().iloc[0]
+    assert 0 < r.extra["realised_sparsity"] < 0.5  # half the tokens from layer 2 of 4 on: a quarter of the pairs
+    assert r.bound > 1  # costed from the tokens it really kept
+
+
+def test_versus_random_pairs_criteria_with_their_cell_baseline():
+    import pandas as pd
+
+    rows = [("shortgpt", "static_depth", 20.0, 0), ("depth_random", "static_depth", 30.0, 0),
+            ("depth_random", "static_depth", 50.0, 1), ("width_flap", "static_width", 10.0, 0)]
+    df = pd.DataFrame([dict(method=m, cell=c, sparsity=0.25, metric="quality_loss_pct", value=v, extra={"seed": s})
+                       for m, c, v, s in rows])
+    t = experiment.versus_random(df)
+    assert list(t.method) == ["shortgpt"]  # width has no random row: not compared
+    assert t.random_loss_pct[0] == 40.0 and t.random_seeds[0] == 2 and bool(t.beats_random[0])
