@@ -1,11 +1,12 @@
 """``make demo`` / ``make sweep``: run the notebooks through papermill into build/notebooks/.
 
 Every measurement lands in the results store, so an interrupted demo resumes where it
-stopped. ``--full`` (``make sweep``) uses full parameters. The quick preset keeps
-``make demo`` under 30 minutes on 2 CPU cores: lm-eval scoring costs about a minute per
-pruned model (the dense scores are computed once and cached in the store), so each axis
-runs its strongest criterion at two sparsities (``make sweep`` runs every method, random
-baselines included).
+stopped. ``--full`` (``make sweep``) uses full parameters. With the quick preset
+``make demo`` takes about 40 minutes on 2 CPU cores (measured from a clean store: 2414 s,
+3 to 4.5 minutes per axis notebook): lm-eval scoring costs about a minute per pruned
+model (the dense scores are computed once and cached in the store), so each axis runs its
+strongest criterion at two sparsities (``make sweep`` runs every method, random baselines
+included).
 
 Plotly figures are rendered as HTML with plotly.js embedded once per notebook (renderer
 ``notebook``; set ``PLOTLY_RENDERER`` to override), so the executed notebooks and their

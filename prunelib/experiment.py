@@ -144,10 +144,11 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
     """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss."""
     sp = df[(df.metric == "speedup") & (df.batch == batch) & (df.length == length)]
-    loss = df[df.metric == "quality_loss_pct"].drop_duplicates(["method", "sparsity"], keep="last")
+    loss = _with_seed(df[df.metric == "quality_loss_pct"]).drop_duplicates(["method", "sparsity", "seed"], keep="last")
     out = []
     for (method, s), g in sp.groupby(["method", "sparsity"]):
         row = {"method": method, "cell": g.cell.iloc[0], "sparsity": s}
+        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0)  # the loss of the timed model's seed
         for _, r in g.drop_duplicates("phase", keep="last").iterrows():
             row[f"{r.phase}_speedup"] = r.value
             row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
@@ -156,7 +157,7 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
             if r.extra.get("realised_sparsity") is not None:
                 row[f"{r.phase}_realised"] = r.extra["realised_sparsity"]
             row["params_M"] = r.extra["params"] / 1e6
-        lr = loss[(loss.method == method) & (loss.sparsity == s)]
+        lr = loss[(loss.method == method) & (loss.sparsity == s) & (loss.seed == seed)]
         if len(lr):
             row["quality_loss_pct"] = lr.value.iloc[0]
             row["loss_stderr"] = lr.extra.iloc[0]["stderr"]
@@ -164,11 +165,13 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
+def _with_seed(loss: pd.DataFrame) -> pd.DataFrame:
+    return loss.assign(seed=[e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra])
+
+
 def versus_random(df: pd.DataFrame) -> pd.DataFrame:
     """Each criterion's quality loss beside its cell's random baseline (mean and spread over the stored seeds)."""
-    loss = df[df.metric == "quality_loss_pct"].copy()
-    loss["seed"] = [e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra]
-    loss = loss.drop_duplicates(["method", "sparsity", "seed"], keep="last")
+    loss = _with_seed(df[df.metric == "quality_loss_pct"]).drop_duplicates(["method", "sparsity", "seed"], keep="last")
     rand = loss[loss.method.str.endswith("_random")].groupby(["cell", "sparsity"]).value.agg(["mean", "std", "count"])
     out = []
     for (method, s), g in loss[~loss.method.str.endswith("_random")].groupby(["method", "sparsity"]):
@@ -191,11 +194,25 @@ def main(argv=None):
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0, help="calibration windows and random baselines")
     p.add_argument("--phases", default="prefill,decode", help="'none' scores quality only")
+    p.add_argument("--round-to", type=int, default=None, help="width / low-rank: round kept sizes to 8 or 64")
+    p.add_argument("--table", action="store_true",
+                   help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
     a = p.parse_args(argv)
     phases = () if a.phases == "none" else tuple(a.phases.split(","))
+    if a.table:
+        df = ResultsStore().load()
+        df = df[df.model == a.model]
+        with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500):
+            print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
+            vr = versus_random(df)
+            if len(vr):
+                print("\ncriterion vs random (quality loss %, mean over stored seeds):")
+                print(vr.round(2).to_string(index=False))
+        return
     df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")], phases=phases,
              batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
-             reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed)
+             reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed,
+             **({"round_to": a.round_to} if a.round_to else {}))
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
 

@@ -51,3 +51,16 @@ def test_versus_random_pairs_criteria_with_their_cell_baseline():
     t = experiment.versus_random(df)
     assert list(t.method) == ["shortgpt"]  # width has no random row: not compared
     assert t.random_loss_pct[0] == 40.0 and t.random_seeds[0] == 2 and bool(t.beats_random[0])
+
+
+def test_summary_pairs_speed_with_the_loss_of_the_same_seed():
+    import pandas as pd
+
+    speed = dict(method="shortgpt", cell="static_depth", sparsity=0.25, metric="speedup", batch=1, length=512,
+                 phase="prefill", value=1.3, ci_low=1.2, ci_high=1.4, bound=1.36,
+                 extra={"params": 1e8, "calibration": {"seed": 0}})
+    losses = [dict(method="shortgpt", cell="static_depth", sparsity=0.25, metric="quality_loss_pct", value=v,
+                   batch=None, length=None, extra={"seed": s, "stderr": 1.0}) for v, s in ((20.0, 0), (35.0, 2))]
+    t = experiment.summary(pd.DataFrame([speed] + losses))
+    assert t.quality_loss_pct[0] == 20.0  # the seed-2 quality-only rerun does not replace it
+    assert abs(t.prefill_efficiency[0] - 1.3 / 1.36) < 1e-12
