@@ -38,6 +38,9 @@ def parameters(**p) -> None:
         elif name == "hardware_spec":
             if v != "cpu" and v not in hardware.KNOWN:
                 raise ValueError(f"parameter hardware_spec={v!r}: expected 'cpu' or one of {sorted(hardware.KNOWN)}")
+        elif name == "long_context_docs":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"parameter long_context_docs={v!r}: expected a whole number >= 0 (0 skips)")
         elif name in ("bands", "fine_bands"):
             if not all(isinstance(b, (list, tuple)) and len(b) == 2 and b[0] <= b[1] for b in v):
                 raise ValueError(f"parameter {name}={v!r}: expected a list of [low, high] percent pairs")

@@ -32,7 +32,7 @@ QUICK = {
     "dynamic_depth": dict(QUICK_SWEEP, methods=["dyn_depth_router"]),
     "token_pruning": dict(QUICK_SWEEP, methods=["token_prune_attn"], sparsities=[0.25, 0.5]),
     "sparse_attention": dict(QUICK_SWEEP, methods=["sparse_attn_block"], sparsities=[0.5, 0.75], lengths=[2048],
-                             reps=5),
+                             reps=5, long_context_docs=2),
     "pareto": {},
 }
 FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048)

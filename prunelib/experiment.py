@@ -128,6 +128,40 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     return df[df.model == model_name].reset_index(drop=True)
 
 
+def long_context_perplexity(model_name: str = EMBEDDED, methods=(), sparsities=(), *, docs: int = 4,
+                            max_length: int = 2048, calib_n=32, calib_len=256, seed=0, device="cpu", dtype="float32",
+                            store: ResultsStore | None = None, **options) -> pd.DataFrame:
+    """WikiText-2 word perplexity of the dense model and of each pruned one at long context.
+
+    lm-eval's document-level ``wikitext`` task on the first ``docs`` test articles, scored in
+    rolling windows of ``max_length`` tokens at batch size 1, cached in the store like any
+    quality row. The quick suite's prompts are a few hundred tokens: methods that act only on
+    long prompts (sparse attention leaves a prompt of fewer than two 64-token blocks dense)
+    show no loss there, so this is their quality measure, reported beside the quick-suite
+    loss. Returns one row per model: method, sparsity, word_perplexity, ratio to dense.
+    """
+    store = ResultsStore() if store is None else store
+    for m in methods:
+        get(m)
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed)
+
+    def ppl(m, method, sparsity, cell):
+        df = quality.evaluate(m, tok, ["wikitext"], limit=docs, batch_size=1, max_length=max_length, store=store,
+                              model_name=model_name, method=method, sparsity=sparsity, cell=cell)
+        return float(df[df.metric == "wikitext/word_perplexity"].value.iloc[-1])
+
+    out = [{"method": "dense", "sparsity": 0.0, "word_perplexity": ppl(model, "dense", 0.0, "dense")}]
+    for method in methods:
+        for sparsity in tqdm(sparsities, desc=f"{method} (long context)"):
+            pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
+            out.append({"method": method, "sparsity": sparsity,
+                        "word_perplexity": ppl(pruned, method, sparsity, report.cell)})
+            del pruned
+    out = pd.DataFrame(out)
+    return out.assign(ratio_to_dense=out.word_perplexity / out.word_perplexity.iloc[0])
+
+
 def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0):
     key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash))})
     if store.has(key, "quality_loss_pct"):

@@ -1,6 +1,7 @@
 import pytest
 
 from prunelib import experiment
+from prunelib.config import data_dir
 from prunelib.store import ResultsStore
 
 
@@ -64,3 +65,20 @@ def test_summary_pairs_speed_with_the_loss_of_the_same_seed():
     t = experiment.summary(pd.DataFrame([speed] + losses))
     assert t.quality_loss_pct[0] == 20.0  # the seed-2 quality-only rerun does not replace it
     assert abs(t.prefill_efficiency[0] - 1.3 / 1.36) < 1e-12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
+def test_long_context_perplexity_scores_dense_and_pruned_and_caches(tmp_path):
+    from prunelib.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "r.jsonl")
+    kw = dict(docs=1, max_length=256, store=store)
+    t = experiment.long_context_perplexity(methods=["sparse_attn_block"], sparsities=[0.0, 0.75], **kw)
+    assert list(t.method) == ["dense", "sparse_attn_block", "sparse_attn_block"]
+    assert t.word_perplexity[0] > 1 and t.ratio_to_dense[0] == 1
+    assert t.word_perplexity[1] == pytest.approx(t.word_perplexity[0], rel=1e-4)  # sparsity 0 is the dense model
+    assert t.word_perplexity[2] != t.word_perplexity[0]  # 4 blocks of 64 per window: the sparse path ran
+    n = len(store)
+    again = experiment.long_context_perplexity(methods=["sparse_attn_block"], sparsities=[0.75], **kw)
+    assert len(store) == n and again.word_perplexity[1] == t.word_perplexity[2]  # read back, not re-scored

@@ -23,6 +23,7 @@ def test_notebooks_are_committed_clean_with_a_parameters_cell():
     (dict(batches=[1, "2"]), r"batches=\[1, '2'\]"),
     (dict(sparsities=[1.5]), "sparsities"),
     (dict(quality_preset="medium"), "quality_preset='medium'"),
+    (dict(long_context_docs=-1), "long_context_docs=-1"),
 ])
 def test_bad_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -94,7 +95,7 @@ AXES = {
     "token_pruning": (["token_prune_attn", "token_prune_random"], 0.5, {},
                       ["token_pruning_speedup.png", "token_pruning_realised.png"]),
     # 8 blocks of 64 tokens: enough for the sink + diagonal floor to stay below the target density
-    "sparse_attention": (["sparse_attn_block", "sparse_attn_random"], 0.5, dict(lengths=[512]),
+    "sparse_attention": (["sparse_attn_block", "sparse_attn_random"], 0.5, dict(lengths=[512], long_context_docs=0),
                          ["sparse_attention_speedup.png", "sparse_attention_realised.png"]),
 }
 
