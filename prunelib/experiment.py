@@ -233,22 +233,20 @@ def main(argv=None):
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
     a = p.parse_args(argv)
     phases = () if a.phases == "none" else tuple(a.phases.split(","))
-    if a.table:
+    if a.table:  # measure nothing
         df = ResultsStore().load()
         df = df[df.model == a.model]
-        with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500):
-            print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
-            vr = versus_random(df)
-            if len(vr):
-                print("\ncriterion vs random (quality loss %, mean over stored seeds):")
-                print(vr.round(2).to_string(index=False))
-        return
-    df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")], phases=phases,
-             batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
-             reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed,
-             **({"round_to": a.round_to} if a.round_to else {}))
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
+    else:
+        df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")], phases=phases,
+                 batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
+                 reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed,
+                 **({"round_to": a.round_to} if a.round_to else {}))
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500):
         print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
+        vr = versus_random(df)
+        if len(vr):
+            print("\ncriterion vs random (quality loss %, mean over stored seeds):")
+            print(vr.round(2).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,19 @@ def test_long_context_perplexity_scores_dense_and_pruned_and_caches(tmp_path):
     n = len(store)
     again = experiment.long_context_perplexity(methods=["sparse_attn_block"], sparsities=[0.75], **kw)
     assert len(store) == n and again.word_perplexity[1] == t.word_perplexity[2]  # read back, not re-scored
+
+
+def test_table_prints_the_store_without_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRUNELIB_RESULTS", str(tmp_path))
+    monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("--table measured something"))
+    base = dict(model="smollm2-135m", cell="static_depth", sparsity=0.25, device="cpu", dtype="float32")
+    ResultsStore().append([
+        dict(base, method="shortgpt", metric="speedup", phase="prefill", batch=1, length=512, value=1.3, ci_low=1.2,
+             ci_high=1.4, bound=1.36, config_hash="a", extra={"params": 1.06e8, "calibration": {"seed": 0}}),
+        dict(base, method="shortgpt", metric="quality_loss_pct", phase="quality", value=22.0, config_hash="b",
+             extra={"seed": 0, "stderr": 8.0}),
+        dict(base, method="depth_random", metric="quality_loss_pct", phase="quality", value=48.0, config_hash="c",
+             extra={"seed": 0, "stderr": 7.0})])
+    experiment.main(["--table"])
+    out = capsys.readouterr().out
+    assert "shortgpt" in out and "1.3" in out and "22.0" in out and "criterion vs random" in out
