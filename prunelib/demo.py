@@ -2,8 +2,9 @@
 
 Every measurement lands in the results store, so an interrupted demo resumes where it
 stopped. ``--full`` (``make sweep``) uses full parameters. With the quick preset
-``make demo`` takes about 40 minutes on 2 CPU cores (measured from a clean store: 2414 s,
-3 to 4.5 minutes per axis notebook): lm-eval scoring costs about a minute per pruned
+``make demo`` takes about 41 minutes on 2 CPU cores (measured from a clean store: 2414 s,
+3 to 6.5 minutes per axis notebook, before the sparse-attention notebook gained its
+long-context perplexity cell, about a minute more): lm-eval scoring costs about a minute per pruned
 model (the dense scores are computed once and cached in the store), so each axis runs its
 strongest criterion at two sparsities (``make sweep`` runs every method, random baselines
 included).
