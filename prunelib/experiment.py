@@ -178,7 +178,7 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
     """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss."""
     sp = df[(df.metric == "speedup") & (df.batch == batch) & (df.length == length)]
-    loss = _with_seed(df[df.metric == "quality_loss_pct"]).drop_duplicates(["method", "sparsity", "seed"], keep="last")
+    loss = _losses(df)
     out = []
     for (method, s), g in sp.groupby(["method", "sparsity"]):
         row = {"method": method, "cell": g.cell.iloc[0], "sparsity": s}
@@ -199,13 +199,16 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-def _with_seed(loss: pd.DataFrame) -> pd.DataFrame:
-    return loss.assign(seed=[e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra])
+def _losses(df: pd.DataFrame) -> pd.DataFrame:
+    """The quality-loss rows with their seed as a column, the latest per (method, sparsity, seed)."""
+    loss = df[df.metric == "quality_loss_pct"]
+    loss = loss.assign(seed=[e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra])
+    return loss.drop_duplicates(["method", "sparsity", "seed"], keep="last")
 
 
 def versus_random(df: pd.DataFrame) -> pd.DataFrame:
     """Each criterion's quality loss beside its cell's random baseline (mean and spread over the stored seeds)."""
-    loss = _with_seed(df[df.metric == "quality_loss_pct"]).drop_duplicates(["method", "sparsity", "seed"], keep="last")
+    loss = _losses(df)
     rand = loss[loss.method.str.endswith("_random")].groupby(["cell", "sparsity"]).value.agg(["mean", "std", "count"])
     out = []
     for (method, s), g in loss[~loss.method.str.endswith("_random")].groupby(["method", "sparsity"]):

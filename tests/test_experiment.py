@@ -70,8 +70,6 @@ def test_summary_pairs_speed_with_the_loss_of_the_same_seed():
 @pytest.mark.slow
 @pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
 def test_long_context_perplexity_scores_dense_and_pruned_and_caches(tmp_path):
-    from prunelib.store import ResultsStore
-
     store = ResultsStore(tmp_path / "r.jsonl")
     kw = dict(docs=1, max_length=256, store=store)
     t = experiment.long_context_perplexity(methods=["sparse_attn_block"], sparsities=[0.0, 0.75], **kw)
