@@ -14,6 +14,7 @@ WikiText-2 word perplexity is reported beside it, not averaged into it.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ CHOSEN_METRIC = {
     "piqa": "acc", "winogrande": "acc", "openbookqa": "acc_norm", "lambada_openai": "acc", "blimp": "acc",
 }
 PERPLEXITY_TASK, PERPLEXITY_METRIC = "wikitext", "word_perplexity"
+#: BLiMP paradigms scored per lm-eval call: the unit an interrupted run keeps (one call each costs
+#: seconds of lm-eval set-up, 67 of them minutes)
+BLIMP_CHUNK = 10
 
 
 @dataclass(frozen=True)
@@ -91,34 +95,66 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
                             "seed": seed, "offline": offline, "batch_size": batch_size, "max_length": max_length,
                             "lm_eval": lm_eval.__version__})
 
-    todo = [t for t in tasks if not store.has(key(t))]
-    if todo:
+    # BLiMP (134k requests) runs in chunks of paradigms, each stored as it finishes, so an interrupted run
+    # keeps what it did; its group row is then aggregated from the stored paradigms with lm-eval's own functions
+    wanted = {key(t) for t in tasks} | ({key(t) for t in evaltasks.BLIMP_TASKS} if "blimp" in tasks else set())
+    runs = [[t] for t in tasks if t != "blimp" and not store.has(key(t))]
+    if "blimp" in tasks and not store.has(key("blimp")):
+        leaves = [t for t in evaltasks.BLIMP_TASKS if t not in tasks and not store.has(key(t))]
+        runs += [leaves[i:i + BLIMP_CHUNK] for i in range(0, len(leaves), BLIMP_CHUNK)]
+    if runs:
         from tqdm.auto import tqdm
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
-        for task in tqdm(todo, desc="lm-eval tasks", leave=False):  # one task at a time: each lands in the store
-            tm = evaltasks.task_manager([task], offline=offline, data_dir=data_dir)
+        for chunk in tqdm(runs, desc="lm-eval tasks", leave=False):  # each chunk lands in the store when done
+            tm = evaltasks.task_manager(chunk, offline=offline, data_dir=data_dir)
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, num_fewshot=0, limit=limit,
+            out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0, limit=limit,
                                           bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
                                           torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
-            seconds = time.perf_counter() - t0
+            seconds = (time.perf_counter() - t0) / len(chunk)  # a chunk's time, shared by its tasks
             rows = []
-            for name, n, metrics in _task_results(out, task):
-                for metric, (value, stderr) in metrics.items():
-                    half = 1.96 * stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
-                    rows.append(dict(
-                        model=model_name or getattr(model.config, "name_or_path", ""), cell=cell, method=method,
-                        sparsity=sparsity, phase="quality", device=device, dtype=dtype, metric=f"{name}/{metric}",
-                        value=value, ci_low=None if half is None else value - half,
-                        ci_high=None if half is None else value + half, n=n, config_hash=key(task),
-                        extra=dict(extra or {}, task=name, requested=task, score=metric, stderr=stderr, limit=limit,
-                                   fingerprint=fp, offline=offline, seed=seed, num_fewshot=0, batch_size=batch_size,
-                                   max_length=max_length, seconds=seconds, lm_eval=lm_eval.__version__)))
+            for task in chunk:
+                for name, n, metrics in _task_results(out, task):
+                    for metric, (value, stderr) in metrics.items():
+                        half = 1.96 * stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+                        rows.append(dict(
+                            model=model_name or getattr(model.config, "name_or_path", ""), cell=cell, method=method,
+                            sparsity=sparsity, phase="quality", device=device, dtype=dtype, metric=f"{name}/{metric}",
+                            value=value, ci_low=None if half is None else value - half,
+                            ci_high=None if half is None else value + half, n=n, config_hash=key(task),
+                            extra=dict(extra or {}, task=name, requested=task, score=metric, stderr=stderr,
+                                       limit=limit, fingerprint=fp, offline=offline, seed=seed, num_fewshot=0,
+                                       batch_size=batch_size, max_length=max_length, seconds=seconds,
+                                       scored_with=chunk, lm_eval=lm_eval.__version__)))
             store.append(rows)
     df = store.load()
-    wanted = {key(t) for t in tasks}
+    if "blimp" in tasks and not store.has(key("blimp")):
+        store.append([_blimp_group_row(df[df.config_hash.isin({key(t) for t in evaltasks.BLIMP_TASKS})], key("blimp"))])
+        df = store.load()
     return df[df.config_hash.isin(wanted)].reset_index(drop=True)
+
+
+def _blimp_group_row(leaves: pd.DataFrame, config_hash: str) -> dict:
+    """The ``blimp/acc`` row from its 67 stored paradigms, as lm-eval's group (unweighted mean) computes it."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics, unweighted_mean_stderr
+
+    acc = leaves[leaves.metric.str.endswith("/acc")].drop_duplicates("metric", keep="last")
+    acc = acc.set_index(acc.metric.str.split("/").str[0]).reindex(list(evaltasks.BLIMP_TASKS))
+    if acc.value.isna().any():
+        raise RuntimeError(f"BLiMP paradigms missing from the store: {list(acc.index[acc.value.isna()])}")
+    values, sizes = acc.value.tolist(), [int(n) for n in acc.n]
+    stderrs = [e["stderr"] for e in acc.extra]
+    value = aggregate_subtask_metrics(values, sizes, False)  # _blimp.yaml: weight_by_size false
+    stderr = unweighted_mean_stderr(stderrs) if None not in stderrs else None
+    first = acc.iloc[0]
+    half = None if stderr is None else 1.96 * stderr
+    extra = dict(first.extra, task="blimp", requested="blimp", stderr=stderr,
+                 seconds=float(sum(e["seconds"] for e in acc.extra)), paradigms=len(values))
+    return dict(model=first.model, cell=first.cell, method=first.method, sparsity=first.sparsity, phase="quality",
+                device=first.device, dtype=first.dtype, metric="blimp/acc", value=value,
+                ci_low=None if half is None else value - half, ci_high=None if half is None else value + half,
+                n=sum(sizes), config_hash=config_hash, extra=extra)
 
 
 def _task_results(out: dict, task: str):
@@ -180,3 +216,41 @@ def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None) -> dict:
         "ppl_dense": float(d.loc[ppl, "value"]) if ppl in d.index else None,
         "ppl_pruned": float(p.loc[ppl, "value"]) if ppl in p.index else None,
     }
+
+
+def scores(df: pd.DataFrame, tasks=None) -> pd.DataFrame:
+    """One line per task and metric of :func:`evaluate`'s rows (BLiMP as its group only): value, stderr, n, seconds."""
+    t = df.assign(task=df.metric.str.split("/").str[0], score=df.metric.str.split("/").str[1])
+    t = t.drop_duplicates("metric", keep="last")
+    t = t[t.task.isin(tasks)] if tasks else t
+    return pd.DataFrame({"task": t.task, "metric": t.score, "value": t.value,
+                         "stderr": [e.get("stderr") for e in t.extra], "n": t.n,
+                         "seconds": [e.get("seconds") for e in t.extra]}).reset_index(drop=True)
+
+
+def main(argv=None):
+    from .models import EMBEDDED, load_model
+
+    p = argparse.ArgumentParser(description="score a model with lm-eval on the offline suite (resumable: "
+                                            "finished tasks are read from the store)")
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--tasks", default=None, help="comma-separated, instead of the preset's tasks")
+    p.add_argument("--limit", type=lambda x: int(x) if float(x).is_integer() else float(x), default=None,
+                   help="documents per task, or a fraction < 1 (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args(argv)
+    tasks = a.tasks.split(",") if a.tasks else list(PRESETS[a.preset].tasks)
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
+    df = evaluate(model, tok, tasks, preset=a.preset, limit=a.limit, batch_size=a.batch_size, model_name=a.model)
+    table = scores(df, tasks)
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(table.round(4).to_string(index=False))
+    per_task = table.drop_duplicates("task")
+    print(f"scoring time (sum over tasks, as stored): {per_task.seconds.sum():.0f} s = {per_task.seconds.sum() / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

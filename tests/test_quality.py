@@ -67,6 +67,52 @@ def test_tokenizer_without_pad_token(tiny_lm, tmp_path):
         quality.evaluate(model, tok, ["piqa"], limit=2, store=ResultsStore(tmp_path / "r.jsonl"))
 
 
+@pytest.mark.slow
+def test_blimp_scored_by_paradigm_resumes_and_equals_lm_eval_group(tiny_lm, tmp_path, monkeypatch):
+    """BLiMP runs in chunks of paradigms (an interrupted run keeps them); its group row equals lm-eval's own group."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from prunelib import evaltasks
+
+    model, tok = tiny_lm
+    store = ResultsStore(tmp_path / "r.jsonl")
+    quality.evaluate(model, tok, ["blimp_passive_1"], limit=2, store=store)  # as if a run stopped after one paradigm
+    real, calls = lm_eval.simple_evaluate, []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k["tasks"]) or real(*a, **k))
+    df = quality.evaluate(model, tok, ["blimp"], limit=2, store=store)
+    scored = [t for c in calls for t in c]
+    assert sorted(scored) == sorted(set(evaltasks.BLIMP_TASKS) - {"blimp_passive_1"})
+    assert len(calls) == -(-66 // quality.BLIMP_CHUNK)
+    assert len(df) == 68 and df.metric.str.endswith("/acc").all()  # 67 paradigms and the group
+
+    ref = real(model=HFLM(pretrained=model, tokenizer=tok), tasks=["blimp"],
+               task_manager=evaltasks.task_manager(["blimp"]), limit=2)["results"]
+    got = dict(zip(df.metric, df.value))
+    for name in evaltasks.BLIMP_TASKS:
+        assert got[f"{name}/acc"] == ref[name]["acc,none"], name
+    group = df[df.metric == "blimp/acc"].iloc[0]
+    assert group.value == pytest.approx(ref["blimp"]["acc,none"], rel=1e-12) and group.n == 67 * 2
+    assert group.extra["stderr"] == pytest.approx(ref["blimp"]["acc_stderr,none"], rel=1e-12)
+    calls.clear()
+    assert quality.evaluate(model, tok, ["blimp"], limit=2, store=store).value.tolist() == df.value.tolist()
+    assert calls == []  # all cached
+
+
+def test_cli_scores_and_prints_table_with_time(tiny_lm, monkeypatch, capsys):
+    import prunelib.models
+
+    monkeypatch.setattr(prunelib.models, "load_model", lambda *a, **k: tiny_lm)
+    quality.main(["--tasks", "piqa,arc_easy", "--limit", "3"])
+    out = capsys.readouterr().out
+    stored = quality.scores(ResultsStore().load())
+    assert set(stored.task) == {"piqa", "arc_easy"} and (stored.n == 3).all() and len(stored) == 4
+    for line in stored.itertuples():
+        assert f"{line.task}" in out and f"{line.value:.4f}".rstrip("0") in out
+    assert "scoring time (sum over tasks, as stored)" in out
+    with pytest.raises(SystemExit):
+        quality.main(["--preset", "medium"])
+
+
 def test_quality_loss_definition():
     def rows(values, stderr):
         return pd.DataFrame({"metric": [f"{t}/{m}" for t, m in values], "value": list(values.values()),
