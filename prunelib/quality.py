@@ -228,6 +228,14 @@ def scores(df: pd.DataFrame, tasks=None) -> pd.DataFrame:
                          "seconds": [e.get("seconds") for e in t.extra]}).reset_index(drop=True)
 
 
+def _limit_arg(text: str):
+    """``--limit``: a whole number of documents stays an int (it is part of the cache key), else a fraction."""
+    return int(text) if float(text).is_integer() else float(text)
+
+
+_limit_arg.__name__ = "limit"  # argparse: "invalid limit value: 'x'"
+
+
 def main(argv=None):
     from .models import EMBEDDED, load_model
 
@@ -236,13 +244,18 @@ def main(argv=None):
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--tasks", default=None, help="comma-separated, instead of the preset's tasks")
-    p.add_argument("--limit", type=lambda x: int(x) if float(x).is_integer() else float(x), default=None,
+    p.add_argument("--limit", type=_limit_arg, default=None,
                    help="documents per task, or a fraction < 1 (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     tasks = a.tasks.split(",") if a.tasks else list(PRESETS[a.preset].tasks)
+    try:  # bad names or limits fail here, before the model loads
+        _check_limit(a.limit)
+        evaltasks._expand(tasks)
+    except ValueError as err:
+        p.error(str(err))
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     df = evaluate(model, tok, tasks, preset=a.preset, limit=a.limit, batch_size=a.batch_size, model_name=a.model)
     table = scores(df, tasks)

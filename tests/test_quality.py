@@ -109,8 +109,10 @@ def test_cli_scores_and_prints_table_with_time(tiny_lm, monkeypatch, capsys):
     for line in stored.itertuples():
         assert f"{line.task}" in out and f"{line.value:.4f}".rstrip("0") in out
     assert "scoring time (sum over tasks, as stored)" in out
-    with pytest.raises(SystemExit):
-        quality.main(["--preset", "medium"])
+    for bad in (["--preset", "medium"], ["--limit", "0"], ["--limit", "x"], ["--tasks", "piqa,arc_hard"]):
+        with pytest.raises(SystemExit):
+            quality.main(bad)
+    assert "arc_hard" in capsys.readouterr().err
 
 
 def test_quality_loss_definition():
