@@ -176,13 +176,20 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
 
 
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
-    """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss."""
+    """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss.
+
+    A (method, sparsity) scored for quality only (``--phases none``) gets a line too, with its loss alone.
+    """
     sp = df[(df.metric == "speedup") & (df.batch == batch) & (df.length == length)]
     loss = _losses(df)
     out = []
-    for (method, s), g in sp.groupby(["method", "sparsity"]):
-        row = {"method": method, "cell": g.cell.iloc[0], "sparsity": s}
-        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0)  # the loss of the timed model's seed
+    for method, s in sorted(set(zip(sp.method, sp.sparsity)) | set(zip(loss.method, loss.sparsity))):
+        g = sp[(sp.method == method) & (sp.sparsity == s)]
+        timed = len(g) > 0
+        row = {"method": method, "cell": (g if timed else loss[loss.method == method]).cell.iloc[0], "sparsity": s}
+        # the loss of the timed model's seed; quality only: the first stored seed
+        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0) if timed else \
+            loss[(loss.method == method) & (loss.sparsity == s)].seed.min()
         for _, r in g.drop_duplicates("phase", keep="last").iterrows():
             row[f"{r.phase}_speedup"] = r.value
             row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"

@@ -67,6 +67,16 @@ def test_summary_pairs_speed_with_the_loss_of_the_same_seed():
     assert abs(t.prefill_efficiency[0] - 1.3 / 1.36) < 1e-12
 
 
+def test_summary_lists_quality_only_runs_with_their_loss():
+    import pandas as pd
+
+    loss = dict(method="last_n", cell="static_depth", sparsity=0.25, metric="quality_loss_pct", value=50.0,
+                batch=None, length=None, extra={"seed": 0, "stderr": 6.0})
+    t = experiment.summary(pd.DataFrame([loss]))
+    assert list(t.method) == ["last_n"] and t.quality_loss_pct[0] == 50.0 and t.loss_stderr[0] == 6.0
+    assert "prefill_speedup" not in t  # nothing was timed: no speed column is made up
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
 def test_long_context_perplexity_scores_dense_and_pruned_and_caches(tmp_path):
