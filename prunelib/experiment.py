@@ -185,11 +185,10 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     out = []
     for method, s in sorted(set(zip(sp.method, sp.sparsity)) | set(zip(loss.method, loss.sparsity))):
         g = sp[(sp.method == method) & (sp.sparsity == s)]
-        timed = len(g) > 0
-        row = {"method": method, "cell": (g if timed else loss[loss.method == method]).cell.iloc[0], "sparsity": s}
+        ls = loss[(loss.method == method) & (loss.sparsity == s)]
+        row = {"method": method, "cell": (g if len(g) else ls).cell.iloc[0], "sparsity": s}
         # the loss of the timed model's seed; quality only: the first stored seed
-        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0) if timed else \
-            loss[(loss.method == method) & (loss.sparsity == s)].seed.min()
+        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0) if len(g) else ls.seed.min()
         for _, r in g.drop_duplicates("phase", keep="last").iterrows():
             row[f"{r.phase}_speedup"] = r.value
             row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
@@ -198,7 +197,7 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
             if r.extra.get("realised_sparsity") is not None:
                 row[f"{r.phase}_realised"] = r.extra["realised_sparsity"]
             row["params_M"] = r.extra["params"] / 1e6
-        lr = loss[(loss.method == method) & (loss.sparsity == s) & (loss.seed == seed)]
+        lr = ls[ls.seed == seed]
         if len(lr):
             row["quality_loss_pct"] = lr.value.iloc[0]
             row["loss_stderr"] = lr.extra.iloc[0]["stderr"]
