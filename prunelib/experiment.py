@@ -176,53 +176,78 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
 
 
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
-    """One line per (method, sparsity): speedups with CI, bound, efficiency, parameters, quality loss.
+    """One line per pruned model (method, sparsity, seed, options): speedups with CI, bound, efficiency,
+    parameters, quality loss with its CI.
 
-    A (method, sparsity) scored for quality only (``--phases none``) gets a line too, with its loss alone.
+    Speed meets quality through :func:`prunelib.pareto.join`, the join the Pareto figures use, so
+    a loss is shown only beside the timings of the model it scored. A model scored for quality only
+    (``--phases none``, or another seed) gets a line of its own, with its loss alone.
     """
-    sp = df[(df.metric == "speedup") & (df.batch == batch) & (df.length == length)]
-    loss = _losses(df)
+    from . import pareto
+
+    timed = (df.metric != "speedup") | ((df.batch == batch) & (df.length == length))
+    j = pareto.join(df[timed], how="outer")
     out = []
-    for method, s in sorted(set(zip(sp.method, sp.sparsity)) | set(zip(loss.method, loss.sparsity))):
-        g = sp[(sp.method == method) & (sp.sparsity == s)]
-        ls = loss[(loss.method == method) & (loss.sparsity == s)]
-        row = {"method": method, "cell": (g if len(g) else ls).cell.iloc[0], "sparsity": s}
-        # the loss of the timed model's seed; quality only: the first stored seed
-        seed = (g.extra.iloc[-1].get("calibration") or {}).get("seed", 0) if len(g) else ls.seed.min()
-        for _, r in g.drop_duplicates("phase", keep="last").iterrows():
-            row[f"{r.phase}_speedup"] = r.value
+    for (_, method, s, seed, options), g in j.groupby(pareto.KEY, sort=True, dropna=False):
+        row = {"method": method, "cell": g.cell.iloc[0], "sparsity": s, "what": g.label.iloc[0], "seed": seed}
+        if options != "{}":
+            row["options"] = options
+        for r in g[g.phase.notna()].itertuples():
+            row[f"{r.phase}_speedup"] = r.speedup
             row[f"{r.phase}_ci"] = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
             row[f"{r.phase}_bound"] = r.bound
-            row[f"{r.phase}_efficiency"] = r.value / r.bound
+            row[f"{r.phase}_efficiency"] = r.speedup / r.bound
             if r.extra.get("realised_sparsity") is not None:
                 row[f"{r.phase}_realised"] = r.extra["realised_sparsity"]
+            if r.extra.get("mem_peak_bytes") is not None:
+                row[f"{r.phase}_mem_MB"] = r.extra["mem_peak_bytes"] / 1e6
             row["params_M"] = r.extra["params"] / 1e6
-        lr = ls[ls.seed == seed]
-        if len(lr):
-            row["quality_loss_pct"] = lr.value.iloc[0]
-            row["loss_stderr"] = lr.extra.iloc[0]["stderr"]
+        q = g.iloc[0]
+        if pd.notna(q.loss):
+            row.update(quality_loss_pct=q.loss, loss_low=q.loss_low, loss_high=q.loss_high,
+                       loss_stderr=q.loss_stderr, loss_ci_method=q.ci_method)
         out.append(row)
     return pd.DataFrame(out)
 
 
+# What a criterion removes when it is finer than its cell's unit. A row's unit is this, else the
+# variant / sublayer its options name, else the cell's whole unit: versus_random compares like with like.
+_UNIT = {"shortgpt_attn": "attention", "shortgpt_mlp": "mlp", "dyn_depth_router_mlp": "mlp"}
+
+
+def _unit(method: str, options: str) -> str:
+    import json
+
+    opts = json.loads(options)
+    unit = _UNIT.get(method) or opts.get("variant") or opts.get("sublayer") or "layer"
+    return "whole" if unit == "layer" else str(unit)
+
+
 def _losses(df: pd.DataFrame) -> pd.DataFrame:
-    """The quality-loss rows with their seed as a column, the latest per (method, sparsity, seed)."""
-    loss = df[df.metric == "quality_loss_pct"]
-    loss = loss.assign(seed=[e.get("seed", 0) if isinstance(e, dict) else 0 for e in loss.extra])
-    return loss.drop_duplicates(["method", "sparsity", "seed"], keep="last")
+    """The quality-loss rows keyed like :func:`prunelib.pareto.join` (seed and options as columns),
+    the latest per key, with the unit each one removed."""
+    from . import pareto
+
+    loss = pareto.quality(df, "loss")
+    return loss.assign(unit=[_unit(m, o) for m, o in zip(loss.method, loss.options)])
 
 
 def versus_random(df: pd.DataFrame) -> pd.DataFrame:
-    """Each criterion's quality loss beside its cell's random baseline (mean and spread over the stored seeds)."""
+    """Each criterion's quality loss beside the random baseline of its own unit (same cell, same
+    sublayer or router variant), mean and spread over the stored seeds. A criterion with no
+    random rows of its unit (e.g. sublayer criteria, until random sublayers are scored) is left out."""
     loss = _losses(df)
-    rand = loss[loss.method.str.endswith("_random")].groupby(["cell", "sparsity"]).value.agg(["mean", "std", "count"])
+    is_random = loss.method.str.endswith("_random")
+    by = ["cell", "unit", "sparsity"]
+    rand = loss[is_random].groupby(by).value.agg(["mean", "std", "count"])
     out = []
-    for (method, s), g in loss[~loss.method.str.endswith("_random")].groupby(["method", "sparsity"]):
-        key = (g.cell.iloc[0], s)
+    for (method, unit, s), g in loss[~is_random].groupby(["method", "unit", "sparsity"]):
+        key = (g.cell.iloc[0], unit, s)
         if key in rand.index:
             r = rand.loc[key]
-            out.append({"method": method, "sparsity": s, "loss_pct": g.value.mean(), "random_loss_pct": r["mean"],
-                        "random_std": r["std"], "random_seeds": int(r["count"]), "beats_random": g.value.mean() < r["mean"]})
+            out.append({"method": method, "unit": unit, "sparsity": s, "loss_pct": g.value.mean(),
+                        "seeds": len(g), "random_loss_pct": r["mean"], "random_std": r["std"],
+                        "random_seeds": int(r["count"]), "beats_random": g.value.mean() < r["mean"]})
     return pd.DataFrame(out)
 
 

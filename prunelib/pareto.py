@@ -1,45 +1,132 @@
 """The acceleration-quality frontier, read from the results store (never re-measured).
 
-A point is one (model, method, sparsity) at one phase/batch/length/device: its measured
-speedup (with CI), roofline bound, and quality loss (with CI). Point q beats point p when
-q loses no more quality and is *significantly* faster: q's speedup CI lies wholly above
-p's. A point whose CI overlaps a faster one is therefore not beaten: the frontier keeps
-every point that no other point beats.
+A point is one pruned model, keyed by (model, method, sparsity, seed, options), at one
+phase/batch/length/device/timing mode: its measured speedup with its 95% CI, its roofline
+bound, and its quality cost with its 95% CI on the x-axis. The x-axis is either the
+quick-suite accuracy loss in percent (``x="loss"``, the paper's bands) or a fidelity
+measure on held-out text of one domain (``x="kl"``: mean per-token KL divergence from the
+dense model; ``x="dnll"``: the change of the mean NLL).
+
+:func:`join` is the one speed-to-quality join: a speed row meets the quality row of the
+same key, so a rerun at another seed (``--seed 1``) or with other options never lends its
+loss to a model it did not score. ``experiment.summary`` and :func:`points` both use it.
+
+Point q *beats* point p when q is no worse than p on both axes (speedup and quality
+cost, point estimates) and *significantly* better on at least one: its speedup CI lies
+wholly above p's, or its quality-cost CI lies wholly below p's. A point that only looks
+better (overlapping CIs on both axes) beats nothing, so ties stay on the frontier; the
+frontier keeps every point that no other point beats.
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+
+from .store import COLUMNS as STORE_COLUMNS
+from .taxonomy import sparsity_label
 
 PAPER_BANDS = ((0, 4), (5, 16), (17, 26))
 FINE_BANDS = ((0, 2), (2, 5), (5, 10), (10, 16), (16, 26), (26, 50))
+KEY = ["model", "method", "sparsity", "seed", "options"]
+SHAPE = ["phase", "batch", "length", "device", "timing_mode"]
+X_METRICS = {"loss": "quality_loss_pct", "kl": "fidelity_kl", "dnll": "fidelity_dnll"}
+X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the chosen accuracies vs dense",
+            "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",
+            "fidelity_dnll": "NLL increase over dense, nats per token, held-out {domain} text"}
+COLUMNS = KEY + ["cell", "label", *SHAPE, "speedup", "ci_low", "ci_high", "bound", "loss", "loss_low", "loss_high",
+                 "loss_stderr", "ci_method", "x_metric"]
 
 
-def points(df: pd.DataFrame) -> pd.DataFrame:
-    """Speedup rows joined to the quality loss of the same (model, method, sparsity); dense adds (0, 1)."""
-    if df.empty:
-        return pd.DataFrame(columns=["model", "method", "cell", "sparsity", "phase", "batch", "length", "device",
-                                     "speedup", "ci_low", "ci_high", "bound", "loss", "loss_low", "loss_high"])
-    sp = df[df.metric == "speedup"].drop_duplicates(
-        ["model", "method", "sparsity", "phase", "batch", "length", "device"], keep="last")
-    loss = df[df.metric == "quality_loss_pct"].drop_duplicates(["model", "method", "sparsity"], keep="last")
-    loss = loss[["model", "method", "sparsity", "value", "ci_low", "ci_high"]].rename(
-        columns={"value": "loss", "ci_low": "loss_low", "ci_high": "loss_high"})
-    pts = sp.rename(columns={"value": "speedup"}).merge(loss, on=["model", "method", "sparsity"], how="inner")
-    pts = pts.astype({"batch": int, "length": int})  # stored beside quality rows, which have none: NaN made them floats
-    cols = ["model", "method", "cell", "sparsity", "phase", "batch", "length", "device", "speedup", "ci_low",
-            "ci_high", "bound", "loss", "loss_low", "loss_high"]
-    return pts[cols].reset_index(drop=True)
+def x_label(pts: pd.DataFrame) -> str:
+    """The x-axis title of a frame from :func:`points`."""
+    metric = pts.x_metric.iloc[0] if len(pts) else "quality_loss_pct"
+    return X_LABELS[metric].format(domain=pts.attrs.get("domain", ""))
+
+
+def _options(extra) -> str:
+    return json.dumps((extra or {}).get("options") or {}, sort_keys=True, default=str)
+
+
+def _keyed(rows: pd.DataFrame, seed_of) -> pd.DataFrame:
+    """``rows`` with the key columns made explicit: seed (read by ``seed_of(extra)``) and options (canonical JSON)."""
+    rows = rows.copy()
+    extras = [e if isinstance(e, dict) else {} for e in rows.get("extra", pd.Series([{}] * len(rows), index=rows.index))]
+    rows["seed"] = [int(seed_of(e)) for e in extras]
+    rows["options"] = [_options(e) for e in extras]
+    rows["extra"] = extras
+    for col in STORE_COLUMNS:  # frames built by hand may leave some out
+        if col not in rows:
+            rows[col] = None
+    rows["model"] = rows.model.fillna("")
+    return rows
+
+
+def speed(df: pd.DataFrame) -> pd.DataFrame:
+    """The speedup rows, the latest per key and shape, with seed (of the calibration), options and timing mode."""
+    sp = _keyed(df[df.metric == "speedup"], lambda e: (e.get("calibration") or {}).get("seed", 0))
+    sp["timing_mode"] = [e.get("timing_mode", "eager") for e in sp.extra]
+    sp = sp.drop_duplicates(KEY + SHAPE, keep="last")
+    return sp.astype({"batch": int, "length": int}) if len(sp) else sp
+
+
+def quality(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFrame:
+    """The quality-axis rows (``x``: loss, kl or dnll; fidelity on ``domain``), the latest per key."""
+    if x not in X_METRICS:
+        raise ValueError(f"x={x!r} is not a quality axis; allowed: {sorted(X_METRICS)}")
+    q = df[df.metric == X_METRICS[x]]
+    if x != "loss":
+        q = q[[isinstance(e, dict) and e.get("domain") == domain for e in q.extra]]
+    q = _keyed(q, lambda e: e.get("seed", 0)).drop_duplicates(KEY, keep="last")
+    q["loss_stderr"] = [e.get("stderr") for e in q.extra]
+    q["ci_method"] = [e.get("ci_method", "unpaired" if x == "loss" else "paired_bootstrap") for e in q.extra]
+    return q
+
+
+def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inner") -> pd.DataFrame:
+    """Every speedup row beside the quality row of the same (model, method, sparsity, seed, options).
+
+    ``how="outer"`` also keeps the speed rows no quality row matches and the quality rows
+    of models that were never timed (their speed columns are NaN). The quality axis comes
+    as ``loss``, ``loss_low``/``loss_high`` (its 95% CI), ``loss_stderr`` (unpaired se, where
+    stored) and ``ci_method``, whatever ``x`` is; ``x_metric`` names the stored metric.
+    """
+    empty = pd.DataFrame(columns=COLUMNS)
+    if df.empty or "metric" not in df:
+        return empty
+    sp = speed(df).rename(columns={"value": "speedup"})
+    q = quality(df, x, domain).rename(columns={"value": "loss", "ci_low": "loss_low", "ci_high": "loss_high"})
+    q = q[KEY + ["cell", "loss", "loss_low", "loss_high", "loss_stderr", "ci_method"]]
+    out = sp.drop(columns=[c for c in ("loss_stderr", "ci_method") if c in sp]).merge(
+        q, on=KEY, how=how, suffixes=("", "_quality"))
+    if out.empty:
+        return empty
+    out["cell"] = out.cell.fillna(out.pop("cell_quality"))
+    out["x_metric"] = X_METRICS[x]
+    out["label"] = [sparsity_label(c, s) for c, s in zip(out.cell, out.sparsity)]
+    for col in COLUMNS:
+        if col not in out:
+            out[col] = None
+    return out
+
+
+def points(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFrame:
+    """The timed models that have a quality measure: one row per key and shape (see :func:`join`)."""
+    pts = join(df, x, domain)[COLUMNS].reset_index(drop=True)
+    pts.attrs["domain"] = domain if x != "loss" else ""
+    return pts
 
 
 def beats(q, p) -> bool:
-    """q loses no more quality than p and its speedup CI lies wholly above p's."""
-    return q["loss"] <= p["loss"] and q["ci_low"] > p["ci_high"]
+    """q is no worse than p on both axes and significantly better on one (its CI separates from p's)."""
+    no_worse = q["speedup"] >= p["speedup"] and q["loss"] <= p["loss"]
+    return bool(no_worse and (q["ci_low"] > p["ci_high"] or q["loss_high"] < p["loss_low"]))
 
 
 def frontier(pts: pd.DataFrame) -> pd.DataFrame:
-    """The points that no other point (of the same phase, batch, length, device) beats, by loss."""
+    """The points that no other point (of the same phase, batch, length, device, timing mode) beats, by loss."""
     keep = []
-    for _, group in pts.groupby(["phase", "batch", "length", "device"]):
+    for _, group in pts.groupby([c for c in SHAPE if c in pts], dropna=False):
         rows = group.to_dict("records")
         for idx, p in zip(group.index, rows):
             if not any(beats(q, p) for q in rows if q is not p):
@@ -47,18 +134,29 @@ def frontier(pts: pd.DataFrame) -> pd.DataFrame:
     return pts.loc[keep].sort_values(["phase", "batch", "length", "loss"])
 
 
+def _name(r) -> str:
+    return f"{r.method} s={r.sparsity:g}"
+
+
 def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
-    """Per phase/batch/length and quality-loss band [lo, hi] (percent): the fastest method measured there."""
+    """Per shape and quality band [lo, hi] (point estimates): the fastest point and every point tied with it.
+
+    A point is tied with the band's fastest when their speedup CIs overlap: the data cannot
+    tell them apart, so the row names them all (``winners``) and says ``tie``.
+    """
     out = []
-    for key, group in pts.groupby(["phase", "batch", "length"]):
+    shape = [c for c in SHAPE if c in pts]
+    for key, group in pts.groupby(shape, dropna=False):
         for lo, hi in bands:
-            inband = group[(group.loss >= lo) & (group.loss <= hi)]
-            row = dict(zip(["phase", "batch", "length"], key), band=f"{lo}-{hi}%")
-            if len(inband):
-                best = inband.loc[inband.speedup.idxmax()]
-                row.update(method=best.method, cell=best.cell, sparsity=best.sparsity, speedup=best.speedup,
-                           ci=f"[{best.ci_low:.2f}, {best.ci_high:.2f}]", loss=best.loss)
-            else:
-                row.update(method="(none measured)")
-            out.append(row)
+            inband = group[(group.loss >= lo) & (group.loss <= hi)].sort_values("speedup", ascending=False)
+            row = dict(zip(shape, key), band=f"{lo}-{hi}%")
+            if not len(inband):
+                out.append(dict(row, winners="(none measured)", tie=False))
+                continue
+            best = inband.iloc[0]
+            tied = inband[inband.ci_high >= best.ci_low]
+            out.append(dict(row, winners=", ".join(_name(r) for r in tied.itertuples()), tie=len(tied) > 1,
+                            fastest=_name(best), cell=best.get("cell"), label=best.get("label"), speedup=best.speedup,
+                            ci=f"[{best.ci_low:.2f}, {best.ci_high:.2f}]", loss=best.loss,
+                            loss_ci=f"[{best.loss_low:.1f}, {best.loss_high:.1f}]"))
     return pd.DataFrame(out)

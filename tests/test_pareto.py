@@ -1,58 +1,116 @@
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunelib import pareto
+from prunelib import experiment, pareto
 
 
 def pts(rows):
-    base = dict(model="m", cell="c", phase="prefill", batch=1, length=512, device="cpu", bound=2.0,
-                loss_low=0, loss_high=0)
-    return pd.DataFrame([base | r for r in rows])
+    """Points as pareto.points gives them; ``half`` is the loss CI's half-width (default 0.5)."""
+    base = dict(model="m", cell="c", phase="prefill", batch=1, length=512, device="cpu", timing_mode="eager", bound=2.0)
+    out = []
+    for r in rows:
+        r = dict(r)
+        half = r.pop("half", 0.5)
+        out.append(base | dict(loss_low=r["loss"] - half, loss_high=r["loss"] + half) | r)
+    return pd.DataFrame(out)
 
 
-def test_frontier_respects_uncertainty():
+def test_frontier_respects_both_uncertainties():
     df = pts([
         dict(method="a", sparsity=0.1, speedup=1.2, ci_low=1.1, ci_high=1.3, loss=2.0),
         dict(method="b", sparsity=0.1, speedup=1.25, ci_low=1.2, ci_high=1.35, loss=1.0),  # overlaps a: a survives
-        dict(method="c", sparsity=0.1, speedup=1.0, ci_low=0.95, ci_high=1.05, loss=3.0),  # beaten by b
+        dict(method="c", sparsity=0.1, speedup=1.0, ci_low=0.95, ci_high=1.05, loss=3.0),  # b is faster: beaten
+        dict(method="d", sparsity=0.3, speedup=1.4, ci_low=1.3, ci_high=1.5, loss=20.0, half=2),
+        dict(method="e", sparsity=0.3, speedup=1.45, ci_low=1.3, ci_high=1.6, loss=10.0, half=2),  # less loss: beats d
+        dict(method="f", sparsity=0.3, speedup=1.9, ci_low=1.8, ci_high=2.0, loss=12.0, half=10),  # faster, not d-worse
     ])
-    assert set(pareto.frontier(df).method) == {"a", "b"}
+    assert set(pareto.frontier(df).method) == {"a", "b", "e", "f"}
+    rec = df.set_index("method").to_dict("index")
+    assert pareto.beats(rec["e"], rec["d"])  # same speed (overlapping CIs), significantly less loss
+    assert not pareto.beats(rec["f"], rec["e"])  # much faster but more loss (point estimate): never a beat
+    assert not pareto.beats(rec["b"], rec["a"]) and pareto.beats(rec["b"], rec["c"])
 
 
-def test_best_per_band():
+def test_best_per_band_names_every_tied_method():
     df = pts([
         dict(method="a", sparsity=0.1, speedup=1.2, ci_low=1.1, ci_high=1.3, loss=2.0),
+        dict(method="a2", sparsity=0.1, speedup=1.25, ci_low=1.15, ci_high=1.35, loss=3.0),  # CI overlaps a: tie
+        dict(method="a3", sparsity=0.1, speedup=1.0, ci_low=0.9, ci_high=1.05, loss=1.0),  # clearly slower
         dict(method="b", sparsity=0.2, speedup=1.5, ci_low=1.4, ci_high=1.6, loss=10.0),
     ])
     t = pareto.best_per_band(df)
-    assert t.method.tolist() == ["a", "b", "(none measured)"]
+    assert t.winners.tolist() == ["a2 s=0.1, a s=0.1", "b s=0.2", "(none measured)"]
+    assert t.tie.tolist() == [True, False, False]
+    assert t.fastest[0] == "a2 s=0.1" and t.ci[0] == "[1.15, 1.35]"
 
 
-def test_points_join_speed_and_loss():
-    rows = pd.DataFrame([
-        dict(model="m", method="x", cell="c", sparsity=0.1, phase="decode", batch=1, length=8, device="cpu",
-             metric="speedup", value=1.1, ci_low=1.0, ci_high=1.2, bound=1.3),
-        dict(model="m", method="x", cell="c", sparsity=0.1, phase="quality", batch=None, length=None, device="cpu",
-             metric="quality_loss_pct", value=4.0, ci_low=2.0, ci_high=6.0, bound=None),
-    ])
-    p = pareto.points(rows)
-    assert len(p) == 1 and p.loc[0, "loss"] == 4.0 and p.loc[0, "speedup"] == 1.1
+def rows_for(method="x", seed=0, options=None, loss=4.0, **speed):
+    extra = {"calibration": {"seed": seed}, "options": options or {}, "params": 1e8}
+    base = dict(model="m", method=method, cell="static_depth", sparsity=0.25, device="cpu")
+    return [
+        base | dict(phase="prefill", batch=1, length=512, metric="speedup", value=1.3, ci_low=1.2, ci_high=1.4,
+                    bound=1.36, extra=extra) | speed,
+        base | dict(phase="quality", metric="quality_loss_pct", value=loss, ci_low=loss - 3, ci_high=loss + 3,
+                    extra={"seed": seed, "options": options or {}, "stderr": 1.5, "ci_method": "paired_bootstrap"}),
+    ]
+
+
+def test_points_join_speed_and_loss_of_the_same_seed_and_options():
+    df = pd.DataFrame(rows_for(loss=20.0)
+                      + rows_for(seed=1, loss=35.0)[1:]  # a quality-only rerun at seed 1 lands later
+                      + rows_for(options={"round_to": 64}, loss=50.0)[:1])  # timed with other options, never scored
+    p = pareto.points(df)
+    assert len(p) == 1 and p.loc[0, "loss"] == 20.0 and p.loc[0, "seed"] == 0 and p.loc[0, "speedup"] == 1.3
+    assert (p.loc[0, "loss_low"], p.loc[0, "loss_high"]) == (17.0, 23.0) and p.loc[0, "ci_method"] == "paired_bootstrap"
+    assert p.loc[0, "label"] == "s=0.25: 25% of decoder layers"
     assert pareto.points(pd.DataFrame()).empty
+
+
+def test_summary_and_points_agree_after_a_seed_rerun():
+    df = pd.DataFrame(rows_for(loss=20.0) + rows_for(seed=1, loss=35.0, value=1.1, ci_low=1.0, ci_high=1.2))
+    p = pareto.points(df).set_index("seed")
+    t = experiment.summary(df).set_index("seed")
+    for seed in (0, 1):
+        assert t.loc[seed, "quality_loss_pct"] == p.loc[seed, "loss"]
+        assert t.loc[seed, "prefill_speedup"] == p.loc[seed, "speedup"]
+    assert t.loc[1, "quality_loss_pct"] == 35.0 and t.loc[1, "prefill_speedup"] == 1.1
+
+
+def test_fidelity_on_the_x_axis_picks_its_domain():
+    speed, _ = rows_for()
+    fid = [dict(model="m", method="x", cell="static_depth", sparsity=0.25, phase="quality", metric=metric, value=v,
+                ci_low=v - 0.01, ci_high=v + 0.01, extra={"seed": 0, "options": {}, "domain": dom})
+           for metric, dom, v in (("fidelity_kl", "ptb", 0.3), ("fidelity_kl", "wikitext2", 0.2),
+                                  ("fidelity_dnll", "ptb", 0.25))]
+    df = pd.DataFrame([speed] + fid)
+    assert pareto.points(df, x="kl").loss.tolist() == [0.3]
+    assert pareto.points(df, x="kl", domain="wikitext2").loss.tolist() == [0.2]
+    dnll = pareto.points(df, x="dnll")
+    assert dnll.loss.tolist() == [0.25] and "ptb" in pareto.x_label(dnll)
+    assert pareto.points(df, x="loss").empty  # no accuracy loss stored
+    with pytest.raises(ValueError, match=r"x='ppl' is not a quality axis; allowed: \['dnll', 'kl', 'loss'\]"):
+        pareto.points(df, x="ppl")
 
 
 point = st.fixed_dictionaries(dict(
     method=st.sampled_from("abcdef"), sparsity=st.floats(0, 0.9), speedup=st.floats(0.5, 3),
-    half=st.floats(0, 0.3), loss=st.floats(0, 60)))
+    spread=st.floats(0, 0.3), loss=st.floats(0, 60), half=st.floats(0, 15)))
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(point, min_size=1, max_size=12))
 def test_frontier_properties(raw):
-    df = pts([dict(r, ci_low=r["speedup"] - r["half"], ci_high=r["speedup"] + r["half"]) for r in raw])
+    df = pts([dict(r, ci_low=r["speedup"] - r["spread"], ci_high=r["speedup"] + r["spread"]) for r in raw])
     f = pareto.frontier(df)
-    assert len(f) >= 1  # the least-loss, fastest point is never beaten
-    for _, p in df.drop(f.index).iterrows():  # every dropped point is beaten by someone
-        assert any(pareto.beats(q, p) for _, q in df.iterrows())
-    for _, p in f.iterrows():  # no kept point is beaten
-        assert not any(pareto.beats(q, p) for _, q in df.iterrows())
+    assert len(f) >= 1  # beating is a strict dominance: some point is never beaten
+    recs = df.to_dict("records")
+    for idx in df.index.difference(f.index):  # every dropped point is beaten by someone
+        assert any(pareto.beats(q, recs[idx]) for q in recs)
+    for idx in f.index:  # no kept point is beaten, and no beat goes against a point estimate
+        assert not any(pareto.beats(q, recs[idx]) for q in recs)
+    for q in recs:
+        for p in recs:
+            if pareto.beats(q, p):
+                assert q["speedup"] >= p["speedup"] and q["loss"] <= p["loss"]
