@@ -6,11 +6,16 @@ the stock Hub tasks with ``offline=False``. Every metric becomes a row of the re
 store (``phase="quality"``, ``metric="<task>/<metric>"``, stderr and n in the row), keyed
 by the model's fingerprint, task, limit, seed and batch size: asking again reads the store.
 
+Each score also keeps its per-document outcomes (lm-eval's ``log_samples``) in a sidecar
+of the store (:mod:`prunelib.samples`), written before the score rows.
+
 Quality loss (:func:`quality_loss`) = the mean over the preset's tasks of the relative
 drop of each task's chosen accuracy (:data:`CHOSEN_METRIC`) against the dense model, in
-percent; its standard error comes from the per-task stderrs by the delta method, treating
-the two models' errors as independent (conservative: both see the same items).
-WikiText-2 word perplexity is reported beside it, not averaged into it.
+percent. Its 95% CI comes from a paired bootstrap over documents (both models answer the
+same documents, so most of their noise cancels); the independent-error standard error
+(delta method on the per-task stderrs) is kept beside it, and is all a score without
+per-document outcomes gets (labelled ``unpaired``). WikiText-2 word perplexity is
+reported beside the loss, not averaged into it.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from . import evaltasks
+from . import evaltasks, samples
 from .models import fingerprint
 from .store import ResultsStore, config_hash
 
@@ -34,6 +40,8 @@ PERPLEXITY_TASK, PERPLEXITY_METRIC = "wikitext", "word_perplexity"
 #: BLiMP paradigms scored per lm-eval call: the unit an interrupted run keeps (one call each costs
 #: seconds of lm-eval set-up, 67 of them minutes)
 BLIMP_CHUNK = 10
+#: resamples of the paired bootstrap of a quality loss (percentile CI; its Monte-Carlo error is ~0.3 points here)
+BOOTSTRAP_ITERS = 2000
 
 
 @dataclass(frozen=True)
@@ -90,10 +98,14 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     device = str(next(model.parameters()).device)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
+    code = code_version(model)
+    sidecars = samples.folder(store.path)
+
     def key(task):
-        return config_hash({"kind": "quality", "fingerprint": fp, "task": task, "limit": limit, "num_fewshot": 0,
-                            "seed": seed, "offline": offline, "batch_size": batch_size, "max_length": max_length,
-                            "lm_eval": lm_eval.__version__})
+        defining = {"kind": "quality", "fingerprint": fp, "task": task, "limit": limit, "num_fewshot": 0,
+                    "seed": seed, "offline": offline, "batch_size": batch_size, "max_length": max_length,
+                    "lm_eval": lm_eval.__version__}
+        return config_hash(defining if code is None else {**defining, "code": code})
 
     # BLiMP (134k requests) runs in chunks of paradigms, each stored as it finishes, so an interrupted run
     # keeps what it did; its group row is then aggregated from the stored paradigms with lm-eval's own functions
@@ -111,11 +123,13 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
             t0 = time.perf_counter()
             out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0, limit=limit,
                                           bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-                                          torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+                                          torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True)
             seconds = (time.perf_counter() - t0) / len(chunk)  # a chunk's time, shared by its tasks
             rows = []
             for task in chunk:
                 for name, n, metrics in _task_results(out, task):
+                    if name in out.get("samples", {}):  # the sidecar lands before its score rows
+                        samples.write(sidecars, key(name), samples.compact(name, out["samples"][name]))
                     for metric, (value, stderr) in metrics.items():
                         half = 1.96 * stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
                         rows.append(dict(
@@ -126,13 +140,42 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
                             extra=dict(extra or {}, task=name, requested=task, score=metric, stderr=stderr,
                                        limit=limit, fingerprint=fp, offline=offline, seed=seed, num_fewshot=0,
                                        batch_size=batch_size, max_length=max_length, seconds=seconds,
-                                       scored_with=chunk, lm_eval=lm_eval.__version__)))
+                                       scored_with=chunk, lm_eval=lm_eval.__version__, code=code)))
             store.append(rows)
     df = store.load()
     if "blimp" in tasks and not store.has(key("blimp")):
+        parts = [samples.read(sidecars, key(t)) for t in evaltasks.BLIMP_TASKS]
+        if None not in parts:  # the group's documents: its paradigms' (equal sizes, so the unweighted mean pools)
+            samples.write(sidecars, key("blimp"), samples.pooled("blimp", parts))
         store.append([_blimp_group_row(df[df.config_hash.isin({key(t) for t in evaltasks.BLIMP_TASKS})], key("blimp"))])
         df = store.load()
     return df[df.config_hash.isin(wanted)].reset_index(drop=True)
+
+
+def code_version(model) -> str | None:
+    """A hash of the source that decides a dynamic method's forward, or None for a static (or dense) model.
+
+    A model's fingerprint hashes its config and weights. A static method's effect is all in
+    them, but a dynamic method (routing, token pruning, sparse attention) acts in code, and its
+    fingerprint does not change when that code does; so its cached scores are keyed by this
+    too: the source files of its method module and of the serving wrapper (where present).
+    """
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from .pruning import get
+
+    entries = getattr(model.config, "prunelib_pruning", None) or []
+    modules = sorted({get(e["method"]).fn.__module__ for e in entries if not get(e["method"]).cell.static})
+    if not modules:
+        return None
+    files = [Path(sys.modules[m].__file__) for m in modules] + [Path(__file__).with_name("servinglm.py")]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _blimp_group_row(leaves: pd.DataFrame, config_hash: str) -> dict:
@@ -182,40 +225,119 @@ def _num(v):
         return None  # lm-eval writes "N/A" where it has no stderr
 
 
-def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None) -> dict:
-    """Mean relative drop (%) of the chosen accuracies, with its stderr, and the perplexities.
+def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store: ResultsStore | None = None,
+                 iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> dict:
+    """Mean relative drop (%) of the chosen accuracies, with its paired 95% CI, its unpaired stderr, the perplexities.
 
     ``dense``/``pruned`` are rows from :func:`evaluate` (or the store) for the two models.
+    The CI comes from a paired bootstrap over documents (:func:`paired_bootstrap`) on the
+    per-document outcomes kept beside ``store`` (:mod:`prunelib.samples`); where a task of
+    either model has none, the result is the unpaired one, labelled ``ci_method="unpaired"``:
+    ±1.96 stderr, the stderr from the per-task stderrs by the delta method treating the two
+    models' errors as independent. A pair scored on different documents or limits is refused.
     """
     def table(df):
         t = df.assign(task=df.metric.str.split("/").str[0], score=df.metric.str.split("/").str[1])
         t["stderr"] = [e.get("stderr") if isinstance(e, dict) else None for e in t.extra]
+        t["limit"] = [e.get("limit") if isinstance(e, dict) else None for e in t.extra]
         return t.drop_duplicates(["task", "score"], keep="last").set_index(["task", "score"])
 
     d, p = table(dense), table(pruned)
     tasks = tasks or [t for t in CHOSEN_METRIC if (t, CHOSEN_METRIC[t]) in d.index and (t, CHOSEN_METRIC[t]) in p.index]
     if not tasks:
         raise ValueError("no accuracy task is scored for both models; evaluate them on the same tasks first")
-    per_task, var = [], 0.0
+    folder = samples.folder((store or ResultsStore()).path)
+    per_task, var, pairs, missing = [], 0.0, {}, []
     for t in tasks:
         k = (t, CHOSEN_METRIC[t])
+        if not _same(d.loc[k, "limit"], p.loc[k, "limit"]):
+            raise ValueError(f"dense and pruned were scored on different limits for {t!r}: "
+                             f"{d.loc[k, 'limit']} against {p.loc[k, 'limit']}; score them alike first")
         dv, pv = d.loc[k, "value"], p.loc[k, "value"]
         ds, ps = d.loc[k, "stderr"] or 0.0, p.loc[k, "stderr"] or 0.0
         drop = 100 * (dv - pv) / dv
         se = 100 * math.sqrt(ps**2 + (ds * pv / dv) ** 2) / dv
         per_task.append({"task": t, "metric": CHOSEN_METRIC[t], "dense": dv, "pruned": pv, "loss_pct": drop, "stderr_pct": se})
         var += se**2
+        hashes = [d.loc[k].get("config_hash"), p.loc[k].get("config_hash")]
+        sd, sp = [samples.read(folder, h) if isinstance(h, str) else None for h in hashes]
+        if sd is None or sp is None:
+            missing.append(t)
+        else:
+            pairs[t] = _aligned(t, sd, sp)
     per = pd.DataFrame(per_task)
+    loss, stderr = float(per.loss_pct.mean()), math.sqrt(var) / len(tasks)
+    if missing:
+        ci, method, boot = (loss - 1.96 * stderr, loss + 1.96 * stderr), "unpaired", None
+    else:
+        boot = paired_bootstrap(pairs, iters=iters, seed=seed)
+        ci, method = boot["ci"], "paired_bootstrap"
+        per["ci_low"] = [boot["per_task"][t][0] for t in per.task]
+        per["ci_high"] = [boot["per_task"][t][1] for t in per.task]
     ppl = (PERPLEXITY_TASK, PERPLEXITY_METRIC)
     return {
-        "loss_pct": float(per.loss_pct.mean()),
-        "stderr_pct": math.sqrt(var) / len(tasks),
+        "loss_pct": loss,
+        "stderr_pct": stderr,
+        "ci_low": ci[0], "ci_high": ci[1], "ci_method": method,
+        "unpaired_tasks": missing,  # tasks without per-document outcomes for one of the models
+        "bootstrap": None if boot is None else {"iters": iters, "seed": seed, "undefined": boot["undefined"]},
         "dense_score": float(per.dense.mean()),
         "pruned_score": float(per.pruned.mean()),
         "per_task": per,
         "ppl_dense": float(d.loc[ppl, "value"]) if ppl in d.index else None,
         "ppl_pruned": float(p.loc[ppl, "value"]) if ppl in p.index else None,
     }
+
+
+def _same(a, b) -> bool:
+    missing = [x is None or (isinstance(x, float) and math.isnan(x)) for x in (a, b)]
+    return all(missing) or (not any(missing) and a == b)
+
+
+def _aligned(task: str, sd: dict, sp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen metric's per-document outcomes of both models, refusing different documents."""
+    if sd["doc_ids"] != sp["doc_ids"] or sd["doc_hashes"] != sp["doc_hashes"]:
+        ids_d, ids_p = set(zip(sd["doc_ids"], sd["doc_hashes"])), set(zip(sp["doc_ids"], sp["doc_hashes"]))
+        raise ValueError(f"dense and pruned were scored on different documents for {task!r}: "
+                         f"{len(sd['doc_ids'])} against {len(sp['doc_ids'])} documents, "
+                         f"{len(ids_d - ids_p)} only in dense and {len(ids_p - ids_d)} only in pruned")
+    metric = CHOSEN_METRIC[task]
+    return np.asarray(sd["outcomes"][metric], float), np.asarray(sp["outcomes"][metric], float)
+
+
+def paired_bootstrap(pairs: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile CI of the relative drop (%) under a paired bootstrap over documents.
+
+    ``pairs`` maps task -> (dense outcomes, pruned outcomes), aligned by document. Each
+    iteration draws, for each task in the given order and independently, ``n_task``
+    document indices with replacement (``numpy.random.default_rng(seed).integers``, one
+    ``[iters, n]`` draw per task), the *same* indices for both models; the task's drop is
+    100 (mean dense - mean pruned) / mean dense on them, the overall drop the mean over
+    tasks. A resample whose dense mean is 0 has no relative drop (NaN, counted in
+    ``undefined``) and is left out of the percentiles.
+    """
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    rng = np.random.default_rng(seed)
+    drops = {}
+    for task, (dn, pr) in pairs.items():
+        dn, pr = np.asarray(dn, float), np.asarray(pr, float)
+        if dn.shape != pr.shape or dn.ndim != 1 or not len(dn):
+            raise ValueError(f"task {task!r}: dense and pruned need the same non-empty list of documents, "
+                             f"got shapes {dn.shape} and {pr.shape}")
+        idx = rng.integers(0, len(dn), size=(iters, len(dn)))
+        dm, pm = dn[idx].mean(1), pr[idx].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drops[task] = np.where(dm > 0, 100 * (dm - pm) / np.where(dm > 0, dm, 1), np.nan)
+    overall = np.mean(np.stack(list(drops.values())), axis=0)
+    q = [50 * (1 - level), 50 * (1 + level)]
+
+    def ci(x):
+        lo, hi = np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan, np.nan)
+        return float(lo), float(hi)
+
+    return {"ci": ci(overall), "per_task": {t: ci(x) for t, x in drops.items()},
+            "undefined": int(np.isnan(overall).sum())}
 
 
 def scores(df: pd.DataFrame, tasks=None) -> pd.DataFrame:

@@ -160,3 +160,80 @@ def test_stored_scores_equal_lm_eval_cli(embedded, tmp_path):
             assert stored[f"{task}/{metric}"] == value, (task, metric)  # digit for digit
             checked += 1
     assert checked >= 7  # wikitext: 3 perplexity metrics; arc_easy and piqa: acc and acc_norm
+
+
+def test_sidecar_written_with_scores_and_self_pair_ci_is_zero(tiny_lm, tmp_path):
+    """Each score keeps its per-document outcomes; a model against itself has a paired CI of exactly [0, 0]."""
+    from prunelib import samples
+
+    model, tok = tiny_lm
+    store = ResultsStore(tmp_path / "r.jsonl")
+    df = quality.evaluate(model, tok, ["arc_easy", "piqa"], limit=6, store=store)
+    for task in ("arc_easy", "piqa"):
+        row = df[df.metric == f"{task}/{quality.CHOSEN_METRIC[task]}"].iloc[0]
+        side = samples.read(tmp_path / "samples", row.config_hash)
+        assert side["doc_ids"] == list(range(6))
+        assert sum(side["outcomes"][quality.CHOSEN_METRIC[task]]) / 6 == pytest.approx(row.value)
+    r = quality.quality_loss(df, df, store=store)
+    assert r["ci_method"] == "paired_bootstrap" and r["unpaired_tasks"] == []
+    assert (r["loss_pct"], r["ci_low"], r["ci_high"]) == (0.0, 0.0, 0.0)
+    assert r["stderr_pct"] > 0  # the independent-error se does not know the pair is the same model
+
+
+def test_unpaired_when_outcomes_missing_and_refusals(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    store = ResultsStore(tmp_path / "r.jsonl")
+    a = quality.evaluate(model, tok, ["arc_easy"], limit=6, store=store)
+    b = quality.evaluate(model, tok, ["arc_easy"], limit=5, store=store)
+    with pytest.raises(ValueError, match=r"different limits for 'arc_easy': 6 against 5"):
+        quality.quality_loss(a, b, store=store)
+    # same limit, other documents (a sidecar edited as if scored on another file)
+    from prunelib import samples
+
+    folder = tmp_path / "samples"
+    side = samples.read(folder, b.config_hash.iloc[0])
+    samples.write(folder, b.config_hash.iloc[0], dict(side, doc_hashes=["00000000"] + side["doc_hashes"][1:]))
+    b6 = b.assign(extra=[dict(e, limit=6) for e in b.extra])
+    with pytest.raises(ValueError, match="different documents for 'arc_easy': 6 against 5 documents"):
+        quality.quality_loss(a, b6, store=store)
+    (folder / f"{a.config_hash.iloc[0]}.json").unlink()
+    r = quality.quality_loss(a, a, store=store)  # no per-document outcomes: the unpaired figure, labelled
+    assert r["ci_method"] == "unpaired" and r["unpaired_tasks"] == ["arc_easy"] and r["bootstrap"] is None
+    assert r["ci_high"] == pytest.approx(1.96 * r["stderr_pct"]) and r["ci_high"] > 0
+
+
+def test_paired_bootstrap_by_hand():
+    """Two documents: a resample holds {d0,d0}, {d0,d1} or {d1,d1} (probabilities 1/4, 1/2, 1/4)."""
+    dense, pruned = [1.0, 1.0], [1.0, 0.0]  # drops 0%, 50%, 100%: the 2.5/97.5 percentiles are 0 and 100
+    r = quality.paired_bootstrap({"t": (dense, pruned)}, iters=2000, seed=3)
+    assert r["ci"] == (0.0, 100.0) and r["per_task"]["t"] == (0.0, 100.0) and r["undefined"] == 0
+    # dense right on only one document: a resample of {d1,d1} has no relative drop and is left out
+    r = quality.paired_bootstrap({"t": ([1.0, 0.0], [0.0, 0.0])}, iters=2000, seed=3)
+    assert r["ci"] == (100.0, 100.0) and 400 < r["undefined"] < 600
+
+
+def test_paired_bootstrap_equals_a_plain_loop():
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    pairs = {t: (g.integers(0, 2, n).astype(float), g.integers(0, 2, n).astype(float)) for t, n in
+             (("a", 7), ("b", 11), ("c", 5))}
+    pairs["c"][0][:] = 1.0  # keep every dense mean positive
+    iters, seed = 300, 42
+    got = quality.paired_bootstrap(pairs, iters=iters, seed=seed)
+    rng = np.random.default_rng(seed)
+    draws = {t: rng.integers(0, len(d), size=(iters, len(d))) for t, (d, _) in pairs.items()}
+    overall = []
+    for i in range(iters):
+        drops = []
+        for t, (d, p) in pairs.items():
+            j = draws[t][i]
+            if d[j].mean() == 0:
+                drops.append(np.nan)
+            else:
+                drops.append(100 * (d[j].mean() - p[j].mean()) / d[j].mean())
+        overall.append(sum(drops) / len(drops))
+    lo, hi = np.nanpercentile(overall, [2.5, 97.5])
+    assert got["ci"] == pytest.approx((lo, hi), abs=1e-9)
+    with pytest.raises(ValueError, match="iters must be a positive integer, got 0"):
+        quality.paired_bootstrap(pairs, iters=0)
