@@ -19,7 +19,7 @@ Methods (how the r kept directions are chosen):
 
 - ``lowrank_svd``: truncated SVD of W, the top r singular triplets (Eckart-Young: the
   best rank-r approximation of the weight in Frobenius norm).
-- ``lowrank_asvd``: SVD-LLM's truncation-aware data whitening (Wang et al., "SVD-LLM:
+- ``lowrank_svdllm``: SVD-LLM's truncation-aware data whitening (Wang et al., "SVD-LLM:
   Truncation-aware Singular Value Decomposition for Large Language Model Compression",
   2024). With X the calibration inputs of that Linear (forward pre-hooks on the dense
   model, X^T X accumulated in float64 over ``ctx.calibration.batches(4)``),
@@ -167,7 +167,7 @@ def lowrank_prune(model, sparsity: float, ctx, criterion: str):
     if sparsity == 0:
         return new, {"ranks": {}}
     a = ModelAdapter(new)
-    grams = input_grams(model, ctx.calibration) if criterion == "asvd" else {}
+    grams = input_grams(model, ctx.calibration) if criterion == "svdllm" else {}
     gen = torch.Generator().manual_seed(ctx.seed)
     ranks = {}
     for i in range(len(a.layers)):
@@ -180,16 +180,20 @@ def lowrank_prune(model, sparsity: float, ctx, criterion: str):
                 keep = None
                 if criterion == "random":
                     keep = torch.randperm(min(lin.in_features, lin.out_features), generator=gen)[:r].sort().values
-                s = whitening_factor(grams[(i, name)]) if criterion == "asvd" else None
+                s = whitening_factor(grams[(i, name)]) if criterion == "svdllm" else None
                 setattr(owner, name, factorize(lin, r, s, keep))
                 ranks.setdefault(i, {})[name] = r
     return new, {"ranks": ranks}
 
 
-for _name, _doc, _cal in (
-    ("svd", "top-r singular triplets of W (truncated SVD)", False),
-    ("asvd", "top-r singular triplets of W S, S = Cholesky(X^T X) on calibration inputs (SVD-LLM whitening)", True),
-    ("random", "r singular triplets of W drawn at random, seeded (random baseline)", False),
-):
-    register(f"lowrank_{_name}", "static_k_lowrank", _doc, needs_calibration=_cal, max_sparsity=_max_lowrank)(
-        lambda model, sparsity, ctx, _c=_name: lowrank_prune(model, sparsity, ctx, _c))
+def _registered(criterion: str):
+    return lambda model, sparsity, ctx: lowrank_prune(model, sparsity, ctx, criterion)
+
+
+register("lowrank_svd", "static_k_lowrank", "top-r singular triplets of W (truncated SVD)",
+         needs_calibration=False, max_sparsity=_max_lowrank)(_registered("svd"))
+register("lowrank_svdllm", "static_k_lowrank",
+         "top-r singular triplets of W S, S = Cholesky(X^T X) on calibration inputs (SVD-LLM whitening)",
+         needs_calibration=True, max_sparsity=_max_lowrank)(_registered("svdllm"))
+register("lowrank_random", "static_k_lowrank", "r singular triplets of W drawn at random, seeded (random baseline)",
+         needs_calibration=False, max_sparsity=_max_lowrank)(_registered("random"))
