@@ -9,7 +9,7 @@ from prunelib.models import parameter_count
 from prunelib.pruning import lowrank
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-LOWRANK = ["lowrank_svd", "lowrank_asvd", "lowrank_random"]
+LOWRANK = ["lowrank_svd", "lowrank_svdllm", "lowrank_random"]
 
 
 def logits(model, ids=IDS):
@@ -84,17 +84,17 @@ def test_rounding(tiny_model, cal):
         pruning.prune(tiny_model, "lowrank_svd", 0.5, round_to=7)
 
 
-def test_asvd_beats_svd_on_calibration_outputs_and_svd_beats_random(tiny_model, cal):
+def test_svdllm_beats_svd_on_calibration_outputs_and_svd_beats_random(tiny_model, cal):
     """SVD-LLM's whitening minimises the output error on the calibration inputs; plain SVD the weight error."""
     grams = lowrank.input_grams(tiny_model, cal)
     for key in [(0, "q_proj"), (1, "v_proj"), (2, "o_proj"), (3, "down_proj")]:
         lin = getattr(ModelAdapter(tiny_model).layers[key[0]], "mlp" if key[1] == "down_proj" else "self_attn")
         lin = getattr(lin, key[1])
         svd = lowrank.factorize(lin, 8)
-        asvd = lowrank.factorize(lin, 8, lowrank.whitening_factor(grams[key]))
+        svdllm = lowrank.factorize(lin, 8, lowrank.whitening_factor(grams[key]))
         rnd = lowrank.factorize(lin, 8, keep=torch.randperm(min(lin.weight.shape))[:8])
         w = lin.weight.detach()
-        assert output_error(w, asvd, grams[key]) < output_error(w, svd, grams[key]), key
+        assert output_error(w, svdllm, grams[key]) < output_error(w, svd, grams[key]), key
         err = {m: (w - mod.second.weight @ mod.first.weight).norm().item() for m, mod in (("svd", svd), ("rnd", rnd))}
         assert err["svd"] < err["rnd"], key
 
@@ -128,7 +128,7 @@ def test_bad_arguments(tiny_model, cal):
     pruned, report = pruning.prune(tiny_model, "lowrank_svd", hi)
     assert report.removed["ranks"][0]["k_proj"] == 1
     with pytest.raises(ValueError, match="needs calibration"):
-        pruning.prune(tiny_model, "lowrank_asvd", 0.5)
+        pruning.prune(tiny_model, "lowrank_svdllm", 0.5)
     lin = nn.Linear(8, 4)
     for r in (0, 5, 2.0):
         with pytest.raises(ValueError, match="1 <= rank <= 4"):
@@ -160,7 +160,7 @@ def test_cache_and_generate(tiny_model, cal, method):
 
 
 @pytest.mark.slow
-def test_asvd_on_embedded_model(embedded):
+def test_svdllm_on_embedded_model(embedded):
     """Real activations are far from isotropic: whitening cuts the calibration output error a lot."""
     from prunelib.calibration import calibration_batch
 
@@ -172,6 +172,6 @@ def test_asvd_on_embedded_model(embedded):
         lin = getattr(owner, name)
         r = lowrank.rank_for(lin.in_features, lin.out_features, 0.3)
         svd = lowrank.factorize(lin, r)
-        asvd = lowrank.factorize(lin, r, lowrank.whitening_factor(grams[(i, name)]))
+        svdllm = lowrank.factorize(lin, r, lowrank.whitening_factor(grams[(i, name)]))
         w = lin.weight.detach()
-        assert output_error(w, asvd, grams[(i, name)]) < 0.8 * output_error(w, svd, grams[(i, name)]), (i, name)
+        assert output_error(w, svdllm, grams[(i, name)]) < 0.8 * output_error(w, svd, grams[(i, name)]), (i, name)

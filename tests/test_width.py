@@ -67,3 +67,25 @@ def test_compensation_matches_calibration_mean(tiny_model, cal):
     gone = torch.tensor(report.removed["mlp_channels"][2])
     w = tiny_model.model.layers[2].mlp.down_proj.weight.detach()
     torch.testing.assert_close(pruned.model.layers[2].mlp.down_proj.bias.detach(), w[:, gone] @ stats[("mlp", 2)]["mean"][gone])
+
+
+def test_magnitude_group_score_is_the_l2_norm_of_the_group_weights(tiny_model):
+    """A KV-head group's magnitude is ||(its q, k, v rows, its o_proj columns)||_2, and the lowest goes first."""
+    from prunelib.adapter import ModelAdapter
+
+    a = ModelAdapter(tiny_model)
+    attn, shape = a.attn(1), a.layer_shape(1)
+    hd, group = shape.head_dim, shape.n_heads // shape.n_kv_heads
+    with torch.no_grad():  # make group 1 the largest in total but not in sum of per-feature norms
+        attn.o_proj.weight[:, group * hd:] *= 0.2
+        attn.k_proj.weight[hd:] *= 4.0
+    expected = []
+    for g in range(shape.n_kv_heads):
+        q = attn.q_proj.weight[g * group * hd:(g + 1) * group * hd]
+        o = attn.o_proj.weight[:, g * group * hd:(g + 1) * group * hd]
+        k, v = attn.k_proj.weight[g * hd:(g + 1) * hd], attn.v_proj.weight[g * hd:(g + 1) * hd]
+        expected.append(torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1), o.reshape(-1)]).norm())
+    scores = width.group_scores("magnitude", attn, shape, None)
+    torch.testing.assert_close(scores, torch.stack(expected).detach())
+    _, report = pruning.prune(tiny_model, "width_magnitude", 0.5)
+    assert report.removed["kv_heads"][1] == [int(torch.stack(expected).argmin())]

@@ -85,6 +85,22 @@ def _feature_scores(criterion: str, w_consumer: torch.Tensor, stats: dict | None
     raise ValueError(f"unknown width criterion {criterion!r}")
 
 
+def group_scores(criterion: str, attn, shape, stats: dict | None) -> torch.Tensor:
+    """One score per KV-head group of a layer (its KV head and the query heads that share it).
+
+    ``magnitude``: the L2 norm of every weight of the group, its q, k and v rows and its
+    o_proj columns. The other criteria sum their per-feature scores of o_proj's input
+    columns over the group.
+    """
+    hd, group = shape.head_dim, shape.n_heads // shape.n_kv_heads
+    s = _feature_scores(criterion, attn.o_proj.weight, stats, (attn.q_proj.weight,))
+    if criterion != "magnitude":
+        return s.reshape(shape.n_kv_heads, group * hd).sum(1)
+    sq = (s**2).reshape(shape.n_kv_heads, group * hd).sum(1)  # q rows and o columns of the group
+    kv = attn.k_proj.weight.detach().float().cpu() ** 2 + attn.v_proj.weight.detach().float().cpu() ** 2
+    return (sq + kv.sum(1).reshape(shape.n_kv_heads, hd).sum(1)).sqrt()
+
+
 def _n_keep(total: int, sparsity: float, round_to: int | None) -> int:
     keep = total - int(round(sparsity * total))
     if round_to:
@@ -118,12 +134,7 @@ def width_prune(model, sparsity: float, ctx, criterion: str):
         if shape.has_attn:
             attn, hd = a.attn(i), shape.head_dim
             group = shape.n_heads // shape.n_kv_heads
-            s = _feature_scores(criterion, attn.o_proj.weight, stats.get(("attn", i), {"generator": gen}),
-                                (attn.q_proj.weight,))
-            per_group = s.reshape(shape.n_kv_heads, group * hd).sum(1)
-            if criterion == "magnitude":  # K and V rows belong to the group too
-                kv = (attn.k_proj.weight.detach().float().cpu() ** 2 + attn.v_proj.weight.detach().float().cpu() ** 2)
-                per_group = (per_group**2 + kv.sum(1).reshape(shape.n_kv_heads, hd).sum(1)).sqrt()
+            per_group = group_scores(criterion, attn, shape, stats.get(("attn", i), {"generator": gen}))
             n_keep = max(1, shape.n_kv_heads - int(round(sparsity * shape.n_kv_heads)))
             keep = torch.argsort(per_group, descending=True)[:n_keep].sort().values
             keep_kv[i] = keep
