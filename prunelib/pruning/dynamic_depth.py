@@ -8,31 +8,37 @@ dense model (for the MLP variant, h_in is the MLP's residual input), by ridge le
 squares (closed form from normal equations accumulated over the calibration tokens; a
 penalty of 0.3 x the mean feature energy ranked held-out tokens best among 0.001..1).
 The relative update norm replaces the Block-Influence-style 1 - cos(h_in, h_out), which
-ignores changes of the norm: on SmolLM2-135M at s = 0.1 (8 x 128 calibration tokens) the
-1 - cos router lost to random routing for MLP skipping (loss 4.654 vs 4.620; dense 4.000),
-the relative norm beat it (4.574) and also did better for whole layers (4.878 vs 4.899;
-random 5.169). The MLP router's edge is marginal: fitted on 4 x 128 tokens it lost to
-random (4.989 vs 4.777), while the layer router wins clearly.
+ignores changes of the norm (measured with the earlier top-k routing on SmolLM2-135M at
+s = 0.1, 8 x 128 calibration tokens: the 1 - cos router lost to random routing for MLP
+skipping, the relative norm beat it).
 
 - ``dyn_depth_router``: a skipped token skips the whole layer (attention and MLP).
 - ``dyn_depth_router_mlp``: a skipped token skips only the MLP sublayer.
-- ``dyn_depth_random``: the random *baseline*, same capacities, tokens chosen at random
-  (seeded by ``ctx.seed``); ``options["variant"] = "mlp"`` skips MLPs instead of layers.
+- ``dyn_depth_random``: the random *baseline*, same skip rate, tokens chosen at random;
+  ``options["variant"] = "mlp"`` skips MLPs instead of layers. Its "score" is a hash of
+  (seed, layer, token position) mapped to [0, 1): a pure function of its inputs, so the
+  same sequence gets the same routes whatever ran before, in a full forward as in prefill
+  and cached decode, and another seed draws other routes. It does not look at content,
+  so every sequence skips the same positions of a layer (for a given seed).
 
-Capacity (MoD): in prefill (more than one new token per sequence) each sequence runs its
-top k = ceil((1 - r) * n) tokens by router score, n = its non-padding tokens, so the
-realised skip rate equals r by construction (up to rounding k to whole tokens, < 1/n).
-Padding is known from the attention mask only: a padded batch without one (lm-eval's
-loglikelihood calls) counts pad tokens as tokens, in the capacity and in the counters.
-As in MoD, a top-k over the prompt lets a token's routing depend on later tokens'
-scores. In decode (one token per sequence) the
-token runs if its score exceeds a threshold: the r-quantile of the router scores of the
-calibration tokens, collected on the routed model in prefill.
+Routing is causal and capacity-free: in every phase (full-sequence scoring, prefill in
+any chunking, cached decode) a token runs the (sub)layer iff its router score exceeds a
+fixed per-layer threshold. A token's score depends on its own hidden state only, which
+depends on itself and earlier tokens, so a later token never changes an earlier route,
+and the model that is scored is the model that serves. (Earlier versions kept each
+sequence's top-k tokens in prefill, MoD's training-time capacity: a token's route then
+depended on later tokens, and the full forward disagreed with prefill + decode.)
+Thresholds: the r-quantile of each layer's router scores on the calibration tokens,
+fitted layer by layer on the routed model (layer j's scores are taken with the
+thresholds of layers < j already in force), so the calibration text skips r of its
+tokens per routed layer. Other text skips more or fewer: the realised rate is measured,
+per phase, and reported (``realised_sparsity``), never assumed. For the random baseline
+the threshold is r itself (its scores are uniform).
 
 Sparsity unit: the fraction s of token-layer pairs skipped over the whole model
 (token-MLP pairs for the MLP variant). Routed layers: all but the first and the last
 (ShortGPT finds their Block Influence the largest; they stay dense), so each routed
-layer skips r = s * L / (L - 2) of the tokens; r must lie in [0, 1), hence the largest
+layer targets a skip rate r = s * L / (L - 2); r must lie in [0, 1), hence the largest
 sparsity is just under (L - 2) / L.
 
 How the speedup is realised (M of the skipped sublayers shrinks): the routed tokens are
@@ -42,14 +48,28 @@ tokens stay available to later tokens: for every token, routed or not, the layer
 computes input_layernorm(h), k_proj and v_proj (with the rotary embedding of its own
 position) and writes them to the KV cache; only q_proj, the attention-product rows of
 the skipped queries, o_proj and the MLP are skipped. Causal and padding masks are the
-model's own (their rows gathered for the routed queries). The router runs inside the
-forward, so it is timed with the model. Supported: Llama-family layouts with "eager" or
-"sdpa" attention, no sliding window, a DynamicCache (or none).
+model's own (their rows gathered for the routed queries). In a padded batch the routed
+queries of each sequence are packed to the longest row, so B > 1 computes some empty
+attention rows that the cost model does not count (B = 1 is exact). Supported:
+Llama-family layouts with "eager" or "sdpa" attention, no sliding window, a
+``DynamicCache``, a ``StaticCache`` or none.
 
-Realised sparsity: each routed layer counts the non-padding tokens it ran and skipped
-since ``reset_stats()``; :func:`realised_sparsity` sums them and ``shape_overrides()``
-reports the fractions to the cost model (after :func:`prune` they hold the calibration
-pass). Routers persist as a :class:`Routers` object keyed by the model fingerprint.
+Host-device synchronisation: routing decisions live on the device and nothing branches
+on them, except that gathering the routed tokens needs their number on the host: each
+routed layer reads its per-sequence routed counts once (one sync per routed layer, in
+prefill and in decode alike; ``nonzero_static`` then gathers without a second one). A
+decode step that really skips compute cannot be captured in a CUDA graph (its kernel
+shapes depend on the route); a capturable masked variant would compute every token and
+save nothing, so none is offered: :func:`graph_safe` says so.
+
+Realised sparsity, per phase: each routed layer counts the non-padding tokens it ran and
+skipped since ``reset_stats()``, separately for prefill (more than one new token per
+sequence) and decode (one new token per sequence; a one-token prompt counts as decode).
+``shape_overrides()`` reports the fractions of the phase that ran last, so a decode step
+timed after its prefill is costed with the decode steps' own routing;
+:func:`realised_sparsity` gives either phase (after :func:`prune` the stats hold the
+calibration pass). Routers persist as a :class:`Routers` object keyed by the model
+fingerprint.
 """
 from __future__ import annotations
 
@@ -59,7 +79,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
@@ -68,22 +88,24 @@ from ..models import fingerprint
 from .registry import register
 
 VARIANTS = ("layer", "mlp")
+PHASES = ("prefill", "decode")
+CACHES = (DynamicCache, StaticCache)
 RIDGE = 0.3  # ridge penalty, relative to the mean diagonal of the normal equations
 
 
 @dataclass
 class Routers:
-    """Fitted routers of one model: per routed layer a linear score and a decode threshold.
+    """Fitted routers of one model: per routed layer a linear score and its threshold.
 
-    ``weight``/``bias`` are None for the random baseline (scores uniform in [0, 1), seeded).
+    ``weight``/``bias`` are None for the random baseline (hashed scores in [0, 1), seeded).
     """
 
     fingerprint: str
     hidden: int
     variant: str  # "layer" or "mlp"
     layers: tuple  # routed layer indices
-    skip: float  # skip rate r of each routed layer
-    threshold: torch.Tensor  # [len(layers)] decode thresholds
+    skip: float  # target skip rate r of each routed layer
+    threshold: torch.Tensor  # [len(layers)] a token runs iff its score > threshold
     weight: torch.Tensor | None = None  # [len(layers), hidden]
     bias: torch.Tensor | None = None  # [len(layers)]
     seed: int = 0
@@ -119,19 +141,34 @@ class LinearRouter(nn.Linear):
             self.weight.copy_(weight.reshape(1, -1))
             self.bias.copy_(bias.reshape(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x).squeeze(-1)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply rounds); products stay below 2**63, so int64 never overflows."""
+    for mult in (0x7FEB352D, 0x5BD1E995):
+        x = x ^ (x >> 16)
+        x = (x * mult) & _MASK32
+    return x ^ (x >> 15)
+
+
 class RandomRouter(nn.Module):
-    """The random baseline: uniform scores in [0, 1) from a seeded generator (no GEMM)."""
+    """The random baseline: a score uniform in [0, 1) hashed from (key, token position); no GEMM, no state."""
 
-    def __init__(self, seed: int):
+    def __init__(self, key: int):
         super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.key = _mix32(key & _MASK32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rand(x.shape[:-1], generator=self.generator).to(x.device)
+    def extra_repr(self) -> str:
+        return f"key={self.key}"
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = _mix32((positions.expand(x.shape[:-1]).long() & _MASK32) ^ self.key)
+        return (h >> 8).float() / 2**24  # 24 bits: exact in float32, < 1
 
 
 class RoutedDecoderLayer(nn.Module):
@@ -146,74 +183,69 @@ class RoutedDecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.self_attn, self.mlp = layer.self_attn, layer.mlp
         self.router, self.variant, self.skip, self.threshold = router, variant, skip, float(threshold)
-        self.register_buffer("counts", torch.zeros(2, dtype=torch.long), persistent=False)  # run, skipped
+        # [phase (prefill, decode), (run, skipped)] non-padding tokens since the last reset
+        self.register_buffer("counts", torch.zeros(2, 2, dtype=torch.long), persistent=False)
+        self.last_phase = None
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}, skip={self.skip:.4g}, threshold={self.threshold:.4g}"
 
     def reset_stats(self) -> None:
         self.counts.zero_()
+        self.last_phase = None
 
-    def stats(self) -> tuple[int, int]:
-        """Non-padding tokens (run, skipped) since the last reset."""
-        run, skipped = self.counts.tolist()
+    def stats(self, phase: str | None = None) -> tuple[int, int]:
+        """Non-padding tokens (run, skipped) of ``phase`` since the last reset; None: the phase that ran last."""
+        phase = _check_phase(phase) or self.last_phase or "prefill"
+        run, skipped = self.counts[PHASES.index(phase)].tolist()
         return run, skipped
 
     def shape_overrides(self) -> dict:
+        """Token fractions that ran, in the phase that ran last (dense if nothing ran)."""
         run, skipped = self.stats()
         f = run / (run + skipped) if run + skipped else 1.0
         out = {"mlp_tokens": f} if self.variant == "mlp" else {"attn_tokens": f, "mlp_tokens": f}
         out["router"] = int(isinstance(self.router, LinearRouter))
         return out
 
-    def route(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Which tokens run ([B, S] bool) given the router input ``x`` and the non-padding tokens."""
-        score = self.router(x)
-        if x.shape[1] == 1:  # decode: calibrated threshold
-            return (score > self.threshold) & valid
-        n = valid.sum(1, keepdim=True).double()
-        k = torch.ceil((1 - self.skip) * n - 1e-9)
-        order = score.float().masked_fill(~valid, -math.inf).argsort(dim=1, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
-        return (rank < k) & valid
+    def route(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Which tokens run ([B, S] bool): score above the threshold, non-padding (positions: for the random router)."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)[None]
+        return (self.router(x, positions) > self.threshold) & valid
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-            raise ValueError(f"dynamic depth needs a DynamicCache (or none), got {type(past_key_values).__name__}")
+        if past_key_values is not None and not isinstance(past_key_values, CACHES):
+            raise ValueError(f"dynamic depth cannot use a {type(past_key_values).__name__}; "
+                             f"allowed: {', '.join(c.__name__ for c in CACHES)} or none")
         h = hidden_states
-        valid = _valid_tokens(attention_mask, *h.shape[:2], h.device)
+        B, S = h.shape[:2]
+        past = 0 if past_key_values is None else past_key_values.get_seq_length(self.self_attn.layer_idx)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=h.device)[None] + past
+        valid = _valid_tokens(attention_mask, B, S, past, h.device)
+        phase = 1 if S == 1 else 0
+        self.last_phase = PHASES[phase]
         x = self.input_layernorm(h)
         if self.variant == "layer":
-            run = self.route(x, valid)
-            self._count(run, valid)
-            if bool((run | ~valid).all()):
-                return self._dense(h, x, attention_mask, position_ids, past_key_values, use_cache,
-                                   position_embeddings, **kwargs)
-            return self._routed_layer(h, x, run, attention_mask, past_key_values, position_embeddings)
+            run = self.route(x, valid, position_ids)
+            self.counts[phase] += torch.stack([run.sum(), (valid & ~run).sum()])
+            return self._routed_layer(h, x, run, attention_mask, past, past_key_values, position_embeddings)
         attn, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
         mid = h + attn
         x = self.post_attention_layernorm(mid)
-        run = self.route(x, valid)
-        self._count(run, valid)
-        if bool((run | ~valid).all()):
-            return mid + self.mlp(x)
-        b, s = run.nonzero(as_tuple=True)
+        run = self.route(x, valid, position_ids)
+        self.counts[phase] += torch.stack([run.sum(), (valid & ~run).sum()])
+        picked = _gather_index(run)
+        if picked is None:
+            return mid
+        b, s = picked[0]
         return mid.index_put((b, s), mid[b, s] + self.mlp(x[b, s]))
 
-    def _count(self, run, valid):
-        self.counts += torch.stack([run.sum(), (valid & ~run).sum()])
-
-    def _dense(self, h, x, attention_mask, position_ids, past_key_values, use_cache, position_embeddings, **kwargs):
-        attn, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache,
-                                 position_embeddings=position_embeddings, **kwargs)
-        mid = h + attn
-        return mid + self.mlp(self.post_attention_layernorm(mid))
-
-    def _routed_layer(self, h, x, run, attention_mask, past_key_values, position_embeddings):
+    def _routed_layer(self, h, x, run, attention_mask, past, past_key_values, position_embeddings):
         """Keys/values for every token, the rest of the layer for the routed tokens only."""
         attn = self.self_attn
         B, S, _ = h.shape
@@ -224,20 +256,20 @@ class RoutedDecoderLayer(nn.Module):
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
-        b, s = run.nonzero(as_tuple=True)
-        if b.numel() == 0:
+        picked = _gather_index(run)
+        if picked is None:
             return h
+        (b, s), counts = picked
         # pack the routed queries as [rows with a routed token, most routed tokens in a row]
-        has = run.any(1)
-        rows = has.nonzero().squeeze(1)
-        row = (has.cumsum(0) - 1)[b]
+        rows = torch.tensor([i for i, c in enumerate(counts) if c], device=h.device)
+        row = (run.any(1).cumsum(0) - 1)[b]
         slot = (run.cumsum(1) - 1)[b, s]
-        K = int(slot.max()) + 1
+        K = max(counts)
         q = attn.q_proj(x[b, s]).view(b.numel(), -1, hd)
         q = q * cos[b, s, None] + rotate_half(q) * sin[b, s, None]
         q_pad = q.new_zeros(rows.numel(), K, *q.shape[1:])
         q_pad[row, slot] = q
-        mask = _full_mask(attention_mask, B, S, k.shape[2], h.device, attn.config._attn_implementation, h.dtype)
+        mask = _full_mask(attention_mask, B, S, k.shape[2], past, h.device, attn.config._attn_implementation, h.dtype)
         # empty slots attend to every key (True / 0.0): finite outputs, never scattered back
         mask_pad = mask.new_full((rows.numel(), 1, K, mask.shape[-1]), mask.dtype == torch.bool)
         mask_pad[row, :, slot] = mask[b, :, s]
@@ -248,27 +280,45 @@ class RoutedDecoderLayer(nn.Module):
         return h.index_put((b, s), mid + self.mlp(self.post_attention_layernorm(mid)))
 
 
-def _valid_tokens(attention_mask, B: int, S: int, device) -> torch.Tensor:
-    """Non-padding tokens: a real token always attends to itself (the diagonal of the causal mask)."""
+def _gather_index(run: torch.Tensor):
+    """((b, s), routed count per sequence) of the routed tokens, or None if none runs.
+
+    The counts come to the host (the one sync of a routed layer: kernel shapes depend on
+    them); ``nonzero_static`` then finds the tokens without a second sync.
+    """
+    counts = run.sum(1).tolist()
+    total = sum(counts)
+    if total == 0:
+        return None
+    return torch.nonzero_static(run, size=total).unbind(1), counts
+
+
+def _valid_tokens(attention_mask, B: int, S: int, past, device) -> torch.Tensor:
+    """Non-padding tokens: a real token always attends to itself (its own cache slot, ``past + i``)."""
     if attention_mask is None:
         return torch.ones(B, S, dtype=torch.bool, device=device)
     if attention_mask.dim() != 4:
         raise ValueError(f"dynamic depth needs a 4-D attention mask ('eager' or 'sdpa'), got {attention_mask.dim()}-D")
-    kv = attention_mask.shape[-1]
     i = torch.arange(S, device=attention_mask.device)
-    diag = attention_mask[:, 0, i, kv - S + i].expand(B, S)
+    diag = attention_mask[:, 0, i, i + past].expand(B, S)
     return diag if diag.dtype == torch.bool else diag == 0
 
 
-def _full_mask(attention_mask, B: int, S: int, kv: int, device, implementation: str, dtype) -> torch.Tensor:
+def _full_mask(attention_mask, B: int, S: int, kv: int, past, device, implementation: str, dtype) -> torch.Tensor:
     """The [B, 1, S, kv] mask of the new queries: the model's own, or the causal one it left implicit."""
     if attention_mask is not None:
         return attention_mask.expand(B, -1, -1, -1)
-    i = torch.arange(S, device=device)[:, None] + kv - S
+    i = torch.arange(S, device=device)[:, None] + past
     causal = (torch.arange(kv, device=device)[None] <= i).expand(B, 1, S, kv)
     if implementation == "eager":
         return torch.zeros((), dtype=dtype, device=device).masked_fill(~causal, torch.finfo(dtype).min)
     return causal
+
+
+def _check_phase(phase):
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not known; allowed: None (the phase that ran last), {PHASES}")
+    return phase
 
 
 def _check_model(model) -> ModelAdapter:
@@ -319,8 +369,8 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
     """Fit one linear router per routed layer of ``model`` (left untouched) for a model-wide ``sparsity``.
 
     Targets: ||h_out - h_in|| / ||h_in|| of each token on the dense model; ridge least squares
-    on the normed (sub)layer input. Decode thresholds: the skip-rate quantile of the scores
-    on the calibration tokens, measured on the routed model.
+    on the normed (sub)layer input. Thresholds: the skip-rate quantile of the scores on the
+    calibration tokens, fitted layer by layer on the routed model.
     """
     _check_variant(variant)
     a = _check_model(model)
@@ -352,7 +402,7 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
 
 
 def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0) -> Routers:
-    """Routers of the random baseline: uniform scores, so the decode threshold is the skip rate itself."""
+    """Routers of the random baseline: uniform scores, so the threshold is the skip rate itself."""
     _check_variant(variant)
     a = _check_model(model)
     skip = layer_skip_rate(model, sparsity)
@@ -361,21 +411,53 @@ def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0
                    torch.full((len(layers),), skip), seed=seed)
 
 
-def _calibrate_thresholds(model, routers: Routers, calibration) -> torch.Tensor:
-    routed = attach(model, routers)
-    scores = [[] for _ in routers.layers]
-    hooks = [routed.model.layers[i].router.register_forward_hook(
-        lambda mod, args, out, j=j: scores[j].append(out.detach().float().reshape(-1).cpu()))
-        for j, i in enumerate(routers.layers)]
+class _Stop(Exception):
+    pass
+
+
+def _first_layer_inputs(model, ids):
+    """(hidden states, keyword arguments) that ``model`` feeds its first decoder layer for ``ids``."""
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen["h"], seen["kw"] = args[0], kwargs
+        raise _Stop
+
+    hook = ModelAdapter(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            dev = next(routed.parameters()).device
-            for ids in calibration.batches(4):
-                routed(ids.to(dev), use_cache=False)
+        model(ids, use_cache=False)
+    except _Stop:
+        pass
     finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack([torch.quantile(torch.cat(s), routers.skip) for s in scores])
+        hook.remove()
+    return seen["h"], seen["kw"]
+
+
+def _calibrate_thresholds(model, routers: Routers, calibration) -> torch.Tensor:
+    """Per routed layer, the r-quantile of its router scores on the calibration tokens of the routed model.
+
+    Layer by layer over all calibration batches: layer j's scores are collected with the
+    thresholds of layers < j in force, then its threshold is set and its outputs computed.
+    """
+    routed = attach(model, routers)
+    dev = next(routed.parameters()).device
+    out = []
+    with torch.inference_mode():
+        states = [_first_layer_inputs(routed, ids.to(dev)) for ids in calibration.batches(4)]
+        for layer in ModelAdapter(routed).layers:
+            if isinstance(layer, RoutedDecoderLayer):
+                scores = []
+                hook = layer.router.register_forward_hook(
+                    lambda mod, args, o: scores.append(o.detach().float().reshape(-1).cpu()))
+                try:
+                    for h, kw in states:
+                        layer(h, **kw)
+                finally:
+                    hook.remove()
+                layer.threshold = float(torch.quantile(torch.cat(scores), routers.skip))
+                out.append(layer.threshold)
+            states = [(layer(h, **kw), kw) for h, kw in states]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def attach(model, routers: Routers):
@@ -401,15 +483,30 @@ def _routed(model) -> list[RoutedDecoderLayer]:
     return [m for m in ModelAdapter(model).layers if isinstance(m, RoutedDecoderLayer)]
 
 
+def graph_safe(model) -> tuple[bool, str]:
+    """Whether a decode step of ``model`` can be captured in a CUDA graph, and why (not)."""
+    if not _routed(model):
+        return True, "no routed layers"
+    return False, ("dynamic depth skips compute per token: each routed layer needs its routed-token count on the host "
+                   "to size its kernels (one sync per layer), which a CUDA graph cannot capture; a capturable masked "
+                   "variant would compute every token and save nothing, so decode runs eagerly")
+
+
 def reset_stats(model) -> None:
     for layer in _routed(model):
         layer.reset_stats()
 
 
-def realised_sparsity(model) -> float:
-    """Fraction of token-layer (token-MLP) pairs skipped since the last ``reset_stats()``; 0 if none ran."""
+def realised_sparsity(model, phase: str | None = None) -> float:
+    """Fraction of token-layer (token-MLP) pairs skipped since the last ``reset_stats()``; 0 if none ran.
+
+    ``phase``: "prefill", "decode", or None for the phase that ran last (what ``shape_overrides`` costs).
+    """
+    _check_phase(phase)
     routed = _routed(model)
-    stats = [layer.stats() for layer in routed]
+    if phase is None:
+        phase = next((layer.last_phase for layer in routed if layer.last_phase), "prefill")
+    stats = [layer.stats(phase) for layer in routed]
     tokens = max((run + skipped for run, skipped in stats), default=0)
     if tokens == 0:
         return 0.0
@@ -417,7 +514,7 @@ def realised_sparsity(model) -> float:
 
 
 def _removed(model, calibration) -> dict:
-    """Realised sparsity and per-layer skip rates of a routed model on the calibration data."""
+    """Realised sparsity and per-layer skip rates of a routed model on the calibration data (full forward)."""
     removed = {"realised_sparsity": None, "layer_skip": None}
     if calibration is None:
         return removed
@@ -429,9 +526,9 @@ def _removed(model, calibration) -> dict:
     per_layer = {}
     for i, layer in enumerate(ModelAdapter(model).layers):
         if isinstance(layer, RoutedDecoderLayer):
-            run, skipped = layer.stats()
+            run, skipped = layer.stats("prefill")
             per_layer[i] = skipped / (run + skipped)
-    return {"realised_sparsity": realised_sparsity(model), "layer_skip": per_layer}
+    return {"realised_sparsity": realised_sparsity(model, "prefill"), "layer_skip": per_layer}
 
 
 def _method(variant: str | None, random: bool):
@@ -453,11 +550,13 @@ def _method(variant: str | None, random: bool):
 
 
 register("dyn_depth_router", "dynamic_depth",
-         "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; top-k tokens run the layer",
+         "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; tokens scoring above the "
+         "calibrated threshold run the layer (causal)",
          needs_calibration=True, max_sparsity=_max_sparsity)(_method("layer", random=False))
 register("dyn_depth_router_mlp", "dynamic_depth",
-         "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; top-k tokens run the MLP",
+         "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; tokens scoring above the "
+         "calibrated threshold run the MLP (causal)",
          needs_calibration=True, max_sparsity=_max_sparsity)(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
-         "random baseline: the same per-sequence capacity, tokens chosen uniformly at random (seeded)",
+         "random baseline: the same skip rate, each token's route hashed from (seed, layer, position)",
          needs_calibration=False, max_sparsity=_max_sparsity)(_method(None, random=True))
