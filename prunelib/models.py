@@ -101,6 +101,26 @@ def embedded_path() -> Path:
     return target
 
 
+def _is_checkpoint(name) -> bool:
+    from .checkpoint import STRUCTURE_FILE
+
+    folder = Path(name)
+    return (folder / STRUCTURE_FILE).exists() or (folder / "prunelib_structure.pt").exists()
+
+
+def _tokenizer(path):
+    """The folder's tokenizer (pad token set), or None when it was saved without one."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) \
+            and Path(path).exists():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name: str = EMBEDDED,
     *,
@@ -108,7 +128,8 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
 ):
-    """Load ``(model, tokenizer)`` in eval mode; the tokenizer is None for random-weight models.
+    """Load ``(model, tokenizer)`` in eval mode; the tokenizer is None for random-weight models
+    and for a folder saved without one (pass your own tokenizer to what needs it).
 
     ``name``: ``"smollm2-135m"`` (embedded default), a hub id or local folder of a
     Llama/Qwen2/Mistral causal LM, or ``"random:<config>"`` with a config from
@@ -129,6 +150,9 @@ def load_model(
         torch.manual_seed(seed)
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    elif _is_checkpoint(name):  # saved by save_pruned: rebuilt from its JSON structure
+        model = load_pruned(name).to(device=dev, dtype=torch_dtype)
+        tokenizer = _tokenizer(name)
     else:
         path = str(embedded_path()) if name in EMBEDDED_ALIASES else name
         try:
@@ -139,66 +163,55 @@ def load_model(
                 f"(embedded default: {EMBEDDED!r}; random-weight configs: {['random:' + c for c in random_configs()]})"
             ) from err
         ModelAdapter.check_type(config)
-        if (Path(path) / STRUCTURE_FILE).exists():  # a pruned model whose shapes the config cannot express
-            model = load_pruned(path).to(device=dev, dtype=torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        tokenizer = _tokenizer(path)
     ModelAdapter(model)  # fail early, with a clear message, on a layout we do not know
     model.eval()
     return model, tokenizer
 
 
-STRUCTURE_FILE = "prunelib_structure.pt"
-
-
 def save_pruned(model, path, tokenizer=None) -> Path:
-    """``save_pretrained`` plus the module structure, so per-layer shapes survive a reload.
+    """Save a (pruned) model to the folder ``path``: JSON structure plus safetensors, no pickle.
 
-    The config records what it can (layer count, ...); a per-layer shape it cannot
-    express (sliced heads or channels, removed sublayers, low-rank pairs, 2:4 layers,
-    SliceGPT shortcuts, routers) lives in ``prunelib_structure.pt``: the model's module
-    tree with every parameter on the meta device (no weights; buffers such as rotary
-    frequencies kept). :func:`load_model` on the folder rebuilds the tree and fills it
-    with the safetensors weights.
+    Per-layer shapes the config cannot express (sliced heads or channels, removed sublayers,
+    low-rank pairs, 2:4 layers, SliceGPT shortcuts, routers, token pruning, sparse attention)
+    and the state of the dynamic methods survive; :func:`load_model` or :func:`load_pruned` on
+    the folder rebuilds it exactly. A model plain transformers can represent (depth pruning,
+    uniform width, 2:4 weights stored dense) also loads with ``from_pretrained``; any other is
+    refused there with an error naming :func:`load_pruned`. The folder is written under a
+    temporary name and renamed, so a failure leaves nothing behind. ``tokenizer`` is optional
+    (random-weight models have none): pass one to :func:`load_model`'s caller separately.
     """
-    import copy
+    from . import checkpoint
 
-    path = Path(path)
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-            for p in model.parameters()}
-    torch.save(copy.deepcopy(model, memo), path / STRUCTURE_FILE)
-    return path
+    return checkpoint.save(model, path, tokenizer)
 
 
 def load_pruned(path):
-    """The model saved by :func:`save_pruned`: its stored structure filled with its saved weights."""
-    from safetensors.torch import load_file
+    """The model saved by :func:`save_pruned` (on CPU, eval mode); no code is unpickled."""
+    from . import checkpoint
 
-    path = Path(path)
-    model = torch.load(path / STRUCTURE_FILE, weights_only=False)
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    a = ModelAdapter(model)
-    if "lm_head.weight" in missing and getattr(model.config, "tie_word_embeddings", False):
-        a.lm_head.weight = a.embed.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: saved weights do not fit the saved structure: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model.eval()
+    return checkpoint.load(path)
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s data: ``t`` itself, or for a wrapper subclass such as
+    ``SparseSemiStructuredTensor`` (no storage of its own, ``data_ptr() == 0``, no ``reshape``)
+    its inner tensors (packed values, metadata, ...), as ``__tensor_flatten__`` names them."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for n in names if (inner := getattr(t, n)) is not None for x in _inner_tensors(inner)]
+
+
+def _distinct_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each parameter once: the same object once (``parameters()``), and two objects over the same
+    memory (tied embeddings re-wrapped) once. Memory is told by storage address, offset, shape and
+    stride, which only plain allocated tensors have; a wrapper subclass or a meta tensor (address 0
+    for all) is told by identity."""
+    seen, out = set(), []
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())

@@ -135,6 +135,6 @@ def _sublayer(kind: str):
 
 
 register("shortgpt_attn", "static_depth", "attention sublayers with the lowest BI 1 - cos(h, h + attn(h))",
-         needs_calibration=True, max_sparsity=lambda m: 1.0)(_sublayer("attention"))
+         needs_calibration=True, max_sparsity=_max_layers)(_sublayer("attention"))
 register("shortgpt_mlp", "static_depth", "MLP sublayers with the lowest BI 1 - cos(h, h + mlp(h))",
-         needs_calibration=True, max_sparsity=lambda m: 1.0)(_sublayer("mlp"))
+         needs_calibration=True, max_sparsity=_max_layers)(_sublayer("mlp"))

@@ -559,4 +559,5 @@ register("dyn_depth_router_mlp", "dynamic_depth",
          needs_calibration=True, max_sparsity=_max_sparsity)(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
          "random baseline: the same skip rate, each token's route hashed from (seed, layer, position)",
-         needs_calibration=False, max_sparsity=_max_sparsity)(_method(None, random=True))
+         needs_calibration=False, max_sparsity=_max_sparsity,
+         options={"variant": VARIANTS})(_method(None, random=True))

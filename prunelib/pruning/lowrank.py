@@ -191,9 +191,9 @@ def _registered(criterion: str):
 
 
 register("lowrank_svd", "static_k_lowrank", "top-r singular triplets of W (truncated SVD)",
-         needs_calibration=False, max_sparsity=_max_lowrank)(_registered("svd"))
+         needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svd"))
 register("lowrank_svdllm", "static_k_lowrank",
          "top-r singular triplets of W S, S = Cholesky(X^T X) on calibration inputs (SVD-LLM whitening)",
-         needs_calibration=True, max_sparsity=_max_lowrank)(_registered("svdllm"))
+         needs_calibration=True, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svdllm"))
 register("lowrank_random", "static_k_lowrank", "r singular triplets of W drawn at random, seeded (random baseline)",
-         needs_calibration=False, max_sparsity=_max_lowrank)(_registered("random"))
+         needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("random"))

@@ -25,23 +25,62 @@ class Method:
     criterion: str  # one line: how the removed structures are chosen
     needs_calibration: bool
     max_sparsity: Callable  # model -> largest allowed sparsity (inclusive)
+    options: dict = field(default_factory=dict)  # option name -> allowed values (see check_options)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable):
-    """Decorator adding a method; a duplicate name or unknown cell is an error."""
+def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,
+             options: dict | None = None):
+    """Decorator adding a method; a duplicate name or unknown cell is an error.
+
+    ``options``: the keyword options the method takes, each mapped to what is allowed: a type
+    (``int``, ``bool``) or a tuple of allowed values; None always means the method's default.
+    :func:`prune` refuses any other option, and any value the schema does not allow.
+    """
     if cell not in CELLS:
         raise ValueError(f"unknown taxonomy cell {cell!r}; known: {sorted(CELLS)}")
 
     def deco(fn):
         if name in REGISTRY:
             raise ValueError(f"pruning method {name!r} is already registered")
-        REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity)
+        REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}))
         return fn
 
     return deco
+
+
+def _allowed(spec) -> str:
+    return f"one of {list(spec)}" if isinstance(spec, tuple) else f"{'an integer' if spec is int else spec.__name__}"
+
+
+def check_options(method: str, options: dict) -> None:
+    """Refuse an option ``method`` does not declare, or a value its schema does not allow."""
+    schema = get(method).options
+    unknown = sorted(set(options) - set(schema))
+    if unknown:
+        allowed = ", ".join(f"{k} ({_allowed(v)})" for k, v in schema.items()) or "none"
+        raise ValueError(f"option {unknown[0]}={options[unknown[0]]!r} is not taken by pruning method {method!r}; "
+                         f"its options: {allowed}")
+    for k, v in options.items():
+        spec = schema[k]
+        if v is None:  # None: the method's default
+            continue
+        ok = v in spec if isinstance(spec, tuple) else (
+            isinstance(v, spec) and (spec is bool or not isinstance(v, bool)))
+        if not ok:
+            raise ValueError(f"option {k}={v!r} of pruning method {method!r} is not allowed: expected {_allowed(spec)}")
+
+
+def check_sparsity(method: str, sparsity, model) -> float:
+    """``sparsity`` as a float, or a ValueError naming the method, its unit and the allowed range on ``model``."""
+    m = get(method)
+    hi = m.max_sparsity(model)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= hi:
+        raise ValueError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): "
+                         f"allowed 0 <= s <= {hi:.10g}")
+    return float(sparsity)
 
 
 def get(name: str) -> Method:
@@ -102,9 +141,8 @@ def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 
     """Prune ``model`` (left untouched) with a registered method; returns ``(pruned_model, report)``."""
     m = get(method)
     ModelAdapter(model)
-    hi = m.max_sparsity(model)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= hi:
-        raise ValueError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): allowed 0 <= s <= {hi:.4g}")
+    check_options(method, options)
+    check_sparsity(method, sparsity, model)
     if m.needs_calibration and calibration is None and sparsity > 0:
         raise ValueError(f"method {method!r} needs calibration data: pass calibration=calibration_batch(tokenizer, ...)")
     pruned, removed = m.fn(model, float(sparsity), Context(calibration, seed, options))

@@ -304,5 +304,6 @@ for _name, _doc, _cal in (
     ("sparsegpt", "OBS: prune the 2 smallest w^2 / [H^-1]_jj^2 of every 4 along K, update the rest (SparseGPT)", True),
     ("random", "2 random weights of every 4 along K, seeded (random baseline)", False),
 ):
-    register(f"sparse24_{_name}", "static_k_24", _doc, needs_calibration=_cal, max_sparsity=_max_24)(
+    register(f"sparse24_{_name}", "static_k_24", _doc, needs_calibration=_cal, max_sparsity=_max_24,
+             options={"sparse_kernel": bool})(
         lambda model, sparsity, ctx, _c=_name: sparse24_prune(model, sparsity, ctx, _c))

@@ -485,4 +485,4 @@ for _name, _doc in (
     ("random", "random key blocks / pages, seeded, sink and diagonal kept (random baseline)"),
 ):
     register(f"sparse_attn_{_name}", "dynamic_nk_attention", _doc, needs_calibration=False,
-             max_sparsity=lambda model: 0.95)(lambda model, sparsity, ctx, _m=_name: _prune(model, sparsity, ctx, _m))
+             max_sparsity=lambda model: 0.95, options={"block": int, "page": int})(lambda model, sparsity, ctx, _m=_name: _prune(model, sparsity, ctx, _m))

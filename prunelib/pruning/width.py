@@ -176,5 +176,6 @@ for _name, _doc, _cal in (
     ("flap", "fluctuation Var(X) * ||W||^2 on calibration data, with bias compensation (FLAP)", True),
     ("random", "random head groups and channels, seeded (the baseline every criterion must beat)", False),
 ):
-    register(f"width_{_name}", "static_width", _doc, needs_calibration=_cal, max_sparsity=_max_width)(
+    register(f"width_{_name}", "static_width", _doc, needs_calibration=_cal, max_sparsity=_max_width,
+             options={"round_to": (8, 64)})(
         lambda model, sparsity, ctx, _c=_name: width_prune(model, sparsity, ctx, _c))
