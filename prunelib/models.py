@@ -194,24 +194,9 @@ def load_pruned(path):
     return checkpoint.load(path)
 
 
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold ``t``'s data: ``t`` itself, or for a wrapper subclass such as
-    ``SparseSemiStructuredTensor`` (no storage of its own, ``data_ptr() == 0``, no ``reshape``)
-    its inner tensors (packed values, metadata, ...), as ``__tensor_flatten__`` names them."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not is_traceable_wrapper_subclass(t):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [x for n in names if (inner := getattr(t, n)) is not None for x in _inner_tensors(inner)]
-
-
-def _distinct_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Each parameter once: the same object once (``parameters()``), and two objects over the same
-    memory (tied embeddings re-wrapped) once. Memory is told by storage address, offset, shape and
-    stride, which only plain allocated tensors have; a wrapper subclass or a meta tensor (address 0
-    for all) is told by identity."""
-    seen, out = set(), []
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
