@@ -1,61 +1,170 @@
-"""Figures: interactive plotly (HTML) and static matplotlib/seaborn (PNG) into figures/."""
+"""Figures: interactive plotly (HTML) and static matplotlib/seaborn (PNG) into figures/.
+
+The static figures are built on :class:`matplotlib.figure.Figure` objects, never through
+pyplot's global state, so nothing here picks a backend in a user's kernel: a notebook
+cell that ends with one of these calls shows the figure once, a script just saves it.
+
+- :func:`pareto_plotly`, :func:`pareto_static`: one Pareto figure (points from
+  :func:`prunelib.pareto.points`), both uncertainties as error bars.
+- :func:`speedup_vs_bound`, :func:`speed_vs_loss`, :func:`realised_vs_target`: the three
+  figures every axis notebook draws from ``experiment.summary``'s table.
+"""
 from __future__ import annotations
 
+import itertools
+import os
+import textwrap
 from pathlib import Path
 
 import pandas as pd
 
 from .config import REPO_ROOT
+from .taxonomy import CELLS
 
 
 def figures_dir() -> Path:
-    import os
-
     d = Path(os.environ.get("PRUNELIB_FIGURES", REPO_ROOT / "figures"))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
+def _figure(*size):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _err(mid: pd.Series, low: pd.Series, high: pd.Series):
+    """Asymmetric error-bar lengths (never negative; a missing CI draws no bar)."""
+    return [(mid - low).clip(lower=0).fillna(0).to_numpy(), (high - mid).clip(lower=0).fillna(0).to_numpy()]
+
+
+def _ci(g: pd.DataFrame, phase: str):
+    """The (low, high) speedup CI columns of a summary table (stored there as "[low, high]")."""
+    ci = g[f"{phase}_ci"].str.strip("[]").str.split(", ", expand=True).astype(float)
+    return ci[0], ci[1]
+
+
+def _sparsity_axis(table: pd.DataFrame) -> str:
+    cells = set(table.cell) & set(CELLS)
+    unit = CELLS[cells.pop()].unit if len(cells) == 1 else "the cell's unit"
+    return "\n".join(textwrap.wrap(f"sparsity: fraction removed of {unit}", 70))
+
+
 def pareto_plotly(pts: pd.DataFrame, front: pd.DataFrame, title: str):
-    """Measured speedup (95% CI bars) against quality loss; frontier as a line; roofline bound as open markers."""
+    """Measured speedup against quality cost, each with its 95% CI as error bars; the frontier as a
+    dashed line; the roofline bound of every point as an open marker; hover says what s removes."""
     import plotly.graph_objects as go
+
+    from .pareto import x_label
 
     fig = go.Figure()
     for method, g in pts.groupby("method"):
         fig.add_trace(go.Scatter(
             x=g.loss, y=g.speedup, mode="markers", name=method,
-            error_y=dict(type="data", symmetric=False, array=g.ci_high - g.speedup, arrayminus=g.speedup - g.ci_low),
-            error_x=dict(type="data", symmetric=False, array=g.loss_high - g.loss, arrayminus=g.loss - g.loss_low),
-            text=[f"{method} s={s:.2f}<br>bound {b:.2f}x" for s, b in zip(g.sparsity, g.bound)]))
+            error_y=dict(type="data", symmetric=False, array=_err(g.speedup, g.ci_low, g.ci_high)[1],
+                         arrayminus=_err(g.speedup, g.ci_low, g.ci_high)[0]),
+            error_x=dict(type="data", symmetric=False, array=_err(g.loss, g.loss_low, g.loss_high)[1],
+                         arrayminus=_err(g.loss, g.loss_low, g.loss_high)[0]),
+            text=[f"{method} {lab}<br>speedup {v:.2f}x [{lo:.2f}, {hi:.2f}], bound {b:.2f}x<br>"
+                  f"x {x:.3g} [{xl:.3g}, {xh:.3g}] ({ci})"
+                  for lab, v, lo, hi, b, x, xl, xh, ci in zip(g.label, g.speedup, g.ci_low, g.ci_high, g.bound, g.loss,
+                                                              g.loss_low, g.loss_high, g.ci_method)],
+            hoverinfo="text"))
         fig.add_trace(go.Scatter(x=g.loss, y=g.bound, mode="markers", marker_symbol="circle-open",
-                                 name=f"{method} (bound)", legendgroup=method, showlegend=False, opacity=0.5))
+                                 name=f"{method} (bound)", legendgroup=method, showlegend=False, opacity=0.5,
+                                 hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=front.loss, y=front.speedup, mode="lines", name="frontier", line=dict(dash="dash")))
-    fig.add_hline(y=1.0, line_dotted=True) if hasattr(fig, "line_dotted") else fig.add_hline(y=1.0, line_dash="dot")
-    fig.update_layout(title=title, xaxis_title="quality loss (%), mean relative drop of chosen accuracies",
-                      yaxis_title="measured speedup over dense (x)", template="plotly_white")
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(title=title, xaxis_title=x_label(pts), yaxis_title="measured speedup over dense (x), 95% CI",
+                      template="plotly_white")
     return fig
 
 
-def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path | None = None):
+    """The same figure as a PNG: both CIs as error bars, bound as crosses; 2:4 on a fraction of the
+    layers is written beside its point."""
     import seaborn as sns
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from .pareto import x_label
+
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
     sns.scatterplot(data=pts, x="loss", y="speedup", hue="method", style="cell", s=70, ax=ax)
-    ax.errorbar(pts.loss, pts.speedup, yerr=[pts.speedup - pts.ci_low, pts.ci_high - pts.speedup], fmt="none",
-                ecolor="gray", alpha=0.6)
+    ax.errorbar(pts.loss, pts.speedup, yerr=_err(pts.speedup, pts.ci_low, pts.ci_high),
+                xerr=_err(pts.loss, pts.loss_low, pts.loss_high), fmt="none", ecolor="gray", alpha=0.6, lw=0.8)
     ax.scatter(pts.loss, pts.bound, marker="x", color="black", alpha=0.4, label="roofline bound")
+    for r in pts[(pts.cell == "static_k_24") & (pts.sparsity < 0.5)].itertuples():
+        ax.annotate(r.label.split(": ", 1)[-1], (r.loss, r.speedup), fontsize=6, xytext=(4, -8),
+                    textcoords="offset points")
     ax.plot(front.loss, front.speedup, "--", color="black", label="frontier")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel="quality loss (%) vs dense", ylabel="measured speedup (x)", title=title)
+    ax.set(xlabel=x_label(pts), ylabel="measured speedup (x), 95% CI", title=title)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def speedup_vs_bound(table: pd.DataFrame, batch: int, length: int, path: Path | None = None):
+    """Per phase: each method's measured speedup (o, with its CI) and roofline bound (x) against sparsity."""
+    phases = [p for p in ("prefill", "decode") if f"{p}_speedup" in table]
+    fig = _figure(5 * max(len(phases), 1), 3.9)
+    for k, phase in enumerate(phases):
+        ax = fig.add_subplot(1, len(phases), k + 1)
+        for method, g in table.dropna(subset=[f"{phase}_speedup"]).groupby("method"):
+            g = g.sort_values("sparsity")
+            line = ax.errorbar(g.sparsity, g[f"{phase}_speedup"], yerr=_err(g[f"{phase}_speedup"], *_ci(g, phase)),
+                               fmt="o-", capsize=3, label=method)
+            ax.plot(g.sparsity, g[f"{phase}_bound"], "x--", color=line.lines[0].get_color(), alpha=0.6)
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set(title=f"{phase}, B={batch}, S={length}: measured (o) and bound (x)", xlabel=_sparsity_axis(table),
+               ylabel="speedup over dense (x)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def speed_vs_loss(table: pd.DataFrame, path: Path | None = None, phase: str = "prefill"):
+    """Measured ``phase`` speedup against quality loss, both with their 95% CIs; None when nothing was scored
+    or timed."""
+    cols = {f"{phase}_speedup", "quality_loss_pct"}
+    if not cols <= set(table) or table.dropna(subset=list(cols)).empty:
+        return None
+    t = table.dropna(subset=list(cols))
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    for method, g in t.groupby("method"):
+        ax.errorbar(g.quality_loss_pct, g[f"{phase}_speedup"], yerr=_err(g[f"{phase}_speedup"], *_ci(g, phase)),
+                    xerr=_err(g.quality_loss_pct, g.loss_low, g.loss_high), fmt="o", capsize=3, label=method)
+        for s, x, y in zip(g.sparsity, g.quality_loss_pct, g[f"{phase}_speedup"]):
+            ax.annotate(f"s={s:g}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.set(xlabel="quality loss (%) vs dense, 95% CI", ylabel=f"{phase} speedup (x), 95% CI",
+           title=f"{phase} speedup against quality loss")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def realised_vs_target(table: pd.DataFrame, path: Path | None = None):
+    """A dynamic method's realised sparsity (counted while timing) against its target; None when none is stored."""
+    cols = [c for c in table if c.endswith("_realised")]
+    if not cols:
+        return None
+    fig = _figure(5.5, 4)
+    ax = fig.add_subplot()
+    markers = itertools.cycle("osd^v<>ph8*")
+    for method, col in [(m, c) for m in sorted(set(table.method)) for c in cols]:
+        g = table[table.method == method].dropna(subset=[col])
+        ax.plot(g.sparsity, g[col], next(markers), label=f"{method}, {col.removesuffix('_realised')}")
+    ax.axline((0, 0), slope=1, color="gray", lw=0.8)
+    ax.set(xlabel="target sparsity", ylabel="realised sparsity, counted while timing", title="realised against target")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def save_plotly(fig, name: str) -> Path:
