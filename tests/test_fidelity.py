@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from prunelib import fidelity
+from prunelib.config import data_dir
+from prunelib.store import ResultsStore
+
+needs_data = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
+
+
+@pytest.fixture
+def tiny_lm(embedded):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = embedded[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_divergence_by_hand():
+    p = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 1, 3)
+    q = torch.tensor([0.25, 0.5, 0.25]).log().view(1, 1, 3)
+    r = fidelity.divergence(p, q, torch.tensor([[1]]))
+    assert r["kl"][0] == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5))  # = 0.25 ln 2
+    assert r["dnll"][0] == pytest.approx(-np.log(0.5) + np.log(0.25))  # NLL 0.69 (pruned) - 1.39 (dense)
+    same = fidelity.divergence(p, p, torch.tensor([[0]]))
+    assert same["kl"][0] == 0 and same["dnll"][0] == 0
+
+
+def test_bootstrap_ci_by_hand():
+    # two windows: a resample's mean is 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4) -> 2.5/97.5 percentiles 0 and 1
+    assert fidelity.bootstrap_ci(np.array([0.0, 1.0]), iters=2000, seed=5) == (0.0, 1.0)
+    assert fidelity.bootstrap_ci(np.array([0.3, 0.3, 0.3]), iters=50) == pytest.approx((0.3, 0.3))
+
+
+@needs_data
+def test_windows_deterministic_and_bad_input(embedded):
+    tok = embedded[1]
+    a = fidelity.windows(tok, "ptb", 4, 32)
+    assert a.shape == (4, 32) and torch.equal(a, fidelity.windows(tok, "ptb", 4, 32))
+    assert not torch.equal(a, fidelity.windows(tok, "wikitext2", 4, 32))
+    with pytest.raises(ValueError, match=r"fidelity domain 'c4' is unknown; allowed: \['ptb', 'wikitext2'\]"):
+        fidelity.windows(tok, "c4")
+    with pytest.raises(ValueError, match="windows must be an integer >= 1, got 0"):
+        fidelity.windows(tok, "ptb", 0)
+    with pytest.raises(ValueError, match="length must be an integer >= 4, got 2.5"):
+        fidelity.windows(tok, "ptb", 2, 2.5)
+
+
+def test_served_equals_full_forward_for_a_static_model(tiny_model):
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    served = fidelity.served_logprobs(tiny_model, ids)
+    with torch.no_grad():
+        full = torch.log_softmax(tiny_model(ids).logits.float(), -1)[:, 9:-1]  # positions predicting tokens 10..19
+    assert served.shape == (3, 10, 256)
+    torch.testing.assert_close(served, full, atol=1e-4, rtol=1e-4)
+
+
+@needs_data
+def test_measure_stores_self_zero_and_separates(tiny_lm, tmp_path, monkeypatch):
+    model, tok = tiny_lm
+    store = ResultsStore(tmp_path / "r.jsonl")
+    kw = dict(store=store, n=3, length=16, iters=200)
+    self_rows = fidelity.measure(model, model, tok, **kw)
+    assert len(self_rows) == 4 and set(self_rows.extra.map(lambda e: e["domain"])) == {"ptb", "wikitext2"}
+    assert (self_rows[["value", "ci_low", "ci_high"]] == 0).all().all()
+    other = type(model)(model.config).eval()  # a different random model: far from the dense one
+    rows = fidelity.measure(model, other, tok, method="width_flap", sparsity=0.1, **kw)
+    kl = rows[rows.metric == "fidelity_kl"]
+    assert (kl.ci_low > 0).all() and (kl.ci_low <= kl.value).all() and (kl.value <= kl.ci_high).all()
+    e = kl.extra.iloc[0]
+    assert e["windows"] == 3 and e["window_len"] == 16 and e["scored_tokens"] == 24 and len(e["per_window"]) == 3
+    assert e["seconds"] > 0 and rows.n.iloc[0] == 24
+    monkeypatch.setattr(fidelity, "served_logprobs", lambda *a: pytest.fail("stored fidelity was re-measured"))
+    again = fidelity.measure(model, other, tok, **kw)
+    assert again.value.tolist() == rows.value.tolist()
+    with pytest.raises(ValueError, match="fidelity domain 'c4' is unknown"):
+        fidelity.measure(model, other, tok, domains=("c4",), **kw)
