@@ -10,7 +10,9 @@ Rows written per (method, sparsity):
   speedup on this device's spec; extra: both medians, efficiency = measured / bound,
   parameter counts, analytic FLOPs and bytes;
 - quality rows from :func:`prunelib.quality.evaluate`, and ``metric="quality_loss_pct"``
-  (with its stderr as extra and a 95% CI).
+  (``ci_low``/``ci_high`` its paired-bootstrap 95% CI, ``extra.stderr`` the unpaired se,
+  ``extra.ci_method``, ``extra.realised_sparsity_scoring``);
+- ``metric="fidelity_kl"`` / ``"fidelity_dnll"`` per evaluation domain (:mod:`prunelib.fidelity`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import costmodel, hardware, quality, timing
+from . import fidelity as fidelity_mod
 from .calibration import calibration_batch
 from .adapter import ModelAdapter
 from .models import EMBEDDED, fingerprint, load_model, parameter_count
@@ -100,8 +103,13 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
 
 def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
         batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
-        device="cpu", dtype="float32", store: ResultsStore | None = None, **options) -> pd.DataFrame:
-    """The sweep. Returns every stored row of this model (a tidy DataFrame)."""
+        device="cpu", dtype="float32", store: ResultsStore | None = None, fidelity: bool = True,
+        **options) -> pd.DataFrame:
+    """The sweep. Returns every stored row of this model (a tidy DataFrame).
+
+    ``fidelity``: also score each pruned model's KL and NLL change against the dense model
+    (:mod:`prunelib.fidelity`, about 20 s per model on 2 cores).
+    """
     store = ResultsStore() if store is None else store
     for m in methods:
         get(m)  # unknown names fail before any work
@@ -122,7 +130,10 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                                      batch_size=quality_batch_size(method), cell=report.cell, method=method,
                                      sparsity=sparsity, extra=extra)
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
-                            realised_sparsity(method, pruned), seed)
+                            realised_sparsity(method, pruned), seed, options)
+            if fidelity and tok is not None:
+                fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
+                                     sparsity=sparsity, cell=report.cell, seed=seed, extra=extra)
             del pruned
     df = store.load()
     return df[df.model == model_name].reset_index(drop=True)
@@ -162,17 +173,24 @@ def long_context_perplexity(model_name: str = EMBEDDED, methods=(), sparsities=(
     return out.assign(ratio_to_dense=out.word_perplexity / out.word_perplexity.iloc[0])
 
 
-def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0):
-    key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash))})
+def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0,
+                options=None):
+    """The quality-loss row: value, the paired-bootstrap 95% CI (or ±1.96 se, labelled ``unpaired``, where a
+    score has no per-document outcomes), the independent-error se, and what defines the pruned model."""
+    key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash)),
+                       "ci": "paired_bootstrap", "iters": quality.BOOTSTRAP_ITERS, "seed": seed})
     if store.has(key, "quality_loss_pct"):
         return
-    r = quality.quality_loss(dense_q, q)
+    r = quality.quality_loss(dense_q, q, store=store, seed=seed)
+    per_task = {t.task: {"loss": t.loss_pct, "stderr": t.stderr_pct,
+                         "ci": [getattr(t, "ci_low", None), getattr(t, "ci_high", None)]} for t in r["per_task"].itertuples()}
     store.append(dict(model=model_name, cell=cell, method=method, sparsity=sparsity, phase="quality", device=device,
-                      dtype=dtype, metric="quality_loss_pct", value=r["loss_pct"],
-                      ci_low=r["loss_pct"] - 1.96 * r["stderr_pct"], ci_high=r["loss_pct"] + 1.96 * r["stderr_pct"],
-                      config_hash=key, extra={"stderr": r["stderr_pct"], "preset": preset, "realised_sparsity": realised,
-                                              "seed": seed,
-                                              "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
+                      dtype=dtype, metric="quality_loss_pct", value=r["loss_pct"], ci_low=r["ci_low"],
+                      ci_high=r["ci_high"], config_hash=key,
+                      extra={"stderr": r["stderr_pct"], "ci_method": r["ci_method"], "unpaired_tasks": r["unpaired_tasks"],
+                             "bootstrap": r["bootstrap"], "per_task": per_task, "preset": preset, "seed": seed,
+                             "options": options or {}, "realised_sparsity_scoring": realised,
+                             "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
 
 
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:

@@ -158,7 +158,7 @@ def measure(dense, pruned, tokenizer, *, store: ResultsStore | None = None, mode
         seconds = time.perf_counter() - t0
         common = dict(extra or {}, domain=domain, windows=n, window_len=length, context=length // 2,
                       scored_tokens=n * (length - length // 2), seconds=seconds, dense_seconds=dense_s, seed=seed,
-                      iters=iters, ci_method="bootstrap_windows", fingerprint=fp_p, dense_fingerprint=fp_d, code=code,
+                      iters=iters, ci_method="paired_bootstrap", bootstrap_unit="window", fingerprint=fp_p, dense_fingerprint=fp_d, code=code,
                       nll_dense=float(r["nll_dense"].mean()), nll_pruned=float(r["nll_pruned"].mean()),
                       ppl_dense=float(np.exp(r["nll_dense"].mean())), ppl_pruned=float(np.exp(r["nll_pruned"].mean())))
         rows = []

@@ -237,3 +237,27 @@ def test_paired_bootstrap_equals_a_plain_loop():
     assert got["ci"] == pytest.approx((lo, hi), abs=1e-9)
     with pytest.raises(ValueError, match="iters must be a positive integer, got 0"):
         quality.paired_bootstrap(pairs, iters=0)
+
+
+@pytest.mark.slow
+def test_run_stores_paired_loss_and_fidelity(tiny_lm, monkeypatch):
+    """experiment.run (quality only): the loss row carries the paired CI, the unpaired se and what defines the
+    model; every pruned model gets its fidelity rows; ``fidelity=False`` skips them."""
+    from prunelib import experiment
+
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: tiny_lm)
+    monkeypatch.setitem(quality.PRESETS, "tiny", quality.Preset(("arc_easy", "piqa"), 8))
+    kw = dict(phases=(), preset="tiny", calib_n=2, calib_len=32, seed=3)
+    df = experiment.run("tiny", ["last_n"], [0.5], **kw)
+    loss = df[df.metric == "quality_loss_pct"].iloc[0]
+    e = loss.extra
+    assert e["ci_method"] == "paired_bootstrap" and e["seed"] == 3 and e["preset"] == "tiny" and e["options"] == {}
+    assert e["stderr"] > 0 and "realised_sparsity_scoring" in e and set(e["per_task"]) == {"arc_easy", "piqa"}
+    assert loss.ci_low <= loss.value <= loss.ci_high
+    fid = df[df.metric.isin(["fidelity_kl", "fidelity_dnll"])]
+    assert len(fid) == 4 and set(fid.method) == {"last_n"}
+    assert {(m, x["domain"]) for m, x in zip(fid.metric, fid.extra)} == {
+        (m, d) for m in ("fidelity_kl", "fidelity_dnll") for d in ("ptb", "wikitext2")}
+    assert (fid[fid.metric == "fidelity_kl"].ci_low > 0).all() and all(x["seed"] == 3 for x in fid.extra)
+    df = experiment.run("tiny", ["last_n"], [0.25], fidelity=False, **kw)
+    assert not ((df.sparsity == 0.25) & df.metric.str.startswith("fidelity")).any()
