@@ -129,7 +129,7 @@ class _Encoder:
                 return {"$module": self.module_paths[id(v)]}
             raise CheckpointError(f"{where}: refers to a module outside the model")
         if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
-            if v.__module__ and _resolve(v.__module__, v.__qualname__) is v:
+            if (v.__module__ or "").startswith(ALLOWED_MODULES) and _resolve(v.__module__, v.__qualname__) is v:
                 return {"$function": [v.__module__, v.__qualname__]}
             raise CheckpointError(f"{where}: function {v.__qualname__} cannot be stored by name (a lambda or closure?)")
         if type(v).__module__.startswith("prunelib.") and hasattr(v, "__dict__"):
@@ -226,6 +226,9 @@ def _describe(model: nn.Module, skel: nn.Module):
         same = skel_mod is not None and isinstance(mod, type(skel_mod))
         out = {}
         if not same:
+            if not type(mod).__module__.startswith(ALLOWED_MODULES):
+                raise CheckpointError(f"module {path or 'model'}: class {type(mod).__module__}.{type(mod).__qualname__} "
+                                      f"is outside {ALLOWED_MODULES} and cannot be stored")
             out["new"] = _class_ref(type(mod))
         elif type(mod) is not type(skel_mod):
             out["class"] = _class_ref(type(mod))
