@@ -5,20 +5,27 @@ Schema (every row has these keys; ``extra`` holds anything else a reader may wan
     model, cell, method, sparsity, phase, batch, length, device, dtype,
     metric, value, ci_low, ci_high, bound, n, config_hash, versions, timestamp, extra
 
-Durability: each row is written with a single ``write`` of a whole line to a file
-opened in append mode, then flushed and fsync'ed. A writer killed mid-write can leave
-at most one partial last line; the next writer first terminates it with a newline so it
-stays a separate (corrupt) line and can never swallow a good row. Loading reports every
-corrupt line with its file and line number and loads all the others.
+Durability: the rows of one :meth:`ResultsStore.append` call are one unit (a task's
+metrics, a comparison's phases): each line carries the unit's id and size, and the unit
+is written with a single ``write`` to a file opened in append mode, then fsync'ed. A
+writer killed mid-write can leave a partial unit; the next writer first terminates a
+partial line with a newline so it can never swallow a good row, and loading drops an
+incomplete unit with a warning, so :meth:`ResultsStore.has` reports it missing and a
+resumed sweep measures it again. Loading reports every corrupt line with its file and
+line number and loads all the others.
 
 Skipping: every measurement is keyed by ``config_hash`` (a hash of everything that
-defines it) plus ``metric``; :meth:`ResultsStore.has` lets a sweep skip what is stored.
+defines it) plus ``metric``; :meth:`ResultsStore.has` lets a sweep skip what is stored,
+and counts only finite values, so a NaN or failed row is measured again. Where a key has
+both, loading keeps its finite rows only: a failed re-measurement never hides a good one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import uuid
 import platform
 import time
 import warnings
@@ -31,6 +38,7 @@ from .config import results_dir
 COLUMNS = ("model", "cell", "method", "sparsity", "phase", "batch", "length", "device", "dtype",
            "metric", "value", "ci_low", "ci_high", "bound", "n", "config_hash", "versions", "timestamp", "extra")
 REQUIRED = ("model", "method", "metric", "value", "config_hash")
+UNIT_KEYS = ("unit", "unit_size")  # on every stored line, outside the schema
 
 
 class CorruptRowError(ValueError):
@@ -83,31 +91,38 @@ class ResultsStore:
 
     # --- writing -------------------------------------------------------------
     def append(self, rows) -> int:
-        """Append rows (dicts passed through :func:`make_row`); returns how many were written."""
+        """Append rows (dicts passed through :func:`make_row`) as one unit; returns how many were written.
+
+        The rows land together or, if the writer dies part-way, are all dropped by the next load.
+        """
         rows = [rows] if isinstance(rows, dict) else list(rows)
-        lines = [json.dumps(make_row(**dict(r)), default=_jsonable, allow_nan=True) + "\n" for r in rows]
+        full = [make_row(**dict(r)) for r in rows]
+        unit = {"unit": uuid.uuid4().hex[:16], "unit_size": len(full)}
+        data = "".join(json.dumps({**r, **unit}, default=_jsonable, allow_nan=True) + "\n" for r in full).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if _ends_without_newline(self.path):
                 os.write(fd, b"\n")  # seal a partial line left by a killed writer
-            for line in lines:
-                os.write(fd, line.encode())  # one write per row: a row is whole or absent
+            while data:  # one write for the whole unit (a short write continues; a kill leaves a partial unit)
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
         if self._keys is not None:
-            for line in lines:
-                r = json.loads(line)
-                self._keys.add((r["config_hash"], r["metric"]))
-        return len(lines)
+            self._keys.update((r["config_hash"], r["metric"]) for r in full if _finite(r["value"]))
+        return len(full)
 
     # --- reading -------------------------------------------------------------
     def rows(self, strict: bool = False) -> list[dict]:
-        """All valid rows. Corrupt lines raise (strict) or warn, naming file and line, and are skipped."""
+        """All valid rows of complete units, a failed (non-finite) row dropped where its key has a finite one.
+
+        A corrupt line or an incomplete unit raises :class:`CorruptRowError` (strict) or warns, naming the
+        file and lines, and is left out (a resume measures it again).
+        """
         if not self.path.exists():
             return []
-        out, bad = [], []
+        out, bad, units = [], [], {}
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -116,32 +131,54 @@ class ResultsStore:
                     row = json.loads(line)
                     if not isinstance(row, dict) or any(row.get(k) is None for k in REQUIRED):
                         raise ValueError(f"missing one of {REQUIRED}")
-                    out.append(row)
                 except ValueError as err:
-                    msg = f"{self.path}:{lineno}: corrupt result row ({err}); skipped"
-                    if strict:
-                        raise CorruptRowError(msg) from err
-                    bad.append(msg)
-        for msg in bad:
-            warnings.warn(msg, CorruptRowWarning, stacklevel=2)
-        return out
+                    bad.append((f"{self.path}:{lineno}: corrupt result row ({err})", err))
+                    continue
+                if row.get("unit") is not None:
+                    units.setdefault(row["unit"], []).append(lineno)
+                out.append((lineno, row))
+        by_line = dict(out)
+        incomplete = {u: lines for u, lines in units.items()
+                      if len(lines) != by_line[lines[0]].get("unit_size", len(lines))}
+        for u, lines in incomplete.items():
+            size = by_line[lines[0]].get("unit_size")
+            bad.append((f"{self.path}:{','.join(map(str, lines))}: incomplete measurement unit {u} "
+                        f"({len(lines)} of {size} rows, its writer stopped part-way)", None))
+        for msg, err in bad:
+            if strict:
+                raise CorruptRowError(msg) from err
+        for msg, _ in bad:
+            warnings.warn(f"{msg}; left out (a resumed run measures it again)", CorruptRowWarning, stacklevel=2)
+        kept = [{k: v for k, v in row.items() if k not in UNIT_KEYS} for _, row in out
+                if row.get("unit") not in incomplete]
+        good = {(r["config_hash"], r["metric"]) for r in kept if _finite(r["value"])}
+        return [r for r in kept if _finite(r["value"]) or (r["config_hash"], r["metric"]) not in good]
 
     def load(self, strict: bool = False) -> pd.DataFrame:
         """The store as a DataFrame, one row per measurement (empty frame with the schema's columns if none)."""
         return pd.DataFrame(self.rows(strict), columns=list(COLUMNS))
 
-    def has(self, config_hash_: str, metric: str | None = None) -> bool:
-        """Is a measurement with this config hash (and metric, if given) stored?"""
+    def has(self, config_hash_: str, metric=None) -> bool:
+        """Is a measurement with this config hash stored, with a finite value for ``metric``?
+
+        ``metric``: one metric name or several (all must be stored); None: any metric of that hash.
+        Rows of an incomplete unit and non-finite values do not count, so a resume redoes them.
+        """
         if self._keys is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CorruptRowWarning)
-                self._keys = {(r["config_hash"], r["metric"]) for r in self.rows()}
+                self._keys = {(r["config_hash"], r["metric"]) for r in self.rows() if _finite(r["value"])}
         if metric is None:
             return any(h == config_hash_ for h, _ in self._keys)
-        return (config_hash_, metric) in self._keys
+        metrics = [metric] if isinstance(metric, str) else list(metric)
+        return all((config_hash_, m) in self._keys for m in metrics)
 
     def __len__(self) -> int:
         return len(self.rows())
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ends_without_newline(path: Path) -> bool:

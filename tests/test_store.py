@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
@@ -94,3 +95,47 @@ def test_survives_killed_writer(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorruptRowWarning)
         assert s.load().value.tolist()[-1] == -1.0
+
+
+def _measure(store, tasks):
+    """A resumable measurement: each task's two metrics land as one unit; stored tasks are skipped."""
+    for t in tasks:
+        key = config_hash({"task": t})
+        if not store.has(key, ["acc", "acc_norm"]):
+            store.append([dict(model="m", method="x", metric=m, value=v, config_hash=key)
+                          for m, v in (("acc", 0.5), ("acc_norm", 0.6))])
+
+
+@pytest.mark.parametrize("cut", ["line_boundary", "mid_line"])
+def test_writer_killed_between_two_rows_of_a_measurement_resumes_to_the_complete_set(tmp_path, cut):
+    path = tmp_path / "r.jsonl"
+    s = ResultsStore(path)
+    _measure(s, ["arc", "hellaswag"])
+    text = path.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[0] + "\n"  # hellaswag/acc written, hellaswag/acc_norm lost
+    path.write_text(last if cut == "line_boundary" else last + text[len(last):len(last) + 30])
+    s = ResultsStore(path)
+    with pytest.warns(CorruptRowWarning, match="incomplete measurement unit .*1 of 2 rows"):
+        df = s.load()
+    assert sorted(df.metric) == ["acc", "acc_norm"]  # arc only: the half of hellaswag is not used
+    assert not s.has(config_hash({"task": "hellaswag"}), "acc")
+    with pytest.raises(CorruptRowError) as err:
+        s.load(strict=True)
+    assert "skipped" not in str(err.value)
+    _measure(s, ["arc", "hellaswag"])  # the resume redoes hellaswag only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptRowWarning)
+        df = ResultsStore(path).load()
+    assert sorted(zip(df.config_hash, df.metric)) == sorted(
+        (config_hash({"task": t}), m) for t in ("arc", "hellaswag") for m in ("acc", "acc_norm"))
+
+
+def test_a_failed_row_never_replaces_a_good_one(tmp_path):
+    s = ResultsStore(tmp_path / "r.jsonl")
+    s.append(row(1))
+    s.append(row(2) | {"config_hash": config_hash({"i": 1}), "value": float("nan")})  # a later failed re-run
+    assert s.load().value.tolist() == [1.0]
+    s2 = ResultsStore(tmp_path / "r2.jsonl")
+    s2.append(row(3) | {"value": float("nan")})
+    assert not s2.has(config_hash({"i": 3}), "ttft_s")  # a failure alone is not "stored": measured again
+    assert s2.load().value.isna().tolist() == [True]  # but it is not hidden either
