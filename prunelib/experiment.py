@@ -182,6 +182,8 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
     if store.has(key, "quality_loss_pct"):
         return
     r = quality.quality_loss(dense_q, q, store=store, seed=seed)
+    seconds = {e["task"]: e.get("seconds") for e in q.extra  # the pruned model's scoring time, as stored
+               if e.get("task") in set(r["per_task"].task) | {quality.PERPLEXITY_TASK}}
     per_task = {t.task: {"loss": t.loss_pct, "stderr": t.stderr_pct,
                          "ci": [getattr(t, "ci_low", None), getattr(t, "ci_high", None)]} for t in r["per_task"].itertuples()}
     store.append(dict(model=model_name, cell=cell, method=method, sparsity=sparsity, phase="quality", device=device,
@@ -190,7 +192,8 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
                       extra={"stderr": r["stderr_pct"], "ci_method": r["ci_method"], "unpaired_tasks": r["unpaired_tasks"],
                              "bootstrap": r["bootstrap"], "per_task": per_task, "preset": preset, "seed": seed,
                              "options": options or {}, "realised_sparsity_scoring": realised,
-                             "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"]}))
+                             "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"],
+                             "seconds": sum(v for v in seconds.values() if v is not None)}))
 
 
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:

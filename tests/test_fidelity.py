@@ -79,3 +79,34 @@ def test_measure_stores_self_zero_and_separates(tiny_lm, tmp_path, monkeypatch):
     assert again.value.tolist() == rows.value.tolist()
     with pytest.raises(ValueError, match="fidelity domain 'c4' is unknown"):
         fidelity.measure(model, other, tok, domains=("c4",), **kw)
+
+
+def test_closing_table_and_spearman_from_the_store(capsys):
+    base = dict(model="m", phase="quality", device="cpu", dtype="float32")
+    rows = []
+    for method, cell, s, loss, kl in (("shortgpt", "static_depth", 0.25, 22.0, 1.1),
+                                      ("width_flap", "static_width", 0.1, 3.0, 0.3),
+                                      ("width_flap", "static_width", 0.25, 30.0, 2.0),  # not the table's sparsity
+                                      ("slicegpt", "static_hidden", 0.25, 15.0, 0.9),
+                                      ("last_n", "static_depth", 0.25, 40.0, 1.8)):
+        rows.append(dict(base, method=method, cell=cell, sparsity=s, metric="quality_loss_pct", value=loss,
+                         ci_low=loss - 5, ci_high=loss + 5, config_hash=f"l{method}{s}",
+                         extra={"seed": 0, "stderr": 4.0, "ci_method": "paired_bootstrap", "seconds": 60.0}))
+        for domain in ("ptb", "wikitext2"):
+            for metric, v in (("fidelity_kl", kl), ("fidelity_dnll", kl / 2)):
+                rows.append(dict(base, method=method, cell=cell, sparsity=s, metric=metric, value=v, ci_low=v * 0.9,
+                                 ci_high=v * 1.1, config_hash=f"f{method}{s}{domain}",
+                                 extra={"seed": 0, "domain": domain, "seconds": 8.0}))
+    ResultsStore().append(rows)
+    t = fidelity.closing_table(ResultsStore().load())
+    assert sorted(t.method) == ["last_n", "shortgpt", "slicegpt", "width_flap"]
+    w = t[t.method == "width_flap"].iloc[0]
+    assert w.sparsity == 0.1 and w.loss_pct == 3.0 and w.kl_ptb == 0.3 and w.fidelity_s == 16.0 and w.quality_s == 60
+    rho, n = fidelity.spearman(t)
+    assert n == 4 and rho == pytest.approx(1.0)  # the ranks agree: 3 < 15 < 22 < 40 and 0.3 < 0.9 < 1.1 < 1.8
+    fidelity.main(["--model", "m", "--table"])
+    out = capsys.readouterr().out
+    assert "Spearman(kl_ptb, quick-suite loss) = 1.000 over 4 methods" in out and "[17.0, 27.0]" in out
+    with pytest.raises(SystemExit):
+        fidelity.main(["--measure", "nope"])
+    assert "unknown methods ['nope']" in capsys.readouterr().err
