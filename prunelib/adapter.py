@@ -54,7 +54,8 @@ class LayerShape:
       tokens) / the MLP (dynamic depth); ``router``: output features of the router(s);
     - ``seq_frac``: fraction of the prompt tokens that reach this layer (token pruning);
     - ``attn_density``: fraction of the attention score matrix computed (block-sparse
-      attention), ``attn_block`` the block/page size of its estimator.
+      attention), ``attn_block`` the block/page size of its estimator, ``attn_tile`` the
+      block/page the sparse kernel computes whole tiles of (0: dense attention ran).
 
     Static fields are read from the modules; dynamic ones are what the layer's modules
     realised on the inputs they ran on since their last ``reset_stats()``.
@@ -74,6 +75,7 @@ class LayerShape:
     seq_frac: float = 1.0
     attn_density: float = 1.0
     attn_block: int = 0
+    attn_tile: int = 0
 
     @property
     def rank(self) -> dict:

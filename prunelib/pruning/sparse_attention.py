@@ -57,11 +57,11 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
@@ -101,7 +101,23 @@ def keep_counts(first_row: int, n_rows: int, density: float) -> torch.Tensor:
     return counts
 
 
-def block_scores(method: str, q, k, block: int, off: int, key_valid=None, generator=None) -> torch.Tensor:
+def hash_uniform(seed: int, *coords: torch.Tensor) -> torch.Tensor:
+    """Seeded uniform [0, 1) numbers, one per (broadcast) integer coordinate tuple.
+
+    The random baselines draw from this instead of a stateful generator, so a choice depends
+    on where it is made (layer seed, head, position, block), not on how many forwards ran
+    before: a full forward and prefill + decode draw the same numbers.
+    """
+    m = 2**31 - 1  # Lehmer (minstd) steps: every product stays below 2**62
+    x = torch.tensor(seed % m + 1, dtype=torch.int64)
+    for c in coords:
+        x = (x * 48271 + c.long() % m) % m
+        x = (x * 48271) % m
+        x = (x * 48271) % m
+    return (x.float() / m).clamp(max=1 - 2**-24)
+
+
+def block_scores(method: str, q, k, block: int, off: int, key_valid=None, seed: int = 0) -> torch.Tensor:
     """Ranking of key blocks for each query block: [B, Hkv, n_qblocks, n_kblocks], larger = keep first.
 
     ``q`` [B, H, S, d] are the queries at absolute positions off..off+S-1, ``k`` [B, Hkv, T, d]
@@ -114,7 +130,8 @@ def block_scores(method: str, q, k, block: int, off: int, key_valid=None, genera
     if method == "window":
         return torch.arange(nk, device=q.device, dtype=torch.float32).expand(B, Hkv, nq, nk)
     if method == "random":
-        return torch.rand((B, Hkv, nq, nk), generator=generator).to(q.device)
+        ar = lambda n, first=0: torch.arange(first, first + n, device=q.device)  # noqa: E731
+        return hash_uniform(seed, ar(Hkv)[:, None, None], ar(nq, off // block)[:, None], ar(nk)).expand(B, Hkv, nq, nk)
     qs = q.float().reshape(B, Hkv, H // Hkv, S, d).mean(2)  # GQA: the group's mean query
     qsum = F.pad(qs, (0, 0, lead, nq * block - lead - S)).reshape(B, Hkv, nq, block, d).sum(3)
     qn = torch.zeros(nq * block, device=q.device)
@@ -188,19 +205,20 @@ def gather_attention(q, k, v, idx, valid, block: int, off: int, scaling: float, 
 
 
 def _causal_gather(q, qb, k, v, idx, valid, block: int, off: int, scaling: float) -> torch.Tensor:
-    """No padding: the leading query blocks that keep all their causal blocks run one dense causal
-    attention; the others, grouped by how many blocks they keep (k or k+1), attend their gathered
-    blocks with one mask shared by all rows (slot 0 is the diagonal block: causal inside it)."""
+    """No padding: query blocks grouped by how many key blocks they keep attend their gathered blocks,
+    one SDPA call per group with one mask shared by its rows (slot 0 is the diagonal block: causal
+    inside it). Every kept (query block, key block) tile is computed whole, nothing else: the cost
+    model counts exactly these tiles."""
     B, H, S, d = q.shape
-    Hkv, G, first = k.shape[1], H // k.shape[1], off // block
-    counts = valid[0, 0].sum(-1)  # the same for every sequence and KV head without padding
-    n_causal = torch.arange(first + 1, first + idx.shape[2] + 1, device=counts.device)
-    full = int((counts == n_causal).long().cumprod(0).sum())
+    G = H // k.shape[1]
+    counts = valid[0, 0].sum(-1).tolist()  # the same for every sequence and KV head without padding
     out = torch.empty_like(qb)
     tri = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-    r0 = full
-    for c, rows in zip(*torch.unique_consecutive(counts[full:], return_counts=True)):
-        c, r1 = int(c), r0 + int(rows)
+    r0 = 0
+    while r0 < len(counts):
+        c, r1 = counts[r0], r0 + 1
+        while r1 < len(counts) and counts[r1] == c:
+            r1 += 1
         sel = idx[:, :, r0:r1, :c]
         bias = torch.zeros(G, block, c * block, dtype=q.dtype, device=q.device)
         bias[:, :, :block].masked_fill_(tri, NEG)
@@ -208,14 +226,6 @@ def _causal_gather(q, qb, k, v, idx, valid, block: int, off: int, scaling: float
                                                        _gather_blocks(v, sel, block), scale=scaling,
                                                        attn_mask=bias.reshape(G * block, c * block))
         r0 = r1
-    if full:  # queries before position (first + full) * block: dense and causal
-        sp = min(S, (first + full) * block - off)
-        causal = torch.ones(sp, off + sp, dtype=torch.bool, device=q.device).tril(off)
-        dense = F.scaled_dot_product_attention(q[:, :, :sp], k[:, :, : off + sp], v[:, :, : off + sp], attn_mask=causal,
-                                               scale=scaling, enable_gqa=G > 1)
-        lead = off % block
-        dense = F.pad(dense, (0, 0, lead, full * block - lead - sp))
-        out[:, :full] = dense.reshape(B, Hkv, G, full, block, d).transpose(2, 3).reshape(B * Hkv, full, G * block, d)
     return out
 
 
@@ -271,11 +281,78 @@ def page_minmax(k: torch.Tensor, page: int):
 
 
 def quest_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Quest's upper bound of q.k per page, summed over the query heads of each KV head: [B, Hkv, pages]."""
-    B, H, _, d = q.shape
+    """Quest's upper bound of q.k per page, summed over the query heads of each KV head: [B, Hkv, pages].
+
+    sum_i max(q_i hi_i, q_i lo_i) = q+ . hi + q- . lo (q+ / q- the positive / negative parts of q):
+    two small GEMMs per KV head, [G, d] x [d, pages].
+    """
+    return _bound(q, lo, hi)[:, :, 0]
+
+
+def _bound(q, lo, hi) -> torch.Tensor:
+    """q [B, H, Sq, d] against page bounds lo/hi [B, Hkv, pages, d]: [B, Hkv, Sq, pages] (summed over the group)."""
+    B, H, Sq, d = q.shape
     Hkv = lo.shape[1]
-    qg = q.float().reshape(B, Hkv, H // Hkv, 1, d)
-    return torch.maximum(qg * hi[:, :, None].float(), qg * lo[:, :, None].float()).sum(-1).sum(2)
+    qg = q.float().reshape(B, Hkv, H // Hkv * Sq, d)
+    s = qg.clamp(min=0) @ hi.float().transpose(-1, -2) + qg.clamp(max=0) @ lo.float().transpose(-1, -2)
+    return s.reshape(B, Hkv, H // Hkv, Sq, -1).sum(2)
+
+
+def _open_bound(q, lo, hi) -> torch.Tensor:
+    """q [B, H, Sq, d] against one bound per query lo/hi [B, Hkv, Sq, d] (its open page): [B, Hkv, Sq]."""
+    B, H, Sq, d = q.shape
+    Hkv = lo.shape[1]
+    qg = q.float().reshape(B, Hkv, H // Hkv, Sq, d)
+    return (qg.clamp(min=0) * hi[:, :, None].float() + qg.clamp(max=0) * lo[:, :, None].float()).sum(-1).sum(2)
+
+
+def pages_kept(n, density: float):
+    """Pages read by a query that sees ``n`` pages (int or tensor): round(density n), at least 2 (first and
+    current), at most n."""
+    if isinstance(n, int):
+        return min(n, max(2, round(density * n)))
+    return torch.minimum(n, (density * n.double()).round().long().clamp(min=2))
+
+
+def choose_pages(method: str, q, k, first: int, page: int, density: float, seed: int = 0, complete=None):
+    """Quest's page choice for the queries ``q`` [B, H, Sq, d] at positions first..first+Sq-1 over ``k`` [B, Hkv, T, d].
+
+    A query at position p sees pages 0..p // page, the last one open (keys up to p only).
+    ``complete``: (lo, hi) of the pages before the last query's open page (the decode step's
+    incremental metadata), else computed from ``k``. Returns ``keep`` [B, Hkv, Sq, pages]
+    (bool; the first and the current page always kept) and ``top`` [B, Hkv, Sq, k] the page indices
+    in rank order (a query keeps its first ``pages_kept`` of them).
+    Positions come from shapes, never from device values: no host-device sync.
+    """
+    B, Hkv, T, d = k.shape
+    Sq, dev = q.shape[2], k.device
+    last_page = (first + Sq - 1) // page
+    pos = torch.arange(first, first + Sq, device=dev)
+    cur = pos // page  # each query's open page
+    cols = torch.arange(last_page + 1, device=dev)
+    if method == "block":
+        lo, hi = page_minmax(k[:, :, : last_page * page], page) if complete is None else complete
+        scores = F.pad(_bound(q, lo, hi), (0, 1))  # [B, Hkv, Sq, pages]; the open page's column set below
+        if Sq == 1:  # the decode step: its open page is the cache's last, keys last_page * page .. T - 1
+            tail = k[:, :, last_page * page : first + 1]
+            open_lo, open_hi = tail.amin(2, keepdim=True), tail.amax(2, keepdim=True)
+        else:  # running min / max inside each page: the open page as each query sees it
+            kp = F.pad(k[:, :, : first + Sq], (0, 0, 0, (last_page + 1) * page - first - Sq)).reshape(B, Hkv, -1, page, d)
+            open_lo = kp.cummin(3).values.reshape(B, Hkv, -1, d)[:, :, first : first + Sq]
+            open_hi = kp.cummax(3).values.reshape(B, Hkv, -1, d)[:, :, first : first + Sq]
+        scores = torch.where(cols == cur[:, None], _open_bound(q, open_lo, open_hi)[..., None], scores)
+    elif method == "window":
+        scores = cols.float().expand(B, Hkv, Sq, last_page + 1)
+    else:
+        h = torch.arange(Hkv, device=dev)
+        scores = hash_uniform(seed, h[:, None, None], pos[:, None], cols).expand(B, Hkv, Sq, last_page + 1)
+    forced = (cols == 0) | (cols == cur[:, None])
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(cols > cur[:, None], NEG)
+    kmax = pages_kept(last_page + 1, density)
+    top = scores.topk(kmax, dim=-1).indices
+    slot_ok = torch.arange(kmax, device=dev) < pages_kept(cur + 1, density)[:, None]
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=dev).scatter_(-1, top, slot_ok.expand_as(top))
+    return keep, top
 
 
 def page_attention(q, k, v, idx, page: int, scaling: float, allowed=None) -> torch.Tensor:
@@ -326,34 +403,40 @@ class SparseAttention(nn.Module):
         self.head_dim, self.scaling, self.is_causal = attn.head_dim, attn.scaling, True
         self.num_key_value_groups = self.q_proj.out_features // self.k_proj.out_features
         self.attention_dropout = 0.0
-        self.method, self.density, self.block, self.page = method, float(density), block, page
-        self.generator = torch.Generator().manual_seed(seed) if method == "random" else None
-        self._pages = None  # Quest metadata of the complete pages: (cache ref, n pages, lo, hi, last key)
+        self.method, self.density, self.block, self.page, self.seed = method, float(density), block, page, seed
+        self.prompt_lengths = None  # [B] where each row's prompt ends (servinglm.prompt_lengths); None: all input
         self.reset_stats()
 
     def extra_repr(self) -> str:
         return f"method={self.method}, density={self.density:.4g}, block={self.block}, page={self.page}"
+
+    def set_prompt_lengths(self, lengths) -> None:
+        """Where each row's prompt ends in the next forwards (:func:`prunelib.servinglm.prompt_lengths`)."""
+        self.prompt_lengths = lengths
 
     # counters -------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.kept = {"prefill": 0, "decode": 0}
         self.total = {"prefill": 0, "decode": 0}
         self.estimated = {"prefill": False, "decode": False}
+        self.tiled = {"prefill": False, "decode": False}
         self.last_phase = None
 
-    def _count(self, phase: str, kept: int, total: int, estimated: bool) -> None:
+    def _count(self, phase: str, kept: int, total: int, estimated: bool, tiled: bool = True) -> None:
         self.kept[phase] += kept
         self.total[phase] += total
         self.estimated[phase] |= estimated
+        self.tiled[phase] |= tiled
         self.last_phase = phase
 
     def shape_overrides(self) -> dict:
         """Realised density of the phase that ran last since ``reset_stats()`` (dense defaults if none ran)."""
         p = self.last_phase
         if p is None or self.total[p] == 0:
-            return {"attn_density": 1.0, "attn_block": 0}
+            return {"attn_density": 1.0, "attn_block": 0, "attn_tile": 0}
         size = self.block if p == "prefill" else self.page
-        return {"attn_density": self.kept[p] / self.total[p], "attn_block": size if self.estimated[p] else 0}
+        return {"attn_density": self.kept[p] / self.total[p], "attn_block": size if self.estimated[p] else 0,
+                "attn_tile": size if self.tiled[p] else 0}
 
     # forward --------------------------------------------------------------------------
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
@@ -364,12 +447,16 @@ class SparseAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        layer = _cache_layer(past_key_values, self.layer_idx)
+        before = _keys_ptr(layer)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        if S > 1:
+        if S == 1:
+            out = self._decode(q, k, v, attention_mask, layer, before, kwargs)
+        elif self.prompt_lengths is None:
             out = self._prefill(q, k, v, attention_mask, kwargs)
         else:
-            out = self._decode(q, k, v, attention_mask, past_key_values, kwargs)
+            out = self._serve(q, k, v, attention_mask, kwargs)
         return self.o_proj(out.reshape(B, S, -1)), None
 
     def _dense(self, q, k, v, attention_mask, kwargs):
@@ -384,55 +471,114 @@ class SparseAttention(nn.Module):
         counts = keep_counts(first, nq, self.density)
         n_causal = int((torch.arange(nq) + first + 1).sum()) * B * Hkv
         if first + nq < 2 or self.density == 1 or bool((counts == torch.arange(nq) + first + 1).all()):
-            self._count("prefill", n_causal, n_causal, False)
+            self._count("prefill", n_causal, n_causal, False, False)
             return self._dense(q, k, v, attention_mask, kwargs)
         allowed = _allowed(attention_mask, B, S, T)
         if allowed is not None and torch.equal(allowed, torch.ones_like(allowed[0]).tril(off).expand(B, S, T)):
             allowed = None  # a plain causal mask (eager attention passes one): take the causal path
         key_valid = None if allowed is None else allowed.any(1)
-        scores = block_scores(self.method, q, k, b, off, key_valid, self.generator)
+        scores = block_scores(self.method, q, k, b, off, key_valid, self.seed)
         idx, valid = select_blocks(scores, counts, first)
         self._count("prefill", int(valid.sum()), n_causal, self.method == "block")
         if q.is_cuda and off % b == 0 and b % 16 == 0:
             return flex_block_attention(q, k, v, idx, valid, b, off, self.scaling, allowed)
         return gather_attention(q, k, v, idx, valid, b, off, self.scaling, allowed)
 
-    def _decode(self, q, k, v, attention_mask, cache, kwargs):
+    def _decode(self, q, k, v, attention_mask, layer, before, kwargs):
+        """One new token per sequence: Quest pages. No host-device sync (positions come from shapes)."""
         B, Hkv, T = k.shape[:3]
         n = math.ceil(T / self.page)
-        kp = min(n, max(2, int(round(self.density * n))))
+        kp = pages_kept(n, self.density)
         if kp == n:
-            self._count("decode", T * B * Hkv, T * B * Hkv, False)
+            self._count("decode", T * B * Hkv, T * B * Hkv, False, False)
             return self._dense(q, k, v, attention_mask, kwargs)
-        if self.method == "block":
-            scores = quest_scores(q, *self._page_bounds(k, cache))
-        elif self.method == "window":
-            scores = torch.arange(n, device=q.device, dtype=torch.float32).expand(B, Hkv, n)
-        else:
-            scores = torch.rand((B, Hkv, n), generator=self.generator).to(q.device)
-        scores = scores.clone()
-        scores[..., 0] = scores[..., -1] = float("inf")
-        idx = scores.topk(kp, dim=-1).indices
-        kept = kp * self.page - (n * self.page - T)  # the last (partial) page is always kept
-        self._count("decode", kept * B * Hkv, T * B * Hkv, self.method == "block")
+        complete = self._page_bounds(k, layer, before) if self.method == "block" else None
+        _, top = choose_pages(self.method, q, k, T - 1, self.page, self.density, self.seed, complete)
+        self._count("decode", kp * self.page * B * Hkv, T * B * Hkv, self.method == "block")  # slots computed
         allowed = _allowed(attention_mask, B, 1, T)
-        return page_attention(q, k, v, idx, self.page, self.scaling, None if allowed is None else allowed[:, 0])
+        return page_attention(q, k, v, top[:, :, 0], self.page, self.scaling, None if allowed is None else allowed[:, 0])
 
-    def _page_bounds(self, k, cache):
-        """Quest min/max per page: stored complete pages reused when still valid, the open page recomputed."""
+    def _page_bounds(self, k, layer, before):
+        """Quest min/max of the pages before the open one: the cache layer's stored pages reused while that
+        layer only grew (or was cropped back no further than them), the new complete pages added.
+
+        The metadata lives on the cache layer (``prunelib_quest``: keys storage, pages, lo, hi), not on
+        this module: the module holds no cache reference and stays picklable. Reuse is decided on the
+        host (the keys' storage address before this step's append, the page count), with no device
+        read: a crop keeps the storage, an append, reorder or reset replaces it.
+        """
         p, T = self.page, k.shape[2]
-        full = (T - 1) // p  # pages before the one holding the newest token
-        m = self._pages
-        if (m is not None and cache is not None and m[0]() is cache and m[1] <= full and m[2].shape[:2] == k.shape[:2]
-                and (m[1] == 0 or torch.equal(m[4], k[:, :, m[1] * p - 1]))):
-            lo_new, hi_new = page_minmax(k[:, :, m[1] * p : full * p], p) if full > m[1] else (m[2][:, :, :0],) * 2
+        full = (T - 1) // p
+        m = getattr(layer, "prunelib_quest", None)
+        if m is not None and before is not None and m[0] == before and m[1] <= full and m[2].shape[:2] == k.shape[:2]:
+            lo_new, hi_new = page_minmax(k[:, :, m[1] * p : full * p], p)
             lo, hi = torch.cat([m[2], lo_new], 2), torch.cat([m[3], hi_new], 2)
         else:
             lo, hi = page_minmax(k[:, :, : full * p], p)
-        if cache is not None:
-            self._pages = (weakref.ref(cache), full, lo, hi, k[:, :, full * p - 1].clone() if full else None)
-        lo_last, hi_last = page_minmax(k[:, :, full * p :], p)
-        return torch.cat([lo, lo_last], 2), torch.cat([hi, hi_last], 2)
+        if layer is not None:
+            layer.prunelib_quest = (k.data_ptr(), full, lo, hi)
+        return lo, hi
+
+    def _serve(self, q, k, v, attention_mask, kwargs):
+        """Prompt lengths known: each row's prompt positions run the prefill rule over the prompt's keys,
+        its later positions the decode rule (Quest), exactly as prefill + cached decode would."""
+        B, H, S, d = q.shape
+        T = k.shape[2]
+        off = T - S
+        n = self.prompt_lengths
+        if n.numel() != B:
+            raise ValueError(f"sparse attention: {n.numel()} prompt lengths were set for a batch of {B} rows")
+        mask = None if attention_mask is None else attention_mask.expand(B, -1, -1, -1)
+        out = torch.empty(B, S, H, d, dtype=q.dtype, device=q.device)
+        for b, end in enumerate(n.tolist()):  # rows one by one: each has its own prompt
+            p = min(max(end - off, 0), S)  # this forward's prompt positions of row b
+            rows = slice(b, b + 1)
+            if p:
+                m = None if mask is None else mask[rows, :, :p, : off + p]
+                out[rows, :p] = self._prefill(q[rows, :, :p], k[rows, :, : off + p], v[rows, :, : off + p], m, kwargs)
+            if p < S:
+                m = None if mask is None else mask[rows, :, p:]
+                out[rows, p:] = self._decode_all(q[rows, :, p:], k[rows], v[rows], off + p, m)
+        return out
+
+    def _decode_all(self, q, k, v, first: int, attention_mask):
+        """The decode rule for the queries at positions first.. at once: each reads its own Quest pages.
+
+        Run as a masked dense attention over the keys (scoring only: same values as the decode
+        steps' gathered pages); queries that see too few pages to skip one read them all."""
+        B, H, Sq, d = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        G, page = H // Hkv, self.page
+        keep, _ = choose_pages(self.method, q, k, first, page, self.density, self.seed)
+        pos = torch.arange(first, first + Sq, device=q.device)
+        seen = torch.arange(T, device=q.device) <= pos[:, None]  # [Sq, T]
+        n_vis = pos // page + 1
+        dense = pages_kept(n_vis, self.density) == n_vis
+        tok = keep.repeat_interleave(page, -1)[..., :T] | dense[:, None]  # [B, Hkv, Sq, T]
+        allowed = seen & tok
+        if attention_mask is not None:
+            allowed = allowed & _allowed(attention_mask, B, Sq, T)[:, None]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG)
+        qg = q.reshape(B, Hkv, G * Sq, d)
+        bias = bias[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, Hkv, G * Sq, T)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=self.scaling)
+        kept_slots = torch.where(dense, pos + 1, pages_kept(n_vis, self.density) * page)
+        self._count("decode", int(kept_slots.sum()) * B * Hkv, int((pos + 1).sum()) * B * Hkv, self.method == "block")
+        return out.reshape(B, Hkv, G, Sq, d).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, d)
+
+
+def _cache_layer(cache, idx: int):
+    """The DynamicCache layer of ``idx`` (where Quest metadata is kept), or None for other caches."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or idx >= len(layers) or not isinstance(layers[idx], DynamicLayer):
+        return None
+    return layers[idx]
+
+
+def _keys_ptr(layer):
+    keys = getattr(layer, "keys", None)
+    return keys.data_ptr() if isinstance(keys, torch.Tensor) and keys.numel() else None
 
 
 # --- model level ---------------------------------------------------------------------------

@@ -79,6 +79,21 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def _hide(mask, hidden, q_pos, k_pos):
+    """``mask`` (4-D bool / additive float, or None = causal) with the key columns ``hidden`` [B, kv] masked out.
+
+    ``q_pos`` [B, q] / ``k_pos`` [B, kv]: original positions of the query rows / key columns
+    (a None mask becomes the causal bool mask over them). ``hidden`` None: ``mask`` unchanged.
+    """
+    if hidden is None:
+        return mask
+    if mask is None:
+        return (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & ~hidden[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hidden[:, None, None, :]
+    return mask.masked_fill(hidden[:, None, None, :], torch.finfo(mask.dtype).min)
+
+
 class TokenPruner:
     """State shared by the scoring layer l - 1 and the pruned layers l..L-1 of one model.
 
@@ -93,6 +108,9 @@ class TokenPruner:
         self.criterion, self.seed, self.scaling, self.head_dim = criterion, seed, scaling, head_dim
         self.taps: dict[str, torch.Tensor] = {}
         self.last_kept = None  # [B, K] positions kept by the latest pruning prefill (for inspection)
+        self.last_filler = None  # [B, K] which of them only fill a shorter row (None: none)
+        self.prompt_lengths = None  # [B] where each row's prompt ends (servinglm.prompt_lengths); None: all input
+        self.table = torch.empty(0)  # seeded random scores by position (random criterion)
         self.reset()
         self._clear()
 
@@ -101,7 +119,11 @@ class TokenPruner:
         self.kv_seen = self.kv_kept = 0  # later forwards: full KV length / KV length of layers >= l
 
     def _clear(self) -> None:
-        self.kept = self.full = self.mask = self.rope = self.position_ids = None
+        self.kept = self.full = self.mask = self.rope = self.position_ids = self.filler = None
+
+    def set_prompt_lengths(self, lengths) -> None:
+        """Per-row prompt lengths for the next forwards (see :mod:`prunelib.servinglm`); None: all input is prompt."""
+        self.prompt_lengths = lengths
 
     # --- per forward, at layer l -------------------------------------------
     def begin(self, hidden, mask, rope, position_ids, cache, cache_idx):
@@ -119,56 +141,91 @@ class TokenPruner:
         if past > 0 or S == 1:
             self._extend(cache, past, S, B)
             return hidden
+        ar = torch.arange(S, device=hidden.device).expand(B, S)
+        prompt = ar < self._prompt_ends(B, S, hidden.device)[:, None]  # continuation positions: never pruned
         real = torch.ones(B, S, dtype=torch.bool, device=hidden.device) if mask is None else \
             _visible(mask[:, 0, -1, :]).expand(B, S)
-        keep = torch.tensor([keep_count(int(n), self.sparsity) for n in real.sum(-1).tolist()], device=hidden.device)
-        K = int(keep.max())
-        self.seen += B * S
-        kept = self._select(real, keep, K, q_k, rope) if K < S else None
+        ctx = real & prompt  # the prunable tokens
+        keep = torch.tensor([keep_count(int(n), self.sparsity) for n in ctx.sum(-1).tolist()], device=hidden.device)
+        runs = keep + (~prompt).sum(-1)  # positions each row runs from layer l on
+        K = int(runs.max())
+        n_prompt = int(prompt.sum())
+        self.seen += n_prompt
+        kept = self._select(real, ctx, ~prompt, keep, K, q_k, rope) if K < S else None
         if cache is not None:
             cache.prunelib_kept = kept  # original positions held by the caches of layers >= l (None: all)
+            cache.prunelib_filler = None if kept is None else self.filler
         if kept is None:  # nothing to prune: dense pass-through
-            self.kept_tokens += B * S
+            self.kept_tokens += n_prompt
             return hidden
-        self.kept_tokens += B * K
-        self.kept, self.full, self.last_kept = kept, hidden, kept
+        self.kept_tokens += n_prompt - B * S + B * K
+        self.kept, self.full, self.last_kept, self.last_filler = kept, hidden, kept, self.filler
         rows = kept[:, :, None]
         if mask is not None:
             m = mask.expand(B, -1, -1, -1)
             m = m.gather(2, rows[:, None].expand(B, m.shape[1], K, S))
             self.mask = m.gather(3, kept[:, None, None, :].expand(B, m.shape[1], K, K))
+        self.mask = _hide(self.mask, self.filler, kept, kept)
         self.rope = tuple(t.expand(B, -1, -1).gather(1, rows.expand(B, K, t.shape[-1])) for t in rope)
         if position_ids is not None:
             self.position_ids = position_ids.expand(B, -1).gather(1, kept)
         return hidden.gather(1, rows.expand(B, K, hidden.shape[-1]))
 
-    def _select(self, real, keep, K, q_k, rope) -> torch.Tensor:
-        """[B, K] sorted positions: per row the ``keep`` best real tokens, then padding to fill K."""
+    def _prompt_ends(self, B, S, device) -> torch.Tensor:
+        """[B] where each row's prompt ends (S when no prompt lengths were set)."""
+        n = self.prompt_lengths
+        if n is None:
+            return torch.full((B,), S, device=device)
+        if n.numel() != B:
+            raise ValueError(f"token pruning: {n.numel()} prompt lengths were set for a batch of {B} rows")
+        return n.to(device)
+
+    def _select(self, real, ctx, forced, keep, K, q_k, rope) -> torch.Tensor:
+        """[B, K] sorted positions: per row its ``keep`` best prompt tokens and every ``forced`` one, then fillers.
+
+        A row that runs fewer than K positions fills up with prompt positions it did not keep
+        (padding first); ``self.filler`` [B, K] marks them: no query sees them as keys and
+        they keep their early-exit state.
+        """
         B, S = real.shape
         ar = torch.arange(S, device=real.device).expand(B, S)
-        last = torch.where(real, ar, -1).amax(-1)
-        first = torch.where(real, ar, S).amin(-1)
+        last = torch.where(ctx, ar, -1).amax(-1)
+        first = torch.where(ctx, ar, S).amin(-1)
         if self.criterion == "attention":
-            score = self._attention(q_k, rope, real, last)
-        else:
-            g = torch.Generator().manual_seed(self.seed)
-            score = torch.rand(B, S, generator=g).to(real.device)
-        score = score.float().masked_fill(~real, -math.inf)
+            score = self._attention(q_k, rope, ctx, last)
+        else:  # seeded by the position among the real tokens: a prompt's choice depends on the prompt only
+            rank_real = (real.cumsum(-1) - 1).clamp(min=0)
+            score = self._random_table(S, real.device)[rank_real]
+        score = score.float().masked_fill(~ctx, -math.inf)
         score = score.masked_fill((ar == last[:, None]) | (ar == first[:, None]), math.inf)
         rank = torch.argsort(score, dim=-1, descending=True, stable=True).argsort(-1)
-        chosen = real & (rank < keep[:, None])
-        pad_rank = (~real).cumsum(-1) - 1
-        chosen |= ~real & (pad_rank < (K - keep)[:, None])
-        return torch.where(chosen, ar, ar + S).sort(-1).values[:, :K]
+        chosen = (ctx & (rank < keep[:, None])) | forced
+        spare = ~chosen
+        order = torch.where(spare & ~real, ar, ar + S).masked_fill(~spare, 3 * S)  # padding first
+        filler = spare & (order.argsort(-1).argsort(-1) < (K - chosen.sum(-1))[:, None])
+        kept = torch.where(chosen | filler, ar, ar + S).sort(-1).values[:, :K]
+        self.filler = filler.gather(1, kept) if bool(filler.any()) else None
+        return kept
 
-    def _attention(self, q_k, rope, real, last) -> torch.Tensor:
-        """softmax(q_last K^T / sqrt(d)) of layer l - 1, averaged over heads: [B, S]."""
+    def _random_table(self, n: int, device) -> torch.Tensor:
+        """Seeded random scores by position, drawn in fixed chunks: the same value at a position whatever n is."""
+        chunk = 1024
+        while self.table.numel() < n:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.table.numel() // chunk)
+            self.table = torch.cat([self.table, torch.rand(chunk, generator=g)])
+        return self.table[:n].to(device)
+
+    def _attention(self, q_k, rope, ctx, last) -> torch.Tensor:
+        """softmax(q_last K^T / sqrt(d)) of layer l - 1 over the prompt, averaged over heads: [B, S].
+
+        q_last is the last prompt token's query; only prompt tokens are keys (causal).
+        """
         q, k = q_k
         if q is None or k is None:
             raise RuntimeError("token pruning: layer l - 1 did not record its q/k projections in this forward")
-        B, S = real.shape
+        B, S = ctx.shape
         d = self.head_dim
-        b = torch.arange(B, device=real.device)
+        b = torch.arange(B, device=ctx.device)
         cos, sin = (t.expand(B, -1, -1).float() for t in rope)
         q_last = q[b, last].float().view(B, -1, d)  # [B, Hq, d]: M = 1 per row
         q_last = _rotate(q_last, cos[b, last][:, None], sin[b, last][:, None])
@@ -176,7 +233,7 @@ class TokenPruner:
         n_kv = keys.shape[2]
         q_last = q_last.view(B, n_kv, -1, d)
         logits = torch.einsum("bkgd,bskd->bkgs", q_last, keys) * self.scaling
-        logits = logits.masked_fill(~real[:, None, None, :], -math.inf)
+        logits = logits.masked_fill(~ctx[:, None, None, :], -math.inf)
         return logits.softmax(-1).mean((1, 2))
 
     def _extend(self, cache, past, q, B) -> None:
@@ -186,15 +243,19 @@ class TokenPruner:
         full = cache.get_seq_length(0) - q  # positions cached by layer 0 (never pruned) before this forward
         self.kv_seen += B * full
         self.kv_kept += B * past
-        if past == full or self.mask is None:  # no mask: every cached entry is visible to every new token
+        kept, filler = getattr(cache, "prunelib_kept", None), getattr(cache, "prunelib_filler", None)
+        if past == full or (self.mask is None and filler is None):  # every cached entry visible to every new token
             return
-        kept = getattr(cache, "prunelib_kept", None)
         if kept is None or kept.shape[0] != B or past < kept.shape[1]:
             raise ValueError("token pruning: this cache was not filled by a token-pruned prefill of the same batch")
         tail = torch.arange(full - (past - kept.shape[1]), full + q, device=kept.device).expand(B, -1)
         cols = torch.cat([kept, tail], dim=1)
-        m = self.mask.expand(B, -1, q, -1)
-        self.mask = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], q, cols.shape[1]))
+        if self.mask is not None:
+            m = self.mask.expand(B, -1, q, -1)
+            self.mask = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], q, cols.shape[1]))
+        if filler is not None:
+            filler = torch.cat([filler, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
+        self.mask = _hide(self.mask, filler, torch.arange(full, full + q, device=kept.device).expand(B, q), cols)
 
     # --- per forward, at the last layer ------------------------------------
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,6 +263,8 @@ class TokenPruner:
         out = hidden
         if self.kept is not None:
             idx = self.kept[:, :, None].expand(-1, -1, hidden.shape[-1])
+            if self.filler is not None:  # fillers keep their early-exit state
+                hidden = torch.where(self.filler[:, :, None], self.full.gather(1, idx), hidden)
             out = self.full.scatter(1, idx, hidden)
         self._clear()
         return out
@@ -253,6 +316,10 @@ class TokenPrunedLayer:
 
     def reset_stats(self) -> None:
         self.token_pruner.reset()
+
+    def set_prompt_lengths(self, lengths) -> None:
+        """Where each row's prompt ends in the next forwards (:func:`prunelib.servinglm.prompt_lengths`)."""
+        self.token_pruner.set_prompt_lengths(lengths)
 
 
 _CLASSES: dict[type, type] = {}

@@ -1,0 +1,95 @@
+"""Score a model as it would serve: the prompt is prefilled, the continuation is decoded.
+
+In serving, a request's prompt runs as one prefill and every later token as a decode
+step over the KV cache. lm-eval's ``HFLM`` scores a (context, continuation) pair in one
+forward pass over ``context + continuation[:-1]``; for a static model that equals
+prefill plus cached decode, but a dynamic method that treats the whole input as its
+prompt (prompt-token pruning, block-sparse prefill) would prune or sparsify the very
+positions being scored. This module tells such a model where each row's prompt ends:
+
+- :func:`prompt_lengths` (context manager): inside it, every forward of the model treats
+  positions ``< lengths[b]`` of row ``b`` as the prompt (prefill rules) and later
+  positions as continuation tokens (decode rules, at full depth). Modules opt in by
+  defining ``set_prompt_lengths(lengths_or_None)``; a model without such a module (any
+  static model) is untouched. Outside the block, a forward's whole input is the prompt.
+- :class:`ServingHFLM`: ``HFLM`` that derives each loglikelihood request's prompt length
+  (``len(context)`` after lm-eval's left truncation) and wraps its ``_model_call`` in
+  :func:`prompt_lengths`. For a static model it is plain ``HFLM`` (identical scores).
+
+The position lm-eval scores first (the last context token) is the prefill's last
+position; the continuation's positions are decode steps. With lm-eval's one-token
+logits cache, requests whose ``context + continuation[:-1]`` coincide share one forward;
+if their context lengths differ, the shortest is used, so each request's scored
+positions are still served by prefill or decode, never from an early-exited state.
+
+Rolling loglikelihood (perplexity): lm-eval's windows have a one-token context (the
+prefix token, or one token of the previous window), so the prompt is that token and
+every scored token is a decode step: prompt-token pruning prunes nothing there (its
+perplexity is the dense model's), and sparse attention is scored by its decode rule
+(Quest pages). Perplexity therefore never scores a position from a pruned state.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+HOOK = "set_prompt_lengths"
+
+
+def serving_modules(model) -> list:
+    """The modules of ``model`` that change behaviour with the prompt length (empty: a static model)."""
+    return [m for m in model.modules() if callable(getattr(m, HOOK, None))]
+
+
+@contextmanager
+def prompt_lengths(model, lengths):
+    """Forwards of ``model`` inside the block treat positions ``< lengths[b]`` of row ``b`` as the prompt."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    if lengths.numel() == 0 or bool((lengths < 1).any()):
+        raise ValueError(f"prompt lengths must be one integer >= 1 per row, got {lengths.tolist()}")
+    mods = serving_modules(model)
+    for m in mods:
+        getattr(m, HOOK)(lengths)
+    try:
+        yield
+    finally:
+        for m in mods:
+            getattr(m, HOOK)(None)
+
+
+class ServingHFLM(HFLM):
+    """lm-eval's HFLM that tells the model where each scored request's context ends (see the module docstring)."""
+
+    _prompts: dict | None = None  # input tokens -> prompt length, for the requests being scored
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self.backend != "causal" or not serving_modules(self.model):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        prompts = {}
+        for _, context, continuation in requests:
+            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])  # as HFLM builds it
+            n = len(inp) - len(continuation) + 1
+            prompts[inp] = min(n, prompts.get(inp, n))
+        self._prompts = prompts
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._prompts = None
+
+    def _prompt_length(self, row: list[int]) -> int:
+        """Prompt length of one (right-padded with 0) input row: the longest known input it starts with."""
+        for end in range(len(row), 0, -1):
+            n = self._prompts.get(tuple(row[:end]))
+            if n is not None:
+                return n
+            if row[end - 1] != 0:  # only zero padding may follow the input
+                break
+        raise RuntimeError(f"ServingHFLM: an input row of length {len(row)} matches no loglikelihood request")
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        if self._prompts is None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with prompt_lengths(self.model, [self._prompt_length(r) for r in inps.tolist()]):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
