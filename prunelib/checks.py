@@ -1,46 +1,240 @@
-"""Checks for notebook parameters (papermill injects them): wrong types or unknown names fail
-in the first cell with a message that names the parameter, the value and what is allowed."""
+"""Input checks, run before any work starts: the CLIs, the Python API and notebook parameters
+(papermill injects them) share them. Every error names the parameter, the value given and
+what is allowed, e.g. ``batches=0 is not allowed: expected integers >= 1``."""
 from __future__ import annotations
 
+import math
 
-def _positive_ints(name, v):
-    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-        raise ValueError(f"parameter {name}={v!r}: expected a non-empty list of positive integers")
+PHASES = ("prefill", "decode")
+
+
+class InputError(ValueError):
+    """A bad input, found before any work started (the CLIs print it as a usage error)."""
+
+
+def fail(name: str, value, allowed: str):
+    raise InputError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _is_int(v) -> bool:
+    import numpy as np
+
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def integer(name: str, v, minimum: int = 1, maximum: int | None = None, why: str = "") -> int:
+    """``v`` as an int in [minimum, maximum]."""
+    allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "") + why
+    if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
+        fail(name, v, allowed)
+    return int(v)
+
+
+def integers(name: str, values, minimum: int = 1, maximum: int | None = None, why: str = "") -> list[int]:
+    """A non-empty list of ints in [minimum, maximum]; the error names the first bad one."""
+    allowed = f"a non-empty list of integers >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "") + why
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        fail(name, values, allowed)
+    values = list(values)
+    if not values:
+        fail(name, values, allowed)
+    for v in values:
+        if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
+            fail(name, values, f"{allowed}; {v!r} is not")
+    return [int(v) for v in values]
+
+
+def number(name: str, v, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> float:
+    """A finite number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
+    parts = ["a finite number"] + ([f">= {lo}"] if lo is not None else []) + \
+        ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (lo is None or v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        fail(name, v, " ".join(parts))
+    return float(v)
+
+
+def reps(v) -> int:
+    return integer("reps", v, 2, why=" (a median and its confidence interval need at least 2 samples)")
+
+
+def limit(v):
+    """lm-eval's ``limit``: None (every document), a whole number of documents >= 1, or a fraction in (0, 1)."""
+    if v is None:
+        return None
+    allowed = "None (every document), a whole number of documents >= 1, or a fraction 0 < limit < 1"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        fail("limit", v, allowed)
+    if v >= 1 and not float(v).is_integer():
+        fail("limit", v, allowed)
+    return int(v) if v >= 1 else float(v)
+
+
+def phases(values) -> tuple:
+    values = tuple(values)
+    for p in values:
+        if p not in PHASES:
+            fail("phases", p, f"a list of {list(PHASES)} (or 'none' on the command line: quality only)")
+    return values
+
+
+def sparsities(values) -> list[float]:
+    """Model-independent check: a non-empty list of fractions 0 <= s < 1 (each method narrows it, see
+    :func:`method_sparsities`)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not list(values):
+        fail("sparsities", values, "a non-empty list of fractions 0 <= s < 1")
+    values = list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v < 1):
+            fail("sparsities", values, f"a list of fractions 0 <= s < 1; {v!r} is not")
+    return [float(v) for v in values]
+
+
+def methods(names) -> list[str]:
+    from .pruning import get, methods as registered
+
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__") or not list(names):
+        fail("methods", names, f"a non-empty list of method names from {registered()}")
+    for m in names:
+        if not isinstance(m, str):
+            fail("methods", m, f"method names from {registered()}")
+        get(m)  # names the registered ones
+    return list(names)
+
+
+def options(names, opts: dict) -> None:
+    """Every option must be declared by every method it goes to (``prune(..., **options)``)."""
+    from .pruning.registry import check_options
+
+    for m in names:
+        check_options(m, opts)
+
+
+def method_sparsities(names, values, model) -> None:
+    """Each (method, sparsity) within the method's range on ``model`` (its unit, and never emptying a
+    whole sublayer type)."""
+    from .pruning.registry import check_sparsity
+
+    for m in names:
+        for s in values:
+            check_sparsity(m, s, model)
+
+
+def max_length(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def lengths_fit(values, config, phase_list=PHASES) -> None:
+    """A prompt of each length (plus the decoded token) must fit the model's positions."""
+    top = max_length(config)
+    if top is None:
+        return
+    extra = 1 if "decode" in phase_list else 0
+    for s in values:
+        if s + extra > top:
+            fail("lengths" if not isinstance(values, int) else "length", s,
+                 f"lengths <= {top - extra} (max_position_embeddings {top}"
+                 + (", one position left for the decoded token)" if extra else ")"))
+
+
+def timing_args(base_model, phase, batch, length, reps_=None, cand_model=None) -> None:
+    """What :func:`prunelib.timing.compare` / ``measure`` need: a phase, batch and length >= 1 within the
+    model's positions, reps >= 2, and two models over the same vocabulary."""
+    if phase not in PHASES:
+        fail("phase", phase, f"one of {list(PHASES)}")
+    integer("batch", batch)
+    top = max_length(base_model.config)
+    extra = 1 if phase == "decode" else 0
+    integer("length", length, 1, None if top is None else top - extra,
+            "" if top is None else f" (max_position_embeddings {top}" + (", one left to decode)" if extra else ")"))
+    if reps_ is not None:
+        reps(reps_)
+    if cand_model is not None:
+        va, vb = _vocab(base_model), _vocab(cand_model)
+        if va != vb:
+            fail("cand_model vocabulary size", vb, f"the base model's vocabulary size {va} (the models must read the "
+                 "same token ids)")
+
+
+def _vocab(model) -> int:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.num_embeddings) if emb is not None else int(model.config.vocab_size)
+
+
+def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(512,), reps_=20, preset=None,
+             calib_n=32, calib_len=256, seed=0, options_=None) -> None:
+    """Everything of an experiment sweep that can be checked without the model (see :func:`model_args`)."""
+    from . import quality
+
+    methods(methods_)
+    options(methods_, options_ or {})
+    sparsities(sparsities_)
+    phases(phases_)
+    integers("batches", batches)
+    integers("lengths", lengths)
+    reps(reps_)
+    if preset is not None and preset not in quality.PRESETS:
+        fail("preset", preset, f"one of {sorted(quality.PRESETS)} or None (no quality)")
+    integer("calib_n", calib_n)
+    integer("calib_len", calib_len)
+    integer("seed", seed, 0)
+
+
+def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
+    """The checks that need the model: each method's sparsity range, lengths within its positions."""
+    method_sparsities(methods_, sparsities_, model)
+    lengths_fit(lengths, model.config, phases_)
+
+
+def csv(name: str, text: str, convert=str) -> list:
+    """A comma-separated command-line list, each item converted; a bad item is named with its parameter."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            out.append(convert(item))
+        except ValueError:
+            kind = {int: "integers", float: "numbers"}.get(convert, "values")
+            fail(name, item, f"comma-separated {kind}")
+    return out
 
 
 def parameters(**p) -> None:
+    """Notebook parameters (the first cell): unknown names are ignored, known ones must be valid."""
     from . import hardware, quality
     from .models import resolve_device, resolve_dtype
-    from .pruning import get
 
     for name, v in p.items():
-        if name in ("model",) and not isinstance(v, str):
-            raise ValueError(f"parameter model={v!r}: expected a model name or path (str)")
+        if name == "model" and not isinstance(v, str):
+            fail("model", v, "a model name or path (str)")
         elif name == "device":
             resolve_device(v)
         elif name == "dtype":
             resolve_dtype(v, p.get("device", "cpu"))
         elif name == "methods":
-            if not isinstance(v, (list, tuple)) or not v:
-                raise ValueError(f"parameter methods={v!r}: expected a non-empty list of method names")
-            for m in v:
-                get(m)
+            methods(v)
         elif name == "sparsities":
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in v):
-                raise ValueError(f"parameter sparsities={v!r}: expected a list of numbers in [0, 1)")
+            sparsities(v)
         elif name in ("batches", "lengths"):
-            _positive_ints(name, v)
-        elif name in ("reps", "calib_n", "calib_len"):
-            _positive_ints(name, [v])
+            integers(name, v)
+        elif name == "reps":
+            reps(v)
+        elif name in ("calib_n", "calib_len"):
+            integer(name, v)
+        elif name == "limit":
+            limit(v)
+        elif name == "phases":
+            phases(v)
         elif name == "quality_preset":
             if v and v not in quality.PRESETS:
-                raise ValueError(f"parameter quality_preset={v!r}: expected one of {sorted(quality.PRESETS)} or None")
+                fail(name, v, f"one of {sorted(quality.PRESETS)} or None")
         elif name == "hardware_spec":
             if v != "cpu" and v not in hardware.KNOWN:
-                raise ValueError(f"parameter hardware_spec={v!r}: expected 'cpu' or one of {sorted(hardware.KNOWN)}")
+                fail(name, v, f"'cpu' or one of {sorted(hardware.KNOWN)}")
         elif name == "long_context_docs":
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"parameter long_context_docs={v!r}: expected a whole number >= 0 (0 skips)")
+            integer(name, v, 0, why=" (0 skips)")
         elif name in ("bands", "fine_bands"):
-            if not all(isinstance(b, (list, tuple)) and len(b) == 2 and b[0] <= b[1] for b in v):
-                raise ValueError(f"parameter {name}={v!r}: expected a list of [low, high] percent pairs")
+            if not isinstance(v, (list, tuple)) or not all(
+                    isinstance(b, (list, tuple)) and len(b) == 2 and b[0] <= b[1] for b in v):
+                fail(name, v, "a list of [low, high] percent pairs with low <= high")

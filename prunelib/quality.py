@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import evaltasks, samples
+from . import checks, evaltasks, samples
 from .models import fingerprint
 from .store import ResultsStore, config_hash
 
@@ -64,8 +64,9 @@ PRESETS = {
 def _check_limit(limit):
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
-        raise ValueError(f"limit must be a positive number of documents (or None for all), got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+        raise checks.InputError(f"limit must be a positive number of documents, a fraction < 1, or None for all; "
+                                f"got limit={limit!r}")
     return limit
 
 
@@ -89,6 +90,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
         raise ValueError("give tasks or a preset")
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     limit = _check_limit(limit)
+    checks.integer("batch_size", batch_size)
     evaltasks._expand(tasks)  # unknown names -> ValueError listing the allowed ones
     if tokenizer is None or getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token, which lm-eval needs for batching; "
@@ -359,7 +361,7 @@ _limit_arg.__name__ = "limit"  # argparse: "invalid limit value: 'x'"
 
 
 def main(argv=None):
-    from .models import EMBEDDED, load_model
+    from .models import EMBEDDED, load_model, resolve_dtype
 
     p = argparse.ArgumentParser(description="score a model with lm-eval on the offline suite (resumable: "
                                             "finished tasks are read from the store)")
@@ -373,8 +375,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
     tasks = a.tasks.split(",") if a.tasks else list(PRESETS[a.preset].tasks)
-    try:  # bad names or limits fail here, before the model loads
+    try:  # bad names, limits, batch sizes or devices fail here, before the model loads
         _check_limit(a.limit)
+        checks.integer("batch_size", a.batch_size)
+        resolve_dtype(a.dtype, a.device)
         evaltasks._expand(tasks)
     except ValueError as err:
         p.error(str(err))

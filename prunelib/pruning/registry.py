@@ -12,6 +12,7 @@ from typing import Callable
 
 from .. import costmodel
 from ..adapter import ModelAdapter
+from ..checks import InputError
 from ..hardware import HardwareSpec
 from ..models import parameter_count
 from ..taxonomy import CELLS, Cell
@@ -61,7 +62,7 @@ def check_options(method: str, options: dict) -> None:
     unknown = sorted(set(options) - set(schema))
     if unknown:
         allowed = ", ".join(f"{k} ({_allowed(v)})" for k, v in schema.items()) or "none"
-        raise ValueError(f"option {unknown[0]}={options[unknown[0]]!r} is not taken by pruning method {method!r}; "
+        raise InputError(f"option {unknown[0]}={options[unknown[0]]!r} is not taken by pruning method {method!r}; "
                          f"its options: {allowed}")
     for k, v in options.items():
         spec = schema[k]
@@ -70,7 +71,7 @@ def check_options(method: str, options: dict) -> None:
         ok = v in spec if isinstance(spec, tuple) else (
             isinstance(v, spec) and (spec is bool or not isinstance(v, bool)))
         if not ok:
-            raise ValueError(f"option {k}={v!r} of pruning method {method!r} is not allowed: expected {_allowed(spec)}")
+            raise InputError(f"option {k}={v!r} of pruning method {method!r} is not allowed: expected {_allowed(spec)}")
 
 
 def check_sparsity(method: str, sparsity, model) -> float:
@@ -78,14 +79,14 @@ def check_sparsity(method: str, sparsity, model) -> float:
     m = get(method)
     hi = m.max_sparsity(model)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= hi:
-        raise ValueError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): "
+        raise InputError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): "
                          f"allowed 0 <= s <= {hi:.10g}")
     return float(sparsity)
 
 
 def get(name: str) -> Method:
     if name not in REGISTRY:
-        raise ValueError(f"unknown pruning method {name!r}; registered: {sorted(REGISTRY)}")
+        raise InputError(f"unknown pruning method {name!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]
 
 
