@@ -287,6 +287,41 @@ def _yaml_text(include: Path, body: dict) -> str:
     return head + yaml.safe_dump({"include": str(include), **body}, sort_keys=False, allow_unicode=True)
 
 
+_CHECKED: set[tuple] = set()  # (path, size, mtime) of the raw files already read whole
+
+
+def _check_readable(task: str, path: Path, loader: str) -> None:
+    """Read a file the HF loader will read, so a truncated or malformed one fails here, named with its
+    path (inside lm-eval it becomes a DatasetGenerationError that names no file)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    try:
+        if st.st_size == 0:
+            raise ValueError("the file is empty")
+        if loader == "arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as src:
+                n = pa.ipc.open_stream(src).read_all().num_rows
+            if n == 0:
+                raise ValueError("the table has no rows")
+        else:
+            text = path.read_text(encoding="utf-8")
+            # one JSON document (an array of records), else JSON Lines (the error names the first bad line)
+            records = json.loads(text) if text.lstrip().startswith("[") else _read_jsonl(path)
+            if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+                raise ValueError("expected a JSON array of records or one JSON record per line")
+    except (ValueError, OSError, UnicodeDecodeError, ImportError) as err:
+        raise ValueError(f"malformed data for task {task!r} in {path}: {type(err).__name__}: {err} "
+                         f"(truncated or not the expected format; see SOURCES.md)") from err
+    except Exception as err:  # pyarrow.ArrowInvalid and friends
+        raise ValueError(f"malformed data for task {task!r} in {path}: {type(err).__name__}: {err} "
+                         f"(truncated or not the expected format; see SOURCES.md)") from err
+    _CHECKED.add(key)
+
+
 # ------------------------------------------------------------------ public API
 def prepare_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None) -> Path:
     """Write local-file lm-eval task YAMLs for ``tasks``; return the folder to include.
@@ -323,6 +358,7 @@ def prepare_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None
         raw = [ddir / f for f in spec.files]
         if spec.convert is None:
             data_file = raw[0]
+            _check_readable(leaf, data_file, spec.loader)
         else:
             data_file = folder / "data" / f"{leaf}.jsonl"
             try:
