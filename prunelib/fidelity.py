@@ -14,12 +14,14 @@ domain; both are reported, since WikiText favours methods calibrated on WikiText
 gives ``windows`` windows of ``length`` tokens at evenly spaced offsets of the tokenised
 file (deterministic).
 
-Scored as served: the first half of each window is the prompt, run as one prefill with a
-KV cache; the second half is the continuation, run as one more forward on that cache. The
-scored positions are the continuation's tokens (the prefill's last logit and the
-continuation's own logits). For a static model this equals a full forward; a dynamic
-method is scored as it serves a request (prompt-token pruning prunes the prompt only; its
-continuation runs at full depth).
+Scored as served: the first half of each window is the prompt, the second half the
+continuation; the scored positions predict the continuation's tokens (from the prompt's
+last position on). One forward runs inside :func:`prunelib.servinglm.prompt_lengths`, so a
+dynamic method applies its prefill rules to the prompt and its decode rules to the
+continuation (prompt-token pruning prunes the prompt only, the continuation runs at full
+depth; sparse attention uses its decode rule), which equals a prefill followed by
+token-by-token cached decode. A static model is untouched: a plain full forward. (A
+multi-token forward on a cache is *not* used: sparse attention treats it as a prefill chunk.)
 
 CI: a bootstrap over windows (the unit of independent text; ``iters`` resamples, seeded),
 the same windows for both models (paired), percentile 95%. The dense model's log-probs are
@@ -39,6 +41,7 @@ with CIs, seconds) and the Spearman rank correlation of KL on PTB with the quick
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
@@ -89,16 +92,26 @@ def windows(tokenizer, domain: str, n: int = WINDOWS, length: int = LENGTH, root
 def served_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """Log-probs ``[n, L - L//2, vocab]`` predicting the second half of each window, as served.
 
-    One prefill of the first half (with a cache; only its last logit is kept), then one
-    forward of the continuation on that cache.
+    One forward of ``ids[:, :-1]`` inside :func:`prunelib.servinglm.prompt_lengths` with the
+    first half as the prompt: a dynamic method treats that half by its prefill rules and the
+    rest as decode steps (equal to a prefill and token-by-token cached decode); a static model
+    is untouched. Only the scored positions' logits are computed.
     """
     dev = next(model.parameters()).device
     ids = ids.to(dev)
-    c = ids.shape[1] // 2
-    pre = model(ids[:, :c], use_cache=True, logits_to_keep=1)
-    cont = model(ids[:, c:-1], past_key_values=pre.past_key_values, use_cache=True)
-    logits = torch.cat([pre.logits[:, -1:], cont.logits], dim=1).float()
+    n, length = ids.shape
+    c = length // 2
+    with _serving(model, [c] * n):
+        logits = model(ids[:, :-1], logits_to_keep=length - c).logits.float()
     return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def _serving(model, lengths):
+    try:
+        from .servinglm import prompt_lengths
+    except ImportError:  # no serving wrapper in this checkout: every model scores as a full forward
+        return contextlib.nullcontext()
+    return prompt_lengths(model, lengths)
 
 
 def divergence(dense_lp: torch.Tensor, pruned_lp: torch.Tensor, targets: torch.Tensor) -> dict:

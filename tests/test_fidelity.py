@@ -110,3 +110,26 @@ def test_closing_table_and_spearman_from_the_store(capsys):
     with pytest.raises(SystemExit):
         fidelity.main(["--measure", "nope"])
     assert "unknown methods ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,sparsity", [("token_prune_attn", 0.5), ("sparse_attn_block", 0.5),
+                                             ("dyn_depth_router", 0.25)])
+def test_served_equals_prefill_then_cached_decode_for_dynamic_methods(method, sparsity):
+    """Fidelity scores a dynamic model as it serves: a prompt prefill, then one decode step per token."""
+    pytest.importorskip("prunelib.servinglm")
+    from conftest import synthetic_calibration, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from prunelib.pruning import prune
+
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(tiny_config(max_position_embeddings=1024)).eval()
+    pruned, _ = prune(dense, method, sparsity, calibration=synthetic_calibration(n=6, length=64))
+    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+    served = fidelity.served_logprobs(pruned, ids)
+    with torch.no_grad():
+        out = pruned(ids[:, :100], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1:]]
+        for i in range(100, 199):
+            steps.append(pruned(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(served, torch.log_softmax(torch.cat(steps, 1).float(), -1), atol=1e-4, rtol=1e-4)
