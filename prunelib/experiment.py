@@ -286,7 +286,17 @@ def main(argv=None):
     p.add_argument("--round-to", type=int, default=None, help="width / low-rank: round kept sizes to 8 or 64")
     p.add_argument("--table", action="store_true",
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
+    p.add_argument("--spec", help="run a sweep spec (YAML/TOML, see docs/SWEEPS.md) instead of the options above")
+    p.add_argument("--executor", choices=("inprocess", "local", "ray"), default="inprocess",
+                   help="with --spec: in this process, a local process pool, or a Ray cluster")
+    p.add_argument("--workers", type=int, default=1, help="with --spec: pool processes (local) or CPUs of a new "
+                                                          "local Ray instance (ray without --address)")
+    p.add_argument("--address", default=None, help="with --executor ray: the cluster ('auto', host:port)")
     a = p.parse_args(argv)
+    if a.spec:
+        from . import sweep
+
+        return sweep.main(spec=a.spec, executor=a.executor, workers=a.workers, address=a.address)
     phases = () if a.phases == "none" else tuple(a.phases.split(","))
     if a.table:  # measure nothing
         df = ResultsStore().load()
@@ -296,12 +306,24 @@ def main(argv=None):
                  batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
                  reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed,
                  **({"round_to": a.round_to} if a.round_to else {}))
-    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500):
-        print(summary(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0])).round(3).to_string(index=False))
+    print_table(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0]))
+
+
+def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512) -> None:
+    """The summary table, each criterion against random, and the jobs of a sweep that failed."""
+    from .sweep import failures
+
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500,
+                           "display.max_colwidth", 120):
+        print(summary(df, batch, length).round(3).to_string(index=False))
         vr = versus_random(df)
         if len(vr):
             print("\ncriterion vs random (quality loss %, mean over stored seeds):")
             print(vr.round(2).to_string(index=False))
+        f = failures(df)
+        if len(f):
+            print(f"\nfailed jobs ({len(f)}; logs in <results>/sweeps/logs):")
+            print(f.to_string(index=False))
 
 
 if __name__ == "__main__":
