@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from . import costmodel, hardware, timing
-from .models import EMBEDDED, load_model, parameter_count
+from . import checks, costmodel, hardware, timing
+from .models import EMBEDDED, load_model, parameter_count, resolve_dtype
 from .pruning.surgery import remove_layers
 
 
@@ -27,6 +27,13 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    try:  # before the model loads (its positions are checked by timing itself)
+        checks.integer("batch", args.batch), checks.integer("length", args.length), checks.reps(args.reps)
+        if args.threads is not None:
+            checks.integer("threads", args.threads)
+        resolve_dtype(args.dtype, args.device)
+    except ValueError as err:
+        p.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
 

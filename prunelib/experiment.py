@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import costmodel, hardware, quality, timing
+from . import checks, costmodel, hardware, quality, timing
 from . import fidelity as fidelity_mod
 from .calibration import calibration_batch
 from .adapter import ModelAdapter
@@ -111,9 +111,10 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     (:mod:`prunelib.fidelity`, about 20 s per model on 2 cores).
     """
     store = ResultsStore() if store is None else store
-    for m in methods:
-        get(m)  # unknown names fail before any work
+    checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=reps, preset=preset,
+                    calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options)  # before any work
     model, tok = load_model(model_name, device=device, dtype=dtype)
+    checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
     cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
     text = timing_text(tok, batches, lengths, seed=seed + 1)
     dense_q = quality.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
@@ -297,16 +298,23 @@ def main(argv=None):
         from . import sweep
 
         return sweep.main(spec=a.spec, executor=a.executor, workers=a.workers, address=a.address)
-    phases = () if a.phases == "none" else tuple(a.phases.split(","))
-    if a.table:  # measure nothing
-        df = ResultsStore().load()
-        df = df[df.model == a.model]
-    else:
-        df = run(a.model, a.methods.split(","), [float(x) for x in a.sparsities.split(",")], phases=phases,
-                 batches=[int(x) for x in a.batches.split(",")], lengths=[int(x) for x in a.lengths.split(",")],
-                 reps=a.reps, preset=None if a.preset == "none" else a.preset, seed=a.seed,
-                 **({"round_to": a.round_to} if a.round_to else {}))
-    print_table(df, int(a.batches.split(",")[0]), int(a.lengths.split(",")[0]))
+    try:  # every argument checked before the model loads; the per-method ranges right after it (run)
+        phases = () if a.phases == "none" else tuple(checks.csv("phases", a.phases))
+        methods, sparsities = checks.csv("methods", a.methods), checks.csv("sparsities", a.sparsities, float)
+        batches, lengths = checks.csv("batches", a.batches, int), checks.csv("lengths", a.lengths, int)
+        options = {"round_to": a.round_to} if a.round_to is not None else {}
+        preset = None if a.preset == "none" else a.preset
+        checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
+                        preset=preset, seed=a.seed, options_=options)
+        if a.table:  # measure nothing
+            df = ResultsStore().load()
+            df = df[df.model == a.model]
+        else:
+            df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
+                     preset=preset, seed=a.seed, **options)
+    except checks.InputError as err:
+        p.error(str(err))
+    print_table(df, batches[0], lengths[0])
 
 
 def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512) -> None:

@@ -47,7 +47,7 @@ BOOTSTRAP_ITERS = 2000
 @dataclass(frozen=True)
 class Preset:
     tasks: tuple[str, ...]
-    limit: int | None
+    limit: int | None | dict  # documents per task: one number for all, or {task: number} (BLiMP: per paradigm)
     doc: str = ""
 
 
@@ -70,6 +70,19 @@ def _check_limit(limit):
     return limit
 
 
+def _limits(tasks, limit):
+    """``task -> limit``: one checked limit for every task, or a dict covering each task (a BLiMP paradigm
+    takes BLiMP's)."""
+    if not isinstance(limit, dict):
+        limit = _check_limit(limit)
+        return lambda task: limit
+    missing = [t for t in tasks if t not in limit]
+    if missing:
+        raise checks.InputError(f"limit: a per-task limit needs every task; {missing} missing from limit={limit!r}")
+    limit = {t: _check_limit(v) for t, v in limit.items()}
+    return lambda task: limit[task] if task in limit else limit["blimp"]
+
+
 def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=None, batch_size: int = 16,
              seed: int = 1234, offline: bool = True, store: ResultsStore | None = None, model_name: str = "",
              cell: str = "dense", method: str = "dense", sparsity: float = 0.0, extra: dict | None = None,
@@ -89,7 +102,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     if not tasks:
         raise ValueError("give tasks or a preset")
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    limit = _check_limit(limit)
+    limit_of = _limits(tasks, limit)
     checks.integer("batch_size", batch_size)
     evaltasks._expand(tasks)  # unknown names -> ValueError listing the allowed ones
     if tokenizer is None or getattr(tokenizer, "pad_token", None) is None:
@@ -104,7 +117,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     sidecars = samples.folder(store.path)
 
     def key(task):
-        defining = {"kind": "quality", "fingerprint": fp, "task": task, "limit": limit, "num_fewshot": 0,
+        defining = {"kind": "quality", "fingerprint": fp, "task": task, "limit": limit_of(task), "num_fewshot": 0,
                     "seed": seed, "offline": offline, "batch_size": batch_size, "max_length": max_length,
                     "lm_eval": lm_eval.__version__}
         return config_hash(defining if code is None else {**defining, "code": code})
@@ -123,9 +136,10 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
         for chunk in tqdm(runs, desc="lm-eval tasks", leave=False):  # each chunk lands in the store when done
             tm = evaltasks.task_manager(chunk, offline=offline, data_dir=data_dir)
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0, limit=limit,
-                                          bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-                                          torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True)
+            out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0,
+                                          limit=limit_of(chunk[0]), bootstrap_iters=bootstrap_iters, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                          log_samples=True)
             seconds = (time.perf_counter() - t0) / len(chunk)  # a chunk's time, shared by its tasks
             rows = []
             for task in chunk:
@@ -140,7 +154,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
                             value=value, ci_low=None if half is None else value - half,
                             ci_high=None if half is None else value + half, n=n, config_hash=key(task),
                             extra=dict(extra or {}, task=name, requested=task, score=metric, stderr=stderr,
-                                       limit=limit, fingerprint=fp, offline=offline, seed=seed, num_fewshot=0,
+                                       limit=limit_of(task), fingerprint=fp, offline=offline, seed=seed, num_fewshot=0,
                                        batch_size=batch_size, max_length=max_length, seconds=seconds,
                                        scored_with=chunk, lm_eval=lm_eval.__version__, code=code)))
             store.append(rows)

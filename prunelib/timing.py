@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import checks
+
 PHASES = ("prefill", "decode")
 
 
@@ -232,6 +234,7 @@ class Timing:
 def measure(model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
             timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Timing:
     """TTFT (phase="prefill") or TPOT (phase="decode") of one model, raw samples kept."""
+    checks.timing_args(model, phase, batch, length, reps)  # before any work: names the bad argument
     timer = timer or timer_for(_device(model))
     with timer.session():
         work = Workload(model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
@@ -279,6 +282,7 @@ class Comparison:
 def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
             timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Comparison:
     """Time two models interleaved (ABBA order) and return the speedup of ``cand`` over ``base``."""
+    checks.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
     timer = timer or timer_for(_device(base_model))
     with timer.session():
         wa = Workload(base_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)

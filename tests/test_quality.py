@@ -261,3 +261,14 @@ def test_run_stores_paired_loss_and_fidelity(tiny_lm, monkeypatch):
     assert (fid[fid.metric == "fidelity_kl"].ci_low > 0).all() and all(x["seed"] == 3 for x in fid.extra)
     df = experiment.run("tiny", ["last_n"], [0.25], fidelity=False, **kw)
     assert not ((df.sparsity == 0.25) & df.metric.str.startswith("fidelity")).any()
+
+
+def test_per_task_limits(tiny_lm, tmp_path):
+    store = ResultsStore(tmp_path / "r.jsonl")
+    df = quality.evaluate(*tiny_lm, ["arc_easy", "piqa"], limit={"arc_easy": 3, "piqa": 5}, store=store)
+    assert dict(zip(df.metric, df.n)) == {"arc_easy/acc": 3, "arc_easy/acc_norm": 3, "piqa/acc": 5, "piqa/acc_norm": 5}
+    assert {e["task"]: e["limit"] for e in df.extra} == {"arc_easy": 3, "piqa": 5}
+    with pytest.raises(ValueError, match=r"per-task limit needs every task; \['piqa'\] missing"):
+        quality.evaluate(*tiny_lm, ["arc_easy", "piqa"], limit={"arc_easy": 3}, store=store)
+    with pytest.raises(ValueError, match="got limit=0"):
+        quality.evaluate(*tiny_lm, ["arc_easy"], limit={"arc_easy": 0}, store=store)
