@@ -241,6 +241,22 @@ def _num(v):
         return None  # lm-eval writes "N/A" where it has no stderr
 
 
+def _check_complete(d: pd.DataFrame, p: pd.DataFrame, tasks=None) -> None:
+    """Every accuracy task either model was scored on (or ``tasks``) has a finite chosen metric for both."""
+    seen = set(d.index.get_level_values(0)) | set(p.index.get_level_values(0))
+    asked = list(tasks) if tasks else [t for t in CHOSEN_METRIC if t in seen]
+
+    def ok(tab, t):
+        k = (t, CHOSEN_METRIC.get(t))
+        return k in tab.index and math.isfinite(float(tab.loc[k, "value"]))
+
+    gaps = [f"{t}/{CHOSEN_METRIC.get(t)} ({'dense' if not ok(d, t) else 'pruned'})"
+            for t in asked if not (ok(d, t) and ok(p, t))]
+    if gaps:
+        raise ValueError(f"quality loss refused: {', '.join(gaps)} missing or not finite, so the average would "
+                         "silently cover fewer tasks; score them again (a resumed run redoes incomplete tasks)")
+
+
 def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store: ResultsStore | None = None,
                  iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> dict:
     """Mean relative drop (%) of the chosen accuracies, with its paired 95% CI, its unpaired stderr, the perplexities.
@@ -259,6 +275,7 @@ def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store
         return t.drop_duplicates(["task", "score"], keep="last").set_index(["task", "score"])
 
     d, p = table(dense), table(pruned)
+    _check_complete(d, p, tasks)  # a missing or failed score is refused, never a silently smaller average
     tasks = tasks or [t for t in CHOSEN_METRIC if (t, CHOSEN_METRIC[t]) in d.index and (t, CHOSEN_METRIC[t]) in p.index]
     if not tasks:
         raise ValueError("no accuracy task is scored for both models; evaluate them on the same tasks first")
