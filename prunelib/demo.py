@@ -1,17 +1,26 @@
 """``make demo`` / ``make sweep``: run the notebooks through papermill into build/notebooks/.
 
 Every measurement lands in the results store, so an interrupted demo resumes where it
-stopped. ``--full`` (``make sweep``) uses full parameters. With the quick preset
-``make demo`` takes about 41 minutes on 2 CPU cores (measured from a clean store: 2414 s,
-3 to 6.5 minutes per axis notebook, before the sparse-attention notebook gained its
-long-context perplexity cell, about a minute more): lm-eval scoring costs about a minute per pruned
-model (the dense scores are computed once and cached in the store), so each axis runs its
-strongest criterion at two sparsities (``make sweep`` runs every method, random baselines
-included).
+stopped. ``--full`` (``make sweep``) uses full parameters: every method, random baselines
+included, five sparsities, two lengths.
+
+``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook)
+with its strongest criterion, and is sized to finish within 30 minutes on 2 CPU cores. The
+budget, from the last measured demo (2414 s from a clean store for 16 pruned models, 3 to
+6.5 minutes per axis notebook, plus about a minute of long-context perplexity): about 30 s
+per notebook to start a kernel, load and calibrate, and about 2 minutes per pruned model
+(quick-suite scoring, 27 s to 1.5 min, the most; timing at S=512 with 10 repetitions;
+pruning; since then the fidelity score, about 20 s). So the quick demo prunes 9 models
+instead of 16: one sparsity per axis, where the frontier is drawn (static depth keeps two,
+its low-loss point and a quarter of the layers), and scores long-context perplexity on one
+article. Estimate: 10 notebooks x 30 s + 9 models x 2.3 min + baseline 2 min + long
+context 1 min, about 28 minutes; not yet re-measured end to end (``demo took ... s`` is
+printed at the end).
 
 Plotly figures are rendered as HTML with plotly.js embedded once per notebook (renderer
 ``notebook``; set ``PLOTLY_RENDERER`` to override), so the executed notebooks and their
-HTML rendering (``make report``) show the interactive figures offline.
+HTML rendering (``make report``) show the interactive figures offline. Each notebook's
+library logs go to ``<notebook>.log`` beside it (:func:`prunelib.report.route_logs`).
 """
 from __future__ import annotations
 
@@ -22,18 +31,18 @@ from pathlib import Path
 
 from .config import REPO_ROOT
 
-QUICK_SWEEP = dict(sparsities=[0.1, 0.25], lengths=[512], reps=10, quality_preset="quick")
+QUICK_SWEEP = dict(lengths=[512], reps=10, quality_preset="quick")
 QUICK = {
     "baseline": dict(batches=[1, 4], lengths=[128, 512], reps=10, quality_preset="quick"),
-    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"]),
-    "static_width": dict(QUICK_SWEEP, methods=["width_flap"], round_to=64),
-    "hidden_width": dict(QUICK_SWEEP, methods=["slicegpt"]),
-    "sparse24": dict(QUICK_SWEEP, methods=["sparse24_wanda"], sparsities=[0.25, 0.5]),
-    "lowrank": dict(QUICK_SWEEP, methods=["lowrank_asvd"]),
-    "dynamic_depth": dict(QUICK_SWEEP, methods=["dyn_depth_router"]),
-    "token_pruning": dict(QUICK_SWEEP, methods=["token_prune_attn"], sparsities=[0.25, 0.5]),
-    "sparse_attention": dict(QUICK_SWEEP, methods=["sparse_attn_block"], sparsities=[0.5, 0.75], lengths=[2048],
-                             reps=5, long_context_docs=2),
+    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"], sparsities=[0.1, 0.25]),
+    "static_width": dict(QUICK_SWEEP, methods=["width_flap"], sparsities=[0.1], round_to=64),
+    "hidden_width": dict(QUICK_SWEEP, methods=["slicegpt"], sparsities=[0.25]),
+    "sparse24": dict(QUICK_SWEEP, methods=["sparse24_wanda"], sparsities=[0.5]),  # 2:4 on every layer
+    "lowrank": dict(QUICK_SWEEP, methods=["lowrank_svdllm"], sparsities=[0.25]),
+    "dynamic_depth": dict(QUICK_SWEEP, methods=["dyn_depth_router"], sparsities=[0.25]),
+    "token_pruning": dict(QUICK_SWEEP, methods=["token_prune_attn"], sparsities=[0.5]),
+    "sparse_attention": dict(QUICK_SWEEP, methods=["sparse_attn_block"], sparsities=[0.75], lengths=[2048], reps=5,
+                             long_context_docs=1),
     "pareto": {},
 }
 FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048)
@@ -48,7 +57,7 @@ FULL = {
                          lengths=[512, 2048]),
     "sparse24": dict(FULL_SWEEP, methods=["sparse24_magnitude", "sparse24_wanda", "sparse24_sparsegpt",
                                           "sparse24_random"], sparsities=[0.25, 0.5], lengths=[512, 2048]),
-    "lowrank": dict(FULL_SWEEP, methods=["lowrank_svd", "lowrank_asvd", "lowrank_random"],
+    "lowrank": dict(FULL_SWEEP, methods=["lowrank_svd", "lowrank_svdllm", "lowrank_random"],
                     sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048]),
     "dynamic_depth": dict(FULL_SWEEP, methods=["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random"],
                           sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048]),
@@ -64,10 +73,22 @@ def execute(name: str, out: Path, params: dict, progress_bar: bool = True) -> Pa
     """Run ``notebooks/<name>.ipynb`` with ``params`` into ``out/<name>.ipynb`` (papermill); returns that path."""
     import papermill as pm
 
-    os.environ.setdefault("PLOTLY_RENDERER", "notebook")  # the kernel inherits it: figures as HTML, plotly.js inline
+    from .report import LOG_ENV
+
     path = Path(out) / f"{name}.ipynb"
-    pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(path), parameters=params,
-                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=progress_bar, kernel_name="python3")
+    env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", "notebook"),  # figures as HTML, plotly.js inline
+           LOG_ENV: str(path.with_suffix(".log"))}  # the kernel's library logs, beside the notebook
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits them
+    try:
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(path), parameters=params,
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=progress_bar, kernel_name="python3")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return path
 
 

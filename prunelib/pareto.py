@@ -30,6 +30,7 @@ PAPER_BANDS = ((0, 4), (5, 16), (17, 26))
 FINE_BANDS = ((0, 2), (2, 5), (5, 10), (10, 16), (16, 26), (26, 50))
 KEY = ["model", "method", "sparsity", "seed", "options"]
 SHAPE = ["phase", "batch", "length", "device", "timing_mode"]
+DOMAINS = ("ptb", "wikitext2")  # held-out text the fidelity rows are measured on
 X_METRICS = {"loss": "quality_loss_pct", "kl": "fidelity_kl", "dnll": "fidelity_dnll"}
 X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the chosen accuracies vs dense",
             "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",
@@ -74,6 +75,8 @@ def quality(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFr
     """The quality-axis rows (``x``: loss, kl or dnll; fidelity on ``domain``), the latest per key."""
     if x not in X_METRICS:
         raise ValueError(f"x={x!r} is not a quality axis; allowed: {sorted(X_METRICS)}")
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r} is not a fidelity domain; allowed: {list(DOMAINS)}")
     q = df[df.metric == X_METRICS[x]]
     if x != "loss":
         q = q[[isinstance(e, dict) and e.get("domain") == domain for e in q.extra]]

@@ -4,8 +4,9 @@ The static figures are built on :class:`matplotlib.figure.Figure` objects, never
 pyplot's global state, so nothing here picks a backend in a user's kernel: a notebook
 cell that ends with one of these calls shows the figure once, a script just saves it.
 
-- :func:`pareto_plotly`, :func:`pareto_static`: one Pareto figure (points from
-  :func:`prunelib.pareto.points`), both uncertainties as error bars.
+- :func:`pareto_figures`: every Pareto figure of a set of points (from
+  :func:`prunelib.pareto.points`), one per shape, via :func:`pareto_plotly` and
+  :func:`pareto_static`; both uncertainties as error bars.
 - :func:`speedup_vs_bound`, :func:`speed_vs_loss`, :func:`realised_vs_target`: the three
   figures every axis notebook draws from ``experiment.summary``'s table.
 """
@@ -108,6 +109,23 @@ def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path
     ax.set(xlabel=x_label(pts), ylabel="measured speedup (x), 95% CI", title=title)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
+    """One Pareto figure per (phase, batch, length, timing mode) of ``pts``, each saved as
+    ``figures/pareto_<phase>_B<b>_S<s>[_<mode>][_<x>].html|png``; returns the plotly figures by that key."""
+    from .pareto import X_METRICS, frontier
+
+    short = {metric: x for x, metric in X_METRICS.items()}
+    figs = {}
+    for (phase, b, s, mode), g in pts.groupby(["phase", "batch", "length", "timing_mode"]):
+        x = short[g.x_metric.iloc[0]]
+        name = f"pareto_{phase}_B{b}_S{s}" + ("" if mode == "eager" else f"_{mode}") + ("" if x == "loss" else f"_{x}")
+        front, head = frontier(g), f"{title}: {phase}, B={b}, S={s}, {mode} timing"
+        figs[(phase, b, s, mode)] = pareto_plotly(g, front, head)
+        save_plotly(figs[(phase, b, s, mode)], name)
+        pareto_static(g, front, head, figures_dir() / f"{name}.png")
+    return figs
 
 
 def speedup_vs_bound(table: pd.DataFrame, batch: int, length: int, path: Path | None = None):

@@ -1,12 +1,49 @@
-"""``make report``: executed notebooks to HTML, figures beside them, one index page. Zip and send."""
+"""``make report``: executed notebooks to HTML, figures beside them, one index page. Zip and send.
+
+:func:`route_logs`, called in every notebook's first cell, keeps what is sent readable:
+library logs and progress bars written to stderr (lm-eval's per-request bars, its
+"Overwriting default num_fewshot" warnings, transformers' and torch's warnings) go to a log
+file beside the executed notebook instead of into its outputs.
+"""
 from __future__ import annotations
 
 import argparse
 import html
+import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 from .config import REPO_ROOT
+
+LOG_ENV = "PRUNELIB_LOG"  # set by prunelib.demo to <executed notebook>.log before the kernel starts
+
+
+def route_logs(path: str | os.PathLike | None = None) -> Path:
+    """Send this process's stderr, Python logging and warnings to ``path`` from now on; returns it.
+
+    ``path`` defaults to ``$PRUNELIB_LOG`` (``make demo`` sets it beside each executed
+    notebook), else ``build/notebooks/interactive.log``. Exceptions still show in the
+    notebook (they are not written to stderr), and so do ``tqdm.auto`` progress bars,
+    which a notebook draws as widgets. The file is appended to, line-buffered.
+    """
+    path = Path(path or os.environ.get(LOG_ENV) or REPO_ROOT / "build" / "notebooks" / "interactive.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the kernel)
+    old = {id(sys.stderr), id(sys.__stderr__)}
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if type(handler) is logging.StreamHandler and id(handler.stream) in old:
+            handler.setStream(log)
+    sys.stderr = log  # warnings, tqdm's default file and logging's last-resort handler write here
+    try:  # C-level writes (torch, tokenizers) too, where the process has a real stderr descriptor
+        os.dup2(log.fileno(), 2)
+    except OSError:
+        pass
+    print(f"library logs: {path}")
+    return path
 
 
 def build(executed: Path, figures: Path, out: Path) -> Path:
