@@ -14,9 +14,21 @@ model with fewer layers, heads or channels is costed as it is. Conventions:
   every position;
 - a decode step "at KV length S" feeds one new token per sequence with S cached
   tokens, so its attention spans S + 1 keys;
-- attention FLOPs count the full S x S score matrix, as the math and SDPA CPU
-  kernels (and ``torch.utils.flop_counter``) do; ``causal=True`` halves it, as
-  flash kernels that skip masked blocks do;
+- attention products are costed as the kernel computes them. Dense prefill with
+  ``causal=True`` (the default for sdpa / flash models) counts the causal lower
+  triangle, S(S+1)/2 score entries per (sequence, head): SDPA with ``is_causal`` (flash
+  on CUDA, the flash kernel on CPU; what transformers' sdpa attention runs on an
+  unpadded prompt) skips the key blocks above the diagonal. It computes its diagonal
+  tiles whole, about t/S more for query tiles of t rows (our reading of the kernels:
+  t = 32..256 on CPU by length, +25% at S=256 and +12.5% at S=2048; 64..128 on CUDA),
+  which the triangle leaves out. ``causal=False`` counts the full S x S product, what
+  eager attention and SDPA with an explicit (padding) mask compute; by default a model
+  read with eager attention is costed so (``ModelShape.causal_skip``);
+- block-sparse attention (``attn_tile``) counts exactly the (query block, key block) tiles
+  it computes, each whole (block x block, the diagonal included): realised density x
+  nb(nb+1)/2 causal tiles, nb = ceil(S / block); its decode step the gathered page slots
+  (kept pages x page). Its estimator costs the GEMMs it runs: pooled means per KV head in
+  prefill ([nb, d] x [d, nb]), Quest's two bound GEMMs ([G, d] x [d, complete pages]) in decode;
 - norms, rotary embeddings, softmax and activations are not GEMMs and are not counted.
 
 Bytes moved per GEMM = read A + read B + write C, once each (the roofline ideal).
@@ -43,12 +55,16 @@ class ModelShape:
     hidden: int
     vocab: int
     layers: tuple[LayerShape, ...]
+    #: the attention kernel skips the masked half of a causal prefill (sdpa, flash, flex); eager attention
+    #: computes the full S x S product and masks it
+    causal_skip: bool = True
 
     @classmethod
     def of(cls, model) -> "ModelShape":
         """Read the shapes of a (possibly pruned) model."""
         a = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
-        return cls(hidden=a.hidden_size, vocab=a.vocab_size, layers=tuple(a.layer_shapes()))
+        impl = getattr(a.config, "_attn_implementation", None) or "sdpa"
+        return cls(hidden=a.hidden_size, vocab=a.vocab_size, layers=tuple(a.layer_shapes()), causal_skip=impl != "eager")
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -117,6 +133,36 @@ def _projection(p: str, proj: str, ls: LayerShape, layer: int, m: float, n: int,
     return [_linear(name, layer, m, n, k, e, wfrac)]
 
 
+def _score_entries(ls: LayerShape, phase: str, q_rows: float, kv_len: float, causal: bool) -> float:
+    """Score entries (query, key) one (sequence, query head) computes: see the module docstring."""
+    if phase == "decode":
+        return q_rows * kv_len * ls.attn_density  # a sparse step: the gathered page slots
+    if ls.attn_tile:
+        nb = math.ceil(kv_len / ls.attn_tile)
+        return ls.attn_density * nb * (nb + 1) / 2 * ls.attn_tile ** 2
+    if causal and ls.attn_tokens >= 1:  # routed queries (dynamic depth) run with an explicit mask: full rows
+        return q_rows * (kv_len + 1) / 2 * ls.attn_density
+    return q_rows * kv_len * ls.attn_density
+
+
+def _estimate(p: str, i: int, ls: LayerShape, phase: str, q_rows: float, kv_len: float, B: int, e: int) -> Gemm:
+    """The block / page estimator of sparse attention, per KV head.
+
+    Prefill: pooled query means against pooled key means, [nb, d] x [d, nb]. Decode: Quest's
+    bound q+ . hi + q- . lo, two [G, d] x [d, pages] GEMMs over the complete pages (the open
+    page's bound is elementwise, not a GEMM).
+    """
+    hd, nkv, G = ls.head_dim, ls.n_kv_heads, ls.n_heads // ls.n_kv_heads
+    b = ls.attn_block
+    if phase == "prefill":
+        m, n, k, copies = math.ceil(q_rows / b), math.ceil(kv_len / b), hd, 1
+    else:
+        m, n, k, copies = G, (math.ceil(kv_len) - 1) // b, hd, 2
+    flops = copies * 2.0 * m * n * k * B * nkv
+    return Gemm(p + "self_attn.estimate", i, "attn_est", m, n, k, copies * B * nkv, flops,
+                float(e * B * nkv * copies * (m * k + n * k + m * n)))
+
+
 def gemms(
     shape: ModelShape,
     phase: str,
@@ -125,17 +171,20 @@ def gemms(
     dtype: str = "float32",
     *,
     logits: str = "last",
-    causal: bool = False,
+    causal: bool | None = None,
     sparse_kernels: bool = False,
 ) -> list[Gemm]:
     """Enumerate the GEMMs of one prefill (B x S tokens) or one decode step (KV length S).
 
+    ``causal``: cost dense causal prefill attention as the lower triangle (None: as the
+    model's attention kernel runs it, ``shape.causal_skip``).
     ``sparse_kernels``: cost 2:4 projections as the semi-structured kernels run them
     (the device has them); otherwise they are the dense GEMMs they really are.
     Dynamic fields of a layer (token fractions, kept sequence, attention density) scale
     M, the attention lengths and the score matrix as realised.
     """
     _check(phase, batch, length, dtype)
+    causal = shape.causal_skip if causal is None else causal
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
     e = DTYPE_BYTES[dtype]
@@ -161,17 +210,14 @@ def gemms(
             out += proj("self_attn.q_proj", tokens * ls.attn_tokens, nq * hd, ls.hidden, w_attn)
             out += proj("self_attn.k_proj", tokens, nkv * hd, ls.hidden)
             out += proj("self_attn.v_proj", tokens, nkv * hd, ls.hidden)
-            frac = 0.5 if (causal and phase == "prefill") else 1.0
-            frac *= ls.attn_density
-            flops = frac * 2.0 * q_rows * kv_len * hd * B * nq
+            pairs = _score_entries(ls, phase, q_rows, kv_len, causal)  # per (sequence, query head)
+            flops = 2.0 * pairs * hd * B * nq
             # Q and scores per query head; K (or V) once per KV head
             kv_read = kv_len * ls.attn_density
-            qk_bytes = e * B * (nq * (q_rows * hd + frac * q_rows * kv_len) + nkv * kv_read * hd)
-            pv_bytes = e * B * (nq * (frac * q_rows * kv_len + q_rows * hd) + nkv * kv_read * hd)
+            qk_bytes = e * B * (nq * (q_rows * hd + pairs) + nkv * kv_read * hd)
+            pv_bytes = e * B * (nq * (pairs + q_rows * hd) + nkv * kv_read * hd)
             if ls.attn_block:
-                bm, bn = math.ceil(q_rows / ls.attn_block), math.ceil(kv_len / ls.attn_block)
-                out.append(Gemm(p + "self_attn.estimate", i, "attn_est", bm, bn, hd, B * nq, 2.0 * bm * bn * hd * B * nq,
-                                float(e * B * (nq * (bm * hd + bm * bn) + nkv * bn * hd))))
+                out.append(_estimate(p, i, ls, phase, q_rows, kv_len, B, e))
             out += [
                 Gemm(p + "self_attn.qk", i, "attn_qk", q_rows, kv_len, hd, B * nq, flops, float(qk_bytes)),
                 Gemm(p + "self_attn.pv", i, "attn_pv", q_rows, hd, kv_len, B * nq, flops, float(pv_bytes)),

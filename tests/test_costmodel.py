@@ -25,6 +25,7 @@ def variants(model):
     return {"dense": model, "depth": depth, "width": width}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_flops_match_torch_flop_counter_embedded(embedded, phase):
     model = embedded[0]
@@ -32,7 +33,7 @@ def test_flops_match_torch_flop_counter_embedded(embedded, phase):
     model.set_attn_implementation("eager")  # SDPA's CPU kernel has no formula in FlopCounterMode
     try:
         for name, m in variants(model).items():
-            predicted = sum(g.flops for g in costmodel.gemms(ModelShape.of(m), phase, 2, 48))
+            predicted = sum(g.flops for g in costmodel.gemms(ModelShape.of(m), phase, 2, 48, causal=False))  # eager: S x S
             counted = counted_flops(m, phase, 2, 48)
             assert predicted == pytest.approx(counted, rel=0.01), name
     finally:
@@ -93,8 +94,10 @@ def test_roofline_regimes(tiny_model):
     c = costmodel.cost(ModelShape.of(tiny_model), "prefill", 8, 256, "float32", HW)
     assert set(c.table.bound) <= {"compute", "memory"}
     assert c.seconds == pytest.approx(c.table.seconds.sum())
-    causal = costmodel.cost(ModelShape.of(tiny_model), "prefill", 8, 256, "float32", HW, causal=True)
-    assert causal.flops < c.flops
+    full = costmodel.cost(ModelShape.of(tiny_model), "prefill", 8, 256, "float32", HW, causal=False)
+    assert c.flops < full.flops  # causal by default: the kernels skip the masked half
+    qk = lambda cost: cost.table.set_index("name").flops["layers.0.self_attn.qk"]  # noqa: E731
+    assert qk(c) == qk(full) * 257 / 512
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -164,18 +167,22 @@ def test_2to4_halves_flops_only_with_sparse_kernels():
 
 
 def test_dynamic_fractions_scale_m_and_attention():
-    dense, routed = _flops(_layer()), _flops(_layer(attn_tokens=0.5, mlp_tokens=0.25, router=1))
+    full = dict(causal=False)  # proportions of the full S x S product
+    dense, routed = _flops(_layer(), **full), _flops(_layer(attn_tokens=0.5, mlp_tokens=0.25, router=1), **full)
     assert routed["layers.0.self_attn.q_proj"].flops == dense["layers.0.self_attn.q_proj"].flops / 2
     assert routed["layers.0.self_attn.k_proj"].flops == dense["layers.0.self_attn.k_proj"].flops  # K/V kept for all
     assert routed["layers.0.self_attn.qk"].flops == dense["layers.0.self_attn.qk"].flops / 2
     assert routed["layers.0.mlp.down_proj"].flops == dense["layers.0.mlp.down_proj"].flops / 4
     assert routed["layers.0.router"].flops == 2 * 64 * 64 * 1
-    pruned = _flops(_layer(seq_frac=0.5))
+    causal = _flops(_layer(attn_tokens=0.5))["layers.0.self_attn.qk"]  # routed queries: explicit mask, full rows
+    assert causal.flops == routed["layers.0.self_attn.qk"].flops
+    pruned = _flops(_layer(seq_frac=0.5), **full)
     assert pruned["layers.0.mlp.up_proj"].flops == dense["layers.0.mlp.up_proj"].flops / 2
     assert pruned["layers.0.self_attn.qk"].flops == dense["layers.0.self_attn.qk"].flops / 4  # S/2 x S/2
-    sparse = _flops(_layer(attn_density=0.25, attn_block=8))
-    assert sparse["layers.0.self_attn.pv"].flops == dense["layers.0.self_attn.pv"].flops / 4
-    assert sparse["layers.0.self_attn.estimate"].m == 4 and sparse["layers.0.self_attn.estimate"].n == 4
+    sparse = _flops(_layer(attn_density=0.25, attn_block=8, attn_tile=8))  # S = 32: 4 blocks, 10 causal tiles
+    assert sparse["layers.0.self_attn.pv"].flops == 0.25 * 10 * 8 * 8 * 2 * 16 * 2 * 4  # tiles x b^2 x 2d x B x heads
+    est = sparse["layers.0.self_attn.estimate"]
+    assert (est.m, est.n, est.k, est.count) == (4, 4, 16, 2 * 2)  # per sequence and KV head
     assert _flops(_layer(shortcut=2))["layers.0.shortcut1"].flops == 2 * 64 * 64 * 64
 
 
@@ -196,3 +203,64 @@ def test_routed_decode_skips_weight_reads_at_batch_one():
     assert dense.bytes - routed.bytes == pytest.approx(0.75 * weights + 4 * 0.75 * 128 + 4 * 0.75 * 64)
     prefill = _flops(_layer(mlp_tokens=0.25), "prefill", B=1, S=64)["layers.0.mlp.up_proj"]
     assert prefill.bytes == pytest.approx(4 * (16 * 64 + 16 * 128) + weights)  # some token always runs it
+
+
+# --- FLOPs against torch's own counter: dense, block-sparse, token pruning; prefill and decode -----------
+def _cpu_sdpa_flops(q, k, v, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+    """FLOPs of the CPU SDPA kernel, which FlopCounterMode has no formula for.
+
+    Its full product, as torch counts its CUDA SDPA kernels (``sdpa_flop_count``, which
+    ignores causality); with ``is_causal`` the masked upper triangle is removed analytically
+    (the kernel skips the key blocks above the diagonal), leaving the causal pairs.
+    """
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    full = sdpa_flop_count(q, k, v)
+    if not is_causal:
+        return full
+    S, T = q[-2], k[-2]
+    return full * sum(min(i + 1, T) for i in range(S)) // (S * T)
+
+
+def counted_sdpa_flops(model, phase, length, batch=1):
+    """FlopCounterMode's total over one prefill (logits of the last position) or one decode step after one."""
+    from transformers import DynamicCache
+
+    from prunelib.adapter import ModelAdapter
+
+    ids = torch.randint(0, 256, (batch, length + 1), generator=torch.Generator().manual_seed(0))
+    ModelAdapter(model).reset_stats()
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    with torch.inference_mode():
+        if phase == "prefill":
+            with counter:
+                model(ids[:, :length], use_cache=True, logits_to_keep=1)
+        else:
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            with counter:
+                model(ids[:, length:], past_key_values=cache, use_cache=True)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("length", [256, 2048])
+def test_flops_match_torch_counter_for_dense_and_dynamic_attention(length):
+    """Causal dense SDPA, block-sparse tiles (+ estimators) and token pruning within 1% of FlopCounterMode."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from prunelib import pruning
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(num_hidden_layers=2, max_position_embeddings=4096)).eval()
+    variants = {"dense": model, "sparse_attn_block": pruning.prune(model, "sparse_attn_block", 0.5)[0],
+                "sparse_attn_window": pruning.prune(model, "sparse_attn_window", 0.75)[0],
+                "token_prune_attn": pruning.prune(model, "token_prune_attn", 0.5)[0]}
+    for name, m in variants.items():
+        for phase in ("prefill", "decode"):
+            counted = counted_sdpa_flops(m, phase, length)
+            predicted = sum(g.flops for g in costmodel.gemms(ModelShape.of(m), phase, 1, length))
+            assert predicted == pytest.approx(counted, rel=0.01), (name, phase)
+    shape = ModelShape.of(variants["sparse_attn_block"])  # the last run: a decode step, sparse
+    assert shape.layers[0].attn_tile == 16 and shape.layers[0].attn_density < 0.6
