@@ -61,6 +61,13 @@ PRESETS = {
 }
 
 
+def _needed(task: str):
+    """The metrics a stored task must have to be skipped: its chosen accuracy or the perplexity (else any)."""
+    if task in CHOSEN_METRIC:
+        return [f"{task}/{CHOSEN_METRIC[task]}"]
+    return [f"{task}/{PERPLEXITY_METRIC}"] if task == PERPLEXITY_TASK else None
+
+
 def _check_limit(limit):
     if limit is None:
         return None
@@ -125,7 +132,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     # BLiMP (134k requests) runs in chunks of paradigms, each stored as it finishes, so an interrupted run
     # keeps what it did; its group row is then aggregated from the stored paradigms with lm-eval's own functions
     wanted = {key(t) for t in tasks} | ({key(t) for t in evaltasks.BLIMP_TASKS} if "blimp" in tasks else set())
-    runs = [[t] for t in tasks if t != "blimp" and not store.has(key(t))]
+    runs = [[t] for t in tasks if t != "blimp" and not store.has(key(t), _needed(t))]
     if "blimp" in tasks and not store.has(key("blimp")):
         leaves = [t for t in evaltasks.BLIMP_TASKS if t not in tasks and not store.has(key(t))]
         runs += [leaves[i:i + BLIMP_CHUNK] for i in range(0, len(leaves), BLIMP_CHUNK)]

@@ -139,3 +139,30 @@ def test_a_failed_row_never_replaces_a_good_one(tmp_path):
     s2.append(row(3) | {"value": float("nan")})
     assert not s2.has(config_hash({"i": 3}), "ttft_s")  # a failure alone is not "stored": measured again
     assert s2.load().value.isna().tolist() == [True]  # but it is not hidden either
+
+
+@pytest.mark.parametrize("how", ["unit_cut", "old_row_lost"])
+def test_quality_resume_redoes_a_task_that_lost_a_metric(tmp_path, embedded, how):
+    """A crash between two rows of one task (or an old store missing the chosen metric) is scored again."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunelib import quality
+
+    tok = embedded[1]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    path = tmp_path / "r.jsonl"
+    full = quality.evaluate(model, tok, ["arc_easy"], limit=4, store=ResultsStore(path))
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [l for l in lines if '"arc_easy/acc"' not in l]  # the chosen metric's row is lost
+    if how == "old_row_lost":  # written before rows carried their unit
+        keep = [json.dumps({k: v for k, v in json.loads(l).items() if k not in ("unit", "unit_size")}) + "\n"
+                for l in keep]
+    path.write_text("".join(keep))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptRowWarning)
+        again = quality.evaluate(model, tok, ["arc_easy"], limit=4, store=ResultsStore(path))
+        got = again.drop_duplicates("metric", keep="last").set_index("metric").value
+    assert got.to_dict() == full.set_index("metric").value.to_dict()  # the complete set, same scores
