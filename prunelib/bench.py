@@ -1,9 +1,13 @@
 """``make bench``: the embedded model on this machine, against the physical limit.
 
-Prints dense TTFT and TPOT (B=1, S=512), decode bandwidth achieved against the measured
-CPU bandwidth, the dense-vs-dense speedup with its CI (should contain 1.0), and the
-speedup of the model without its last quarter of layers beside the roofline bound.
-Run: ``python -m prunelib.bench [--model M] [--device D] [--reps N]``.
+Prints, at B=1, S=512: dense TTFT and TPOT in eager mode and TPOT compiled
+(``torch.compile`` over a static KV cache), each beside its roofline, with the decode
+bandwidth achieved against the measured bandwidth; the dense model's memory (peak of a
+decode step, weights and KV cache per token, each beside the cost model's prediction);
+the dense-vs-dense speedup with its CI (should contain 1.0) and the speedup of ShortGPT
+at 25% beside the roofline bound, each with adaptive ABBA pairs until the CI half-width
+reaches its target (3% decode, 5% prefill) or the time budget runs out.
+Run: ``python -m prunelib.bench [--model M] [--device D] [--budget S] [--modes eager,compiled]``.
 """
 from __future__ import annotations
 
@@ -14,7 +18,30 @@ import torch
 
 from . import checks, costmodel, hardware, timing
 from .models import EMBEDDED, load_model, parameter_count, resolve_dtype
-from .pruning.surgery import remove_layers
+
+
+def _spec_line(hw) -> str:
+    line = (f"hardware: {hw.name}: {hw.bandwidth / 1e9:.1f} GB/s, "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in hw.peak_flops.items()))
+    if hw.measured:
+        age = (time.time() - hw.extra.get("timestamp", time.time())) / 60
+        line += (f"\n  measured {age:.0f} min ago (best of runs, {hw.extra.get('seconds_per_test', 0):.1f} s per test), "
+                 f"load average then {hw.extra.get('loadavg', float('nan')):.2f} on {hw.extra.get('cores')} cores"
+                 f"{' (under load)' if hw.extra.get('under_load') else ''}")
+    return line
+
+
+def _pruned(model, tok, seed: int = 0):
+    """ShortGPT at 25% (calibration text when there is a tokenizer), else the last quarter of the layers."""
+    from .pruning import prune
+
+    if tok is None:
+        return prune(model, "last_n", 0.25)[0], "last_n 25%"
+    from .calibration import calibration_batch
+
+    cal = calibration_batch(tok, n=16, length=256, seed=seed)
+    pruned, report = prune(model, "shortgpt", 0.25, calibration=cal)
+    return pruned, f"ShortGPT 25% (layers {report.removed.get('layers', report.removed)})"
 
 
 def main(argv=None) -> None:
@@ -24,55 +51,75 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--length", type=int, default=512)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=20, help="timed runs of a single model; minimum pairs of a comparison")
+    p.add_argument("--budget", type=float, default=timing.BUDGET_S, help="seconds of timing per comparison at most")
+    p.add_argument("--modes", default="eager,compiled", help=f"timing modes of the dense decode, of {list(timing.MODES)}")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
     try:  # before the model loads (its positions are checked by timing itself)
         checks.integer("batch", args.batch), checks.integer("length", args.length), checks.reps(args.reps)
+        checks.number("budget", args.budget, 0)
         if args.threads is not None:
             checks.integer("threads", args.threads)
         resolve_dtype(args.dtype, args.device)
     except ValueError as err:
         p.error(str(err))
+    for m in modes:
+        timing.choose_mode(args.device, m)  # a mode this device cannot run fails here, naming the allowed ones
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
-    model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     hw = hardware.for_device(args.device)
     B, S, dtype = args.batch, args.length, args.dtype
-    n_layers = len(model.model.layers)
-    drop = list(range(n_layers - n_layers // 4, n_layers))
-    pruned = remove_layers(model, drop)
-    dense_shape, pruned_shape = costmodel.ModelShape.of(model), costmodel.ModelShape.of(pruned)
-
-    print(f"model {args.model}: {parameter_count(model) / 1e6:.1f}M parameters, {n_layers} layers, "
+    shape = costmodel.ModelShape.of(model)
+    print(f"model {args.model}: {parameter_count(model) / 1e6:.1f}M parameters, {len(shape.layers)} layers, "
           f"device {args.device}, {dtype}, {torch.get_num_threads()} threads")
-    print(f"hardware: {hw.name}: {hw.bandwidth / 1e9:.1f} GB/s, "
-          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in hw.peak_flops.items()))
+    print(_spec_line(hw))
 
     print(f"\n== dense, B={B}, S={S} (median [p10, p90] of {args.reps})")
-    for phase, label in (("prefill", "TTFT"), ("decode", "TPOT")):
-        t = timing.measure(model, phase, B, S, reps=args.reps)
-        bound = costmodel.cost(dense_shape, phase, B, S, dtype, hw).seconds
-        line = (f"{label}: {t.latency.median * 1e3:8.2f} ms [{t.latency.p10 * 1e3:.2f}, {t.latency.p90 * 1e3:.2f}]"
-                f"   roofline {bound * 1e3:.2f} ms")
-        if phase == "decode":
-            bw = timing.achieved_bandwidth(model, t)
-            line += f"\n  decode bandwidth achieved: {bw / 1e9:.1f} GB/s = {bw / hw.bandwidth:.1%} of measured {hw.bandwidth / 1e9:.1f} GB/s"
-        print(line)
+    for mode in modes:
+        for phase, label in (("prefill", "TTFT"), ("decode", "TPOT")):
+            if phase == "prefill" and mode == "compiled":
+                continue  # one compilation (minutes on a small CPU) for what the paper compiles: decode
+            t0 = time.perf_counter()
+            t = timing.measure(model, phase, B, S, reps=args.reps, mode=mode)
+            bound = costmodel.cost(shape, phase, B, S, dtype, hw).seconds
+            line = (f"{label} [{mode}]: {t.latency.median * 1e3:8.2f} ms [{t.latency.p10 * 1e3:.2f}, "
+                    f"{t.latency.p90 * 1e3:.2f}]   roofline {bound * 1e3:.2f} ms")
+            if mode == "compiled":
+                line += f"   (compile and warm-up included: {time.perf_counter() - t0:.0f} s in all)"
+            if phase == "decode":
+                bw = timing.achieved_bandwidth(model, t)
+                line += (f"\n  decode bandwidth achieved [{mode}]: {bw / 1e9:.1f} GB/s = {bw / hw.bandwidth:.1%} "
+                         f"of measured {hw.bandwidth / 1e9:.1f} GB/s")
+            print(line)
 
-    print("\n== dense vs dense (interleaved; the CI should contain 1.0)")
-    for phase in ("prefill", "decode"):
-        print(" ", timing.compare(model, model, phase, B, S, reps=args.reps))
+    print("\n== memory of a dense decode step (measured | cost model)")
+    f = timing.footprint(model, "decode", B, S)
+    pred = timing.predicted_memory(model, dtype, hw)
+    peak = "n/a" if f.peak_bytes is None else f"{f.peak_bytes / 2**20:.1f} MiB"
+    print(f"  weights: {f.weight_bytes / 2**20:.1f} MiB | {pred['weight_bytes'] / 2**20:.1f} MiB\n"
+          f"  KV cache per token: {f.kv_bytes_per_token / 2**10:.2f} KiB | {pred['kv_bytes_per_token'] / 2**10:.2f} KiB"
+          f"  (x {B * S} tokens = {f.kv_bytes_per_token * B * S / 2**20:.1f} MiB)\n"
+          f"  peak beyond the resident weights: {peak} ({f.peak_method})")
 
-    print(f"\n== last quarter of layers removed ({len(drop)} of {n_layers}: layers {drop[0]}..{drop[-1]}), "
-          f"{parameter_count(pruned) / 1e6:.1f}M parameters")
-    print(f"  {'phase':8s} {'measured':>9s} {'95% CI':>17s} {'bound':>7s} {'measured/bound':>15s}")
+    pruned, label = _pruned(model, tok)
+    print(f"\n== comparisons, eager, adaptive ABBA pairs: CI target ±{timing.CI_TARGETS['decode']:.0%} decode, "
+          f"±{timing.CI_TARGETS['prefill']:.0%} prefill, budget {args.budget:.0f} s each")
+    print("  dense vs dense (the CI should contain 1.0)")
     for phase in ("prefill", "decode"):
-        c = timing.compare(model, pruned, phase, B, S, reps=args.reps)
-        bound = costmodel.theoretical_speedup(dense_shape, pruned_shape, phase, B, S, dtype, hw)
-        print(f"  {phase:8s} {c.speedup:8.3f}x  [{c.ci_low:.3f}, {c.ci_high:.3f}] {bound:6.3f}x {c.speedup / bound:14.1%}")
+        print("   ", timing.compare(model, model, phase, B, S, reps=args.reps, target="auto", budget_s=args.budget))
+    pshape = costmodel.ModelShape.of(pruned)
+    print(f"  dense vs {label}, {parameter_count(pruned) / 1e6:.1f}M parameters")
+    print(f"    {'phase':8s} {'measured':>9s} {'95% CI':>17s} {'±':>6s} {'pairs':>6s} {'bound':>7s} {'measured/bound':>15s}")
+    for phase in ("prefill", "decode"):
+        c = timing.compare(model, pruned, phase, B, S, reps=args.reps, target="auto", budget_s=args.budget)
+        bound = costmodel.theoretical_speedup(shape, pshape, phase, B, S, dtype, hw)
+        print(f"    {phase:8s} {c.speedup:8.3f}x  [{c.ci_low:.3f}, {c.ci_high:.3f}] {c.half_width:6.1%} {c.base.n:6d} "
+              f"{bound:6.3f}x {c.speedup / bound:14.1%}   ({c.stop})")
     print(f"\nbench took {time.perf_counter() - t_start:.0f} s")
 
 

@@ -62,57 +62,116 @@ def timing_text(tokenizer, batches, lengths, seed: int = 1) -> torch.Tensor | No
     return calibration_batch(tokenizer, n=max(batches), length=max(lengths) + 1, seed=seed).input_ids
 
 
-def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("prefill", "decode"), batches=(1,),
-               lengths=(512,), reps=20, hw=None, extra=None, text=None):
-    """Interleaved speedup of ``pruned`` over ``dense`` for each phase/batch/length, stored once.
+def timing_modes(method: str, model) -> dict:
+    """Which timing modes ``method`` allows on ``model``: ``graph_ok``, ``compile_ok`` and ``why`` (if not).
 
-    The bound is costed from the pruned model's shapes after the timed runs, so a dynamic
-    method is bounded by what it realised on the timed prompt (also stored as
-    ``extra.realised_sparsity``).
+    A method's module may define ``graph_safe(model)`` and ``compile_safe(model)``, each
+    returning a bool or ``(bool, reason)``. Missing ``graph_safe``: allowed for a static
+    method, not for a dynamic one (its routing runs on the host); missing ``compile_safe``:
+    as ``graph_safe``.
     """
+    if method == "dense":
+        return {"graph_ok": True, "compile_ok": True, "why": ""}
+    m = get(method)
+    mod = sys.modules[m.fn.__module__]
+
+    def ask(name, default):
+        fn = getattr(mod, name, None)
+        if fn is None:
+            return default
+        ans = fn(model)
+        ok, why = ans if isinstance(ans, tuple) else (bool(ans), "")
+        return bool(ok), why or ("" if ok else f"{mod.__name__}.{name}(model) is False")
+
+    static = m.cell.static
+    graph = ask("graph_safe", (static, "" if static else f"dynamic method {method!r} declares no graph_safe(model): "
+                                                          "its routing is not known to be graph-capturable"))
+    comp = ask("compile_safe", graph)
+    return {"graph_ok": graph[0], "compile_ok": comp[0], "why": "; ".join(w for w in (graph[1], comp[1]) if w)}
+
+
+def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("prefill", "decode"), batches=(1,),
+               lengths=(512,), reps=20, hw=None, extra=None, text=None, timing_mode=None, ci_target=None,
+               budget_s=timing.BUDGET_S):
+    """Interleaved (ABBA) speedup of ``pruned`` over ``dense`` for each phase/batch/length, stored once.
+
+    ``timing_mode``: one of :data:`prunelib.timing.MODES`, or None for the device's default
+    (:func:`prunelib.timing.choose_mode`; the choice and its reason are stored). ``ci_target``:
+    None for ``reps`` pairs, else a relative CI half-width (or ``"auto"``) reached by adding
+    pairs within ``budget_s`` seconds per comparison. The bound is costed from the pruned
+    model's shapes after the timed runs, so a dynamic method is bounded by what it realised on
+    the timed prompt (``extra.realised_sparsity``), and 2:4 layers count as sparse only where
+    their kernel engaged (``extra.kernel``, ``extra.kernel_fallback``). A roofline slower than a
+    measured time re-measures a measured spec once, and otherwise flags the row
+    (``extra.bound_flag``). Memory (``extra.mem_peak_bytes``, ``weight_bytes``,
+    ``kv_bytes_per_token``, each beside its ``*_pred``) is measured per model (``*_dense``).
+    """
+    from .pruning.semistructured import engaged_shape, kernel_info
+
     dev = next(dense.parameters()).device
     dtype = str(next(dense.parameters()).dtype).removeprefix("torch.")
     hw = hw or hardware.for_device(dev)
+    mode, mode_reason = timing.choose_mode(dev, timing_mode, **timing_modes(method, pruned))
     fp_d, fp_p = fingerprint(dense), fingerprint(pruned)
     sd = costmodel.ModelShape.of(dense)
     adapter = ModelAdapter(pruned)
+    mem_mode = mode if dev.type == "cuda" else "eager"  # a CPU compile would show up in the RSS
     for phase in phases:
         for b in batches:
             for s in lengths:
                 key = config_hash({"kind": "speed", "dense": fp_d, "pruned": fp_p, "phase": phase, "batch": b,
                                    "length": s, "device": str(dev), "dtype": dtype, "reps": reps,
                                    "threads": torch.get_num_threads(), "hw": hw.name,
-                                   "prompt": "random" if text is None else "text"})
+                                   "prompt": "random" if text is None else "text", "mode": mode,
+                                   **({} if ci_target is None else {"ci_target": ci_target, "budget_s": budget_s})})
                 if store.has(key, "speedup"):
                     continue
                 adapter.reset_stats()
-                c = timing.compare(dense, pruned, phase, b, s, reps=reps, text=text)
+                c = timing.compare(dense, pruned, phase, b, s, reps=reps, text=text, mode=mode, target=ci_target,
+                                   budget_s=budget_s)
                 realised = None if method == "dense" else realised_sparsity(method, pruned)
-                sp = costmodel.ModelShape.of(pruned)
+                sp = engaged_shape(pruned, costmodel.ModelShape.of(pruned))
+
+                def rooflines(spec):
+                    return {"dense": costmodel.cost(sd, phase, b, s, dtype, spec).seconds,
+                            "pruned": costmodel.cost(sp, phase, b, s, dtype, spec).seconds}
+
+                hw, flag = hardware.check_roofline(hw, rooflines, {"dense": c.base.median, "pruned": c.cand.median})
                 bound = costmodel.theoretical_speedup(sd, sp, phase, b, s, dtype, hw)
                 cost = costmodel.cost(sp, phase, b, s, dtype, hw)
+                mem = {}
+                for tag, m, shape in (("", pruned, sp), ("_dense", dense, sd)):
+                    f = timing.footprint(m, phase, b, s, mode=mem_mode, text=text)
+                    mem.update({k + tag: v for k, v in f.extra(timing.predicted_memory(m, dtype, hw, shape)).items()})
                 store.append(dict(
                     _base(model_name, method, sparsity, str(dev), dtype), phase=phase, batch=b, length=s,
-                    metric="speedup", value=c.speedup, ci_low=c.ci_low, ci_high=c.ci_high, bound=bound, n=reps,
+                    metric="speedup", value=c.speedup, ci_low=c.ci_low, ci_high=c.ci_high, bound=bound, n=c.base.n,
                     config_hash=key,
                     extra=dict(extra or {}, t_dense=c.base.median, t_pruned=c.cand.median, efficiency=c.speedup / bound,
                                params=parameter_count(pruned), params_dense=parameter_count(dense), flops=cost.flops,
                                bytes=cost.bytes, hw=hw.name, realised_sparsity=realised,
+                               roofline_dense=rooflines(hw)["dense"], roofline_pruned=cost.seconds,
+                               bound_flag=flag, timing_mode=mode, timing_mode_reason=mode_reason,
+                               ci_target=c.target, ci_half_width=c.half_width, ci_stop=c.stop, mem_mode=mem_mode,
+                               **mem, **kernel_info(pruned),
                                samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
 
 
 def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
         batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
-        device="cpu", dtype="float32", store: ResultsStore | None = None, fidelity: bool = True,
-        **options) -> pd.DataFrame:
+        device="cpu", dtype="float32", store: ResultsStore | None = None, timing_mode: str | None = None,
+        ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, **options) -> pd.DataFrame:
     """The sweep. Returns every stored row of this model (a tidy DataFrame).
 
     ``fidelity``: also score each pruned model's KL and NLL change against the dense model
     (:mod:`prunelib.fidelity`, about 20 s per model on 2 cores).
+
+    ``timing_mode``, ``ci_target``, ``budget_s``: how each comparison is timed (see :func:`speed_rows`).
     """
     store = ResultsStore() if store is None else store
     checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=reps, preset=preset,
                     calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options)  # before any work
+    timing.choose_mode(device, timing_mode)  # a mode this device cannot run fails before any work
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
     cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
@@ -124,7 +183,8 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
             extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
                      "options": options}
             speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
-                       lengths=lengths, reps=reps, extra=extra, text=text)
+                       lengths=lengths, reps=reps, extra=extra, text=text, timing_mode=timing_mode,
+                       ci_target=ci_target, budget_s=budget_s)
             if preset:
                 ModelAdapter(pruned).reset_stats()
                 q = quality.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
@@ -273,6 +333,16 @@ def versus_random(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _fraction(flag: str, value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise SystemExit(f"{flag} {value!r}: expected 'auto', 'none' or a fraction in (0, 1), e.g. 0.03")
+    return v
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="prune, time and score; results go to the store")
     p.add_argument("--model", default=EMBEDDED)
@@ -285,6 +355,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="calibration windows and random baselines")
     p.add_argument("--phases", default="prefill,decode", help="'none' scores quality only")
     p.add_argument("--round-to", type=int, default=None, help="width / low-rank: round kept sizes to 8 or 64")
+    p.add_argument("--timing-mode", default="auto", choices=["auto", *timing.MODES],
+                   help="auto: graph on CUDA where the method allows it, else compiled, else eager; eager on CPU")
+    p.add_argument("--ci-target", default="auto",
+                   help="relative 95%% CI half-width to reach by adding pairs (auto: 3%% decode, 5%% prefill); "
+                        "'none': exactly --reps pairs")
+    p.add_argument("--budget", type=float, default=timing.BUDGET_S, help="seconds of timing per comparison at most")
     p.add_argument("--table", action="store_true",
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
     p.add_argument("--spec", help="run a sweep spec (YAML/TOML, see docs/SWEEPS.md) instead of the options above")
@@ -311,7 +387,10 @@ def main(argv=None):
             df = df[df.model == a.model]
         else:
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
-                     preset=preset, seed=a.seed, **options)
+                     preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
+                     ci_target=(None if a.ci_target == "none" else "auto" if a.ci_target == "auto"
+                                else _fraction("--ci-target", a.ci_target)),
+                     budget_s=a.budget, **options)
     except checks.InputError as err:
         p.error(str(err))
     print_table(df, batches[0], lengths[0])

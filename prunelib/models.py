@@ -32,6 +32,17 @@ def random_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+def random_config(key: str):
+    """The transformers config of a shipped random-weight config (``_source`` says which public config.json)."""
+    from transformers import AutoConfig
+
+    if key not in random_configs():
+        raise ValueError(f"unknown random config {key!r}; available: {random_configs()}")
+    fields = json.loads((CONFIG_DIR / f"{key}.json").read_text())
+    fields.pop("_source", None)
+    return AutoConfig.for_model(**fields)
+
+
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     """Check that ``device`` exists here; raise a ValueError that says what is available."""
     allowed = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -141,12 +152,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = None
     if name.startswith("random:"):
-        key = name.split(":", 1)[1]
-        if key not in random_configs():
-            raise ValueError(f"unknown random config {key!r}; available: {random_configs()}")
-        fields = json.loads((CONFIG_DIR / f"{key}.json").read_text())
-        fields.pop("_source", None)
-        config = AutoConfig.for_model(**fields)
+        config = random_config(name.split(":", 1)[1])
         torch.manual_seed(seed)
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
@@ -194,27 +200,65 @@ def load_pruned(path):
     return checkpoint.load(path)
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s data: ``t`` itself, or for a wrapper subclass such as
+    ``SparseSemiStructuredTensor`` (no storage of its own, ``data_ptr() == 0``, no ``reshape``)
+    its inner tensors (packed values, metadata, ...), as ``__tensor_flatten__`` names them."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for n in names if (inner := getattr(t, n)) is not None for x in _inner_tensors(inner)]
+
+
+def _distinct_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each parameter once: the same object once (``parameters()``), and two objects over the same
+    memory (tied embeddings re-wrapped) once. Memory is told by storage address, offset, shape and
+    stride, which only plain allocated tensors have; a wrapper subclass or a meta tensor (address 0
+    for all) is told by identity."""
+    seen, out = set(), []
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
+        inner = _inner_tensors(p)
+        if inner == [p] and p.device.type != "meta":
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
+        else:
+            key = ("id", id(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once); a 2:4 sparse weight counts its logical shape."""
+    return sum(p.numel() for p in _distinct_parameters(model))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the distinct parameters occupy: a sparse weight by its packed values and metadata."""
+    return sum(x.numel() * x.element_size() for p in _distinct_parameters(model) for x in _inner_tensors(p))
 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """A short hash of a model's shapes and (a strided sample of) its weights.
 
     Two models with the same fingerprint have the same architecture and weights
-    for all practical purposes; used to key cached quality scores.
+    for all practical purposes; used to key cached quality scores. A tensor subclass
+    (a 2:4 ``SparseSemiStructuredTensor``) is hashed by its inner tensors, packed values
+    and metadata, which define it; a meta tensor (no data) by its shape alone.
     """
     h = hashlib.sha256()
     h.update(json.dumps(getattr(model.config, "to_diff_dict", dict)(), sort_keys=True, default=str).encode())
     for key, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
+        inner = _inner_tensors(tensor)
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
+        if inner != [tensor]:  # (plain tensors hash exactly as before, so stored fingerprints stay valid)
+            h.update(f"{type(tensor).__name__}:{[(tuple(x.shape), str(x.dtype)) for x in inner]}".encode())
+        for x in inner:
+            if x.device.type == "meta":
+                continue
+            flat = x.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -1,18 +1,35 @@
 """Time prefill (TTFT) and decode (TPOT) behind one interface for CPU and CUDA.
 
 - CPU: ``time.perf_counter`` around the call, a fixed thread count.
-- CUDA: CUDA events, an optional L2 flush before every run, optional CUDA-graph replay.
+- CUDA: CUDA events, an optional L2 flush before every run.
+
+Three timing modes (:data:`MODES`), each stored with every speed row:
+
+- ``eager``: the model's own forward, one Python call per op (on a GPU, host overhead
+  can dominate a small decode step: measured speedups then track how many Python ops a
+  method removed, not the GEMMs);
+- ``compiled``: ``torch.compile(fullgraph=True, dynamic=False)`` of the step over a
+  static KV cache (CPU and CUDA; a graph break is an error, never a silent partial compile);
+- ``graph``: the eager step captured once as a CUDA graph over a static KV cache and
+  replayed (CUDA only): what the paper times.
 
 TTFT = one forward of B x S prompt tokens that fills a fresh KV cache (logits for the
 last position only). Prompts are real text when ``text`` ids are given (dynamic methods
 route on content, so :mod:`prunelib.experiment` always gives them), else seeded random ids.
-TPOT = one decode step of B sequences against a KV cache of S tokens: the cache is
-built once, and after every timed step it is cut back to S tokens (outside the
-timed region), so each sample sees the same KV length. With CUDA graphs a static
-cache of S + 1 slots is used and every replay writes slot S.
+TPOT = one decode step of B sequences against a KV cache of S tokens.
 
-Noisy machines: :func:`compare` runs two models interleaved (ABBA order) and gives
-the speedup as a ratio of medians with a bootstrap 95% confidence interval.
+KV-cache position, outside the timed region: transformers 5.x ignores ``cache_position``;
+a ``StaticLayer`` writes at its own ``cumulative_length`` and advances it on every forward.
+So after every timed call :meth:`Workload.reset` rewinds each layer (``cumulative_length``
+filled in place to S for a decode step, 0 for a prefill; a ``DynamicCache`` is cropped back):
+every replay of a decode step writes KV slot S of a cache of S + 1 slots and reads the same
+S cached tokens, and gives the same logits.
+
+Noisy machines: :func:`compare` runs two models as adjacent pairs in ABBA order, the speedup
+is the median of the per-pair ratios with a bootstrap 95% CI over pairs, and with a
+``target`` it adds pairs until the CI half-width reaches it or a time budget runs out.
+:func:`footprint` measures memory (peak, weights, KV cache per token) beside the cost
+model's prediction (:func:`predicted_memory`).
 """
 from __future__ import annotations
 
@@ -27,6 +44,9 @@ import torch
 from . import checks
 
 PHASES = ("prefill", "decode")
+MODES = ("eager", "compiled", "graph")
+CI_TARGETS = {"decode": 0.03, "prefill": 0.05}  # default relative 95% CI half-width of an adaptive compare
+BUDGET_S = 60.0  # default time budget of an adaptive compare (timed loop only; compile and warm-up excluded)
 
 
 @dataclass
@@ -120,12 +140,48 @@ def timer_for(device, threads: int | None = None, flush_l2: bool = True):
     return CudaTimer(dev, flush_l2) if dev.type == "cuda" else CpuTimer(threads)
 
 
+# --- timing modes -------------------------------------------------------------------
+def allowed_modes(device, *, graph_ok: bool = True, compile_ok: bool = True) -> list[str]:
+    """The timing modes that can run on ``device`` for a method that allows graphs / compilation."""
+    dev = torch.device(device)
+    out = ["eager"] + (["compiled"] if compile_ok else [])
+    return out + (["graph"] if graph_ok and dev.type == "cuda" else [])
+
+
+def choose_mode(device, requested: str | None = None, *, graph_ok: bool = True, compile_ok: bool = True,
+                why: str = "") -> tuple[str, str]:
+    """``(mode, reason)``: ``requested`` if it can run here, else an error naming the allowed modes.
+
+    ``requested=None`` (or ``"auto"``) picks the default: on CUDA ``graph`` where the method
+    allows it, else ``compiled``, else ``eager``; on CPU ``eager``. ``why`` says why a
+    method refuses graphs or compilation (stored in the reason).
+    """
+    dev = torch.device(device)
+    allowed = allowed_modes(dev, graph_ok=graph_ok, compile_ok=compile_ok)
+    if requested not in (None, "auto"):
+        if requested not in MODES:
+            raise ValueError(f"timing mode {requested!r} is not one of {list(MODES)} (or 'auto'); allowed here: {allowed}")
+        if requested not in allowed:
+            cause = "CUDA graphs need a CUDA device" if requested == "graph" and dev.type != "cuda" else why
+            raise ValueError(f"timing mode {requested!r} cannot run on {dev.type} for this model"
+                             f"{f' ({cause})' if cause else ''}; allowed modes: {allowed}")
+        return requested, "requested"
+    if dev.type != "cuda":
+        return "eager", "default on CPU: eager (no CUDA graphs here; 'compiled' on request)"
+    if "graph" in allowed:
+        return "graph", "default on CUDA: CUDA-graph replay over a static KV cache (no host overhead in the timed step)"
+    refused = f"the method refuses CUDA graphs: {why}" if why else "the method refuses CUDA graphs"
+    if "compiled" in allowed:
+        return "compiled", f"default on CUDA when graphs are not allowed: torch.compile ({refused})"
+    return "eager", f"default on CUDA when neither graphs nor compilation are allowed ({refused})"
+
+
 # --- workloads --------------------------------------------------------------------
 def _check(phase: str, batch: int, length: int) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r} is not one of {PHASES}")
     for what, v in (("batch", batch), ("length", length)):
-        if not isinstance(v, (int, np.integer)) or v <= 0:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{what} must be a positive integer, got {v!r}")
 
 
@@ -144,75 +200,149 @@ def _tokens(model, batch: int, length: int, seed: int, text: torch.Tensor | None
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(_device(model))
 
 
-class Workload:
-    """A callable that runs one prefill or one decode step of ``model``; built once, called many times."""
+def _output(logits, cache):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    def __init__(self, model, phase: str, batch: int, length: int, *, seed: int = 0, cuda_graph: bool = False,
-                 text: torch.Tensor | None = None):
+    return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+
+class Workload:
+    """A callable that runs one prefill or one decode step of ``model``; built once, called many times.
+
+    ``mode`` is one of :data:`MODES`. Call :meth:`reset` after every call, outside the timed
+    region: it rewinds the KV cache so the next call sees the same state. ``static_cache``
+    (default: every mode but eager) runs the step over a ``StaticCache``; ``mode="eager",
+    static_cache=True`` is the very step that ``graph`` captures, runnable without CUDA.
+    """
+
+    def __init__(self, model, phase: str, batch: int, length: int, *, seed: int = 0, mode: str = "eager",
+                 text: torch.Tensor | None = None, compile_backend: str = "inductor", static_cache: bool | None = None):
         _check(phase, batch, length)
-        self.model, self.phase, self.batch, self.length = model, phase, int(batch), int(length)
+        if mode not in MODES:
+            raise ValueError(f"timing mode {mode!r} is not one of {list(MODES)}")
+        self.model, self.phase, self.batch, self.length, self.mode = model, phase, int(batch), int(length), mode
         dev = _device(model)
-        if cuda_graph and dev.type != "cuda":
-            raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.cuda_graph = cuda_graph
-        self.cache = None
+        if mode == "graph" and dev.type != "cuda":
+            raise ValueError(f"timing mode 'graph' (CUDA graphs) needs the model on a CUDA device, it is on {dev}; "
+                             f"allowed modes there: {allowed_modes(dev)}")
+        from transformers import DynamicCache, StaticCache
+
+        self.static = mode != "eager" if static_cache is None else bool(static_cache)
+        if mode != "eager" and not self.static:
+            raise ValueError(f"timing mode {mode!r} needs a static KV cache (static_cache=True)")
         prompt = _tokens(model, batch, length, seed, text)
+        self.cache = None
         with torch.inference_mode():
             if phase == "prefill":
                 # a real prefill also fills a (fresh) KV cache: its size shrinks with depth pruning
                 self.inputs = {"input_ids": prompt, "use_cache": True, "logits_to_keep": 1}
+                if self.static:
+                    self.cache = StaticCache(config=model.config, max_cache_len=length)
+                self._kv_lengths = None  # every call starts from an empty cache
             else:
-                from transformers import DynamicCache, StaticCache
-
-                if cuda_graph:
-                    self.cache = StaticCache(config=model.config, max_cache_len=length + 1)
-                else:
-                    self.cache = DynamicCache(config=model.config)
+                if self.static:
+                    _check_window(model.config, length + 1)
+                self.cache = (StaticCache(config=model.config, max_cache_len=length + 1) if self.static
+                              else DynamicCache(config=model.config))
                 model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self._kv_lengths = [layer.get_seq_length() for layer in self.cache.layers]
-                self.inputs = {
-                    "input_ids": (_tokens(model, batch, 1, seed + 1) if text is None or text.shape[1] <= length
-                                  else text[:batch, length : length + 1].to(dev)),
-                    "past_key_values": self.cache,
-                    "cache_position": torch.tensor([length], device=dev),
-                    "use_cache": True,
-                }
+                self._kv_lengths = [int(layer.get_seq_length()) for layer in self.cache.layers]
+                nxt = (_tokens(model, batch, 1, seed + 1) if text is None or text.shape[1] <= length
+                       else text[:batch, length: length + 1].to(dev))
+                self.inputs = {"input_ids": nxt, "use_cache": True}
+        self._step = self._forward
+        if mode == "compiled":
+            _raise_recompile_limit()
+            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=compile_backend)
         self._graph = None
-        if cuda_graph:
+        if mode == "graph":
             self._capture()
 
     def _forward(self):
-        return self.model(**self.inputs)
+        cache = self.cache
+        if cache is None:  # eager prefill: a fresh cache per call (what the model would make itself)
+            from transformers import DynamicCache
+
+            cache = self.last_cache = DynamicCache(config=self.model.config)
+        return self.model(**self.inputs, past_key_values=cache).logits
 
     def _capture(self):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(3):  # warm up on a side stream, as graph capture requires
+            for _ in range(3):  # warm up on a side stream, as graph capture requires; rewind after each
                 self._forward()
+                self.reset()
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self._graph):
-            self._out = self._forward()
+            self._logits = self._forward()
+        self.reset()
 
     def __call__(self):
         if self._graph is not None:
             self._graph.replay()
-            return self._out
+            return _output(self._logits, self.cache)
         with torch.inference_mode():
-            return self._forward()
+            logits = self._step()
+        return _output(logits, self.cache if self.cache is not None else self.last_cache)
 
     def reset(self):
-        """Restore every layer's KV length after a decode step (not timed).
+        """Rewind every layer's KV cache to where it was before the step (not timed).
 
-        Layers may hold different lengths (token pruning keeps fewer prompt tokens in
-        later layers), so each is cut back to the length it had before the step.
+        Static layers: ``cumulative_length`` filled in place (the same tensor the captured
+        graph reads) with S for a decode step, 0 for a prefill. Dynamic layers may hold
+        different lengths (token pruning keeps fewer prompt tokens in later layers), so each
+        is cut back to the length it had before the step.
         """
-        if self.cache is not None and self._graph is None:
-            for layer, n in zip(self.cache.layers, self._kv_lengths):
-                extra = layer.get_seq_length() - n
-                if extra > 0:
-                    layer.crop(-extra)
+        if self.cache is None:
+            return
+        from transformers.cache_utils import StaticLayer
+
+        with torch.inference_mode():
+            for i, layer in enumerate(self.cache.layers):
+                n = 0 if self._kv_lengths is None else self._kv_lengths[i]
+                if isinstance(layer, StaticLayer):
+                    if layer.is_initialized:
+                        layer.cumulative_length.fill_(n)
+                    if hasattr(layer, "cumulative_length_int"):  # sliding-window layers also count on the host
+                        layer.cumulative_length_int = n
+                else:
+                    extra = layer.get_seq_length() - n
+                    if extra > 0:
+                        layer.crop(-extra)
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes the KV cache holds per token and sequence: all layers' keys and values over the slots
+        (S + 1 for a static decode cache, S for a prefill; a dynamic cache's own lengths)."""
+        cache = self.cache if self.cache is not None else getattr(self, "last_cache", None)
+        if cache is None:
+            raise RuntimeError("run the workload once before reading its KV cache")
+        total = slots = 0
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
+                continue
+            total += layer.keys.nbytes + layer.values.nbytes
+            slots = max(slots, layer.keys.shape[-2])
+        return total / (self.batch * slots) if slots else 0.0
+
+
+def _check_window(config, slots: int) -> None:
+    """A static sliding-window layer that is full rolls its keys on every step: its state cannot be rewound."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and slots > window:
+        raise ValueError(f"static timing modes ('compiled', 'graph') cannot rewind a sliding-window KV cache filled "
+                         f"beyond its window ({window} tokens) by a decode step at KV length {slots - 1}; "
+                         f"allowed mode here: ['eager']")
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Every compiled workload is a new closure of the same code: raise dynamo's recompile limit so that a
+    sweep never silently falls back to eager, and make hitting it an error rather than a fallback."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
 
 
 def _sample(timer, work: Workload) -> float:
@@ -229,19 +359,20 @@ class Timing:
     length: int
     device: str
     latency: Latency
+    mode: str = "eager"
 
 
-def measure(model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
-            timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Timing:
+def measure(model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3, timer=None, seed: int = 0,
+            mode: str = "eager", text: torch.Tensor | None = None, compile_backend: str = "inductor") -> Timing:
     """TTFT (phase="prefill") or TPOT (phase="decode") of one model, raw samples kept."""
     checks.timing_args(model, phase, batch, length, reps)  # before any work: names the bad argument
     timer = timer or timer_for(_device(model))
     with timer.session():
-        work = Workload(model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
+        work = Workload(model, phase, batch, length, seed=seed, mode=mode, text=text, compile_backend=compile_backend)
         for _ in range(warmup):
             _sample(timer, work)
         lat = Latency([_sample(timer, work) for _ in range(reps)])
-    return Timing(phase, batch, length, str(_device(model)), lat)
+    return Timing(phase, batch, length, str(_device(model)), lat, mode)
 
 
 def sweep(model, phases=PHASES, batches=(1,), lengths=(512,), **kw):
@@ -253,7 +384,7 @@ def sweep(model, phases=PHASES, batches=(1,), lengths=(512,), **kw):
 
 
 def bootstrap_ratio_ci(base: list[float], cand: list[float], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
-    """Bootstrap CI of median(base) / median(cand) (the speedup of ``cand`` over ``base``)."""
+    """Bootstrap CI of median(base) / median(cand) for independent samples (the speedup of ``cand``)."""
     rng = np.random.default_rng(seed)
     a, b = np.asarray(base), np.asarray(cand)
     ia = rng.integers(0, len(a), (n_boot, len(a)))
@@ -263,6 +394,18 @@ def bootstrap_ratio_ci(base: list[float], cand: list[float], *, n_boot: int = 20
     return float(lo), float(hi)
 
 
+def paired_ratio_ci(base: list[float], cand: list[float], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+    """``(speedup, lo, hi)``: the median of the per-pair ratios base_i / cand_i and its bootstrap CI over pairs.
+
+    Pair i holds two adjacent runs, so a slow drift of the machine's load cancels in its ratio.
+    """
+    r = np.asarray(base) / np.asarray(cand)
+    idx = np.random.default_rng(seed).integers(0, len(r), (n_boot, len(r)))
+    boot = np.median(r[idx], axis=1)
+    lo, hi = np.percentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(np.median(r)), float(lo), float(hi)
+
+
 @dataclass
 class Comparison:
     phase: str
@@ -270,34 +413,78 @@ class Comparison:
     length: int
     base: Latency
     cand: Latency
-    speedup: float  # median(base) / median(cand)
+    speedup: float  # median over ABBA pairs of t_base / t_cand
     ci_low: float
     ci_high: float
+    mode: str = "eager"
+    target: float | None = None  # relative CI half-width asked for (None: a fixed number of pairs)
+    stop: str = "fixed repetitions"  # why the repetitions stopped
+    seconds: float = 0.0  # wall time of the timed loop
+
+    @property
+    def half_width(self) -> float:
+        """Relative 95% CI half-width: (hi - lo) / 2 / speedup."""
+        return (self.ci_high - self.ci_low) / 2 / self.speedup
 
     def __str__(self) -> str:
-        return (f"{self.phase} B={self.batch} S={self.length}: {self.speedup:.3f}x "
-                f"[95% CI {self.ci_low:.3f}, {self.ci_high:.3f}] (n={self.base.n}+{self.cand.n})")
+        return (f"{self.phase} B={self.batch} S={self.length} [{self.mode}]: {self.speedup:.3f}x "
+                f"[95% CI {self.ci_low:.3f}, {self.ci_high:.3f}] (±{self.half_width:.1%}, {self.base.n} pairs, "
+                f"{self.stop})")
 
 
 def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
-            timer=None, seed: int = 0, cuda_graph: bool = False, text: torch.Tensor | None = None) -> Comparison:
-    """Time two models interleaved (ABBA order) and return the speedup of ``cand`` over ``base``."""
+            timer=None, seed: int = 0, mode: str = "eager", text: torch.Tensor | None = None,
+            target: float | str | None = None, budget_s: float = BUDGET_S, max_reps: int = 5000,
+            compile_backend: str = "inductor") -> Comparison:
+    """Time two models as ABBA pairs and return the speedup of ``cand`` over ``base``.
+
+    ``reps``: pairs to run (with a ``target``: the minimum). ``target``: relative CI
+    half-width to reach, e.g. 0.03, or ``"auto"`` for :data:`CI_TARGETS` of the phase;
+    pairs are added until it is reached, ``budget_s`` seconds of timed loop have passed,
+    or ``max_reps`` pairs were run, whichever comes first (``Comparison.stop`` says which).
+    """
     checks.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
+    if target == "auto":
+        target = CI_TARGETS[phase] if phase in CI_TARGETS else None
+    if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"target must be a relative CI half-width in (0, 1) or 'auto', got {target!r}")
+    if not isinstance(reps, int) or reps < 2:
+        raise ValueError(f"reps must be an integer >= 2, got {reps!r}")
     timer = timer or timer_for(_device(base_model))
+    kw = dict(seed=seed, mode=mode, text=text, compile_backend=compile_backend)
     with timer.session():
-        wa = Workload(base_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
-        wb = Workload(cand_model, phase, batch, length, seed=seed, cuda_graph=cuda_graph, text=text)
+        wa = Workload(base_model, phase, batch, length, **kw)
+        wb = Workload(cand_model, phase, batch, length, **kw)
         for _ in range(warmup):
             _sample(timer, wa), _sample(timer, wb)
         ta, tb = [], []
-        for r in range(reps):
+        t0, stop, check_at = time.perf_counter(), "fixed repetitions", reps
+        while True:
+            r = len(ta)
             if r % 2 == 0:
                 ta.append(_sample(timer, wa)); tb.append(_sample(timer, wb))
             else:
                 tb.append(_sample(timer, wb)); ta.append(_sample(timer, wa))
-    a, b = Latency(ta), Latency(tb)
-    lo, hi = bootstrap_ratio_ci(ta, tb, seed=seed)
-    return Comparison(phase, batch, length, a, b, a.median / b.median, lo, hi)
+            n = len(ta)
+            if target is None:
+                if n >= reps:
+                    break
+                continue
+            if n >= check_at:
+                sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
+                if (hi - lo) / 2 / sp <= target:
+                    stop = f"target ±{target:.0%} reached"
+                    break
+                check_at = n + max(2, n // 10)
+            if n >= reps and time.perf_counter() - t0 > budget_s:
+                stop = f"time budget {budget_s:.0f} s spent"
+                break
+            if n >= max_reps:
+                stop = f"max_reps {max_reps} reached"
+                break
+        seconds = time.perf_counter() - t0
+    sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
+    return Comparison(phase, batch, length, Latency(ta), Latency(tb), sp, lo, hi, mode, target, stop, seconds)
 
 
 def achieved_bandwidth(model, timing: Timing) -> float:
@@ -309,3 +496,95 @@ def achieved_bandwidth(model, timing: Timing) -> float:
     dummy = HardwareSpec("n/a", {dtype: 1.0}, 1.0)
     c = cost(ModelShape.of(model), timing.phase, timing.batch, timing.length, dtype, dummy)
     return c.bytes / timing.latency.median
+
+
+# --- memory -------------------------------------------------------------------------
+def _rss_reset() -> bool:
+    """Reset this process's peak RSS (Linux: ``5`` to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+@dataclass
+class Footprint:
+    """Memory of one timed step: measured beside the cost model's prediction (bytes)."""
+
+    peak_bytes: float | None  # working memory of the step beyond what was resident before it (KV cache + activations)
+    peak_method: str  # how peak_bytes was measured
+    weight_bytes: int
+    kv_bytes_per_token: float
+
+    def extra(self, pred: dict) -> dict:
+        """The fields of a speed row's ``extra``."""
+        return {"mem_peak_bytes": self.peak_bytes, "mem_peak_method": self.peak_method, "weight_bytes": self.weight_bytes,
+                "weight_bytes_pred": pred["weight_bytes"], "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_bytes_per_token_pred": pred["kv_bytes_per_token"]}
+
+
+def footprint(model, phase: str, batch: int, length: int, *, mode: str = "eager", seed: int = 0,
+              text: torch.Tensor | None = None, compile_backend: str = "inductor") -> Footprint:
+    """Build the timed step of ``model`` once and run it once, measuring its memory.
+
+    Peak: on CUDA ``max_memory_allocated`` minus what was allocated before (the KV cache,
+    activations and workspace of the step: the weights are resident already); on CPU the
+    peak RSS (VmHWM, reset first) minus the RSS before: the same quantity as the allocator
+    sees it, plus allocator slack. Weights: the bytes of every distinct parameter storage
+    (tensor subclasses by their inner tensors). KV: the cache's bytes per token and sequence.
+    """
+    from .models import weight_bytes
+
+    dev = _device(model)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        ok = _rss_reset()
+        before = _rss("VmRSS") if ok else None
+    work = Workload(model, phase, batch, length, seed=seed, mode=mode, text=text, compile_backend=compile_backend)
+    work()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak, how = torch.cuda.max_memory_allocated(dev) - before, "cuda max_memory_allocated delta"
+    elif before is not None:
+        peak, how = _rss("VmHWM") - before, "cpu peak RSS delta (VmHWM after clear_refs)"
+    else:
+        peak, how = None, "not measurable here (no /proc/self/clear_refs)"
+    kv = work.kv_bytes_per_token()
+    work.reset()
+    return Footprint(peak, how, weight_bytes(model), kv)
+
+
+def predicted_memory(model, dtype: str | None = None, hw=None, shape=None) -> dict:
+    """The cost model's weight bytes and KV-cache bytes per token of ``model`` (as pruned).
+
+    Weights: the weight operand of every GEMM of a long prefill (2:4 projections at half
+    size plus metadata where ``hw`` has sparse kernels; routed sublayers read in full),
+    plus the embedding table unless it is tied to the head. KV: 2 (K and V) x KV heads x
+    head_dim x element size per attention layer, times the layer's kept sequence fraction.
+    ``shape``: the cost-model shape to use (default: read from ``model``).
+    """
+    from . import costmodel
+
+    dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+    shape = shape or costmodel.ModelShape.of(model)
+    e = costmodel.DTYPE_BYTES[dtype]
+    kw = {} if hw is None else {"sparse_kernels": hw.sparse24 and dtype in ("float16", "bfloat16")}
+    gs = costmodel.gemms(shape, "prefill", 1, 4096, dtype, **kw)
+    w = sum(g.bytes - e * (g.m * g.k + g.m * g.n) for g in gs if g.kind in ("linear", "linear_24"))
+    if not getattr(model.config, "tie_word_embeddings", False):
+        w += e * shape.vocab * shape.hidden
+    kv = sum(2 * ls.n_kv_heads * ls.head_dim * e * ls.seq_frac for ls in shape.layers if ls.has_attn)
+    return {"weight_bytes": float(w), "kv_bytes_per_token": float(kv)}

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from conftest import synthetic_calibration, tiny_config
 from prunelib import pruning
 from prunelib.adapter import ModelAdapter
-from prunelib.pruning.semistructured import Sparse24Linear
+from prunelib.pruning.semistructured import Sparse24Linear, engaged_shape, kernel_info
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 METHODS = ["sparse24_magnitude", "sparse24_wanda", "sparse24_sparsegpt", "sparse24_random"]
@@ -188,3 +188,68 @@ def test_embedded_model_wanda_beats_magnitude_beats_random(embedded):
         assert abs(report.removed["zero_fraction"] - 0.5) < 1e-3  # a few weights of the checkpoint are zero already
         loss[meth] = nll(pruned)
     assert nll(model) < loss["wanda"] < loss["magnitude"] < loss["random"], loss
+
+
+# --- 2:4 weights as CUDA holds them: a SparseSemiStructuredTensor (built here on the CPU) ---------------
+def _as_semi_structured(lin):
+    """Swap ``lin``'s weight for a CUTLASS SparseSemiStructuredTensor of its shape: a wrapper subclass
+    with no storage of its own (data_ptr() == 0, reshape raises), inner tensors made up on the CPU."""
+    import warnings
+
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    n, k = lin.weight.shape
+    w = lin.weight.detach()
+    packed = w.reshape(n, k // 4, 4)[:, :, :2].reshape(n, k // 2).contiguous()
+    meta = torch.arange(n * k // 16, dtype=torch.int16).reshape(n, k // 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = SparseSemiStructuredTensorCUTLASS(w.shape, packed=packed, meta=meta, packed_t=packed.t().contiguous(),
+                                              meta_t=meta.t().contiguous(), compressed_swizzled_bitmask=None)
+    lin.weight = torch.nn.Parameter(t, requires_grad=False)
+    return t
+
+
+def test_parameter_count_fingerprint_and_bytes_of_sparse_tensors(tiny_model):
+    from prunelib.models import fingerprint, parameter_count, weight_bytes
+
+    pruned, _ = pruning.prune(tiny_model, "sparse24_magnitude", 0.5)
+    n_dense, bytes_dense, fp_masked = parameter_count(pruned), weight_bytes(pruned), fingerprint(pruned)
+    lins = [lin for i in range(4) for lin in projections(pruned, i).values()]
+    with pytest.raises(Exception):  # what the old fingerprint and parameter count tripped on
+        t = _as_semi_structured(lins[0])
+        assert t.data_ptr() == 0
+        t.reshape(-1)
+    for lin in lins[1:]:
+        _as_semi_structured(lin)
+    assert parameter_count(pruned) == n_dense  # every sparse weight counted, at its logical shape
+    # packed values (half) + metadata + their transposed copies, instead of the dense weight
+    proj = sum(lin.in_features * lin.out_features for lin in lins)
+    meta = sum(lin.in_features * lin.out_features // 16 * 2 for lin in lins)
+    assert weight_bytes(pruned) == bytes_dense - 4 * proj + 2 * (4 * proj // 2 + meta)
+    fp = fingerprint(pruned)
+    assert fp != fp_masked and fp == fingerprint(pruned)
+    with torch.no_grad():
+        lins[5].weight.packed.mul_(2)
+    assert fingerprint(pruned) != fp  # the packed values are hashed
+    info = kernel_info(pruned)
+    assert info["kernel"] == "CUTLASS" and info["kernel_fallback"] is None and info["sparse_layers"] == "28 of 28"
+
+
+def test_kernel_record_and_engaged_shape(tiny_model):
+    from prunelib.costmodel import ModelShape
+
+    pruned, report = pruning.prune(tiny_model, "sparse24_magnitude", 0.5)
+    assert report.removed["kernel"] == "none" and "on cpu" in report.removed["kernel_fallback"]
+    shape = ModelShape.of(pruned)
+    assert all(engaged_shape(pruned, shape).layers[i].sparse24 == () for i in range(4))  # none engaged
+    _as_semi_structured(projections(pruned, 2)["up_proj"])
+    info = kernel_info(pruned)
+    assert info["kernel"] == "mixed: CUTLASS+none" and info["sparse_layers"] == "1 of 28"
+    assert "masked dense" in info["kernel_fallback"]
+    eng = engaged_shape(pruned, shape)
+    assert eng.layers[2].sparse24 == ("up_proj",) and eng.layers[1].sparse24 == ()
+    _, control = pruning.prune(tiny_model, "sparse24_magnitude", 0.5, sparse_kernel=False)
+    assert control.removed["kernel"] == "none" and "sparse_kernel=False" in control.removed["kernel_fallback"]
+    dense, _ = pruning.prune(tiny_model, "last_n", 0.25)
+    assert kernel_info(dense) == {"kernel": None, "kernel_fallback": None, "sparse_layers": None}

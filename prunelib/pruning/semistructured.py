@@ -75,10 +75,21 @@ class Sparse24Linear(nn.Linear):
         new.bias = lin.bias
         return new
 
+    kernel_note = "masked dense weights: no sparse kernel tried"  # set by enable_sparse_kernels / sparse24_prune
+
     @property
     def sparse_kernel(self) -> bool:
         """True when the weight is a semi-structured sparse tensor (the sparse kernel runs)."""
         return isinstance(self.weight, SparseSemiStructuredTensor)
+
+    @property
+    def kernel(self) -> str:
+        """The kernel this layer's GEMM runs: ``cuSPARSELt``, ``CUTLASS`` or ``none`` (masked dense)."""
+        if isinstance(self.weight, SparseSemiStructuredTensorCUSPARSELT):
+            return "cuSPARSELt"
+        if isinstance(self.weight, SparseSemiStructuredTensorCUTLASS):
+            return "CUTLASS"
+        return "none"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, 2:4 {'sparse kernel' if self.sparse_kernel else 'masked dense'}"
@@ -199,6 +210,42 @@ def _walk(model, criterion: str, layers: set[int], ctx, apply: bool) -> dict[int
     return losses
 
 
+def kernel_info(model) -> dict:
+    """What the 2:4 layers of ``model`` really run, for a speed row: ``kernel`` (``cuSPARSELt``,
+    ``CUTLASS``, ``none``; ``mixed: ...`` if layers differ; None without 2:4 layers),
+    ``kernel_fallback`` (why layers run masked dense, else None) and ``sparse_layers``
+    (how many 2:4 Linear layers run a sparse kernel, of how many)."""
+    lins = [m for m in model.modules() if isinstance(m, Sparse24Linear)]
+    if not lins:
+        return {"kernel": None, "kernel_fallback": None, "sparse_layers": None}
+    kinds = sorted({m.kernel for m in lins})
+    dense = [m for m in lins if not m.sparse_kernel]
+    notes = sorted({m.kernel_note for m in dense})
+    return {"kernel": kinds[0] if len(kinds) == 1 else "mixed: " + "+".join(kinds),
+            "kernel_fallback": "; ".join(notes) if dense else None,
+            "sparse_layers": f"{len(lins) - len(dense)} of {len(lins)}"}
+
+
+def engaged_shape(model, shape):
+    """``shape`` (a cost-model ``ModelShape`` of ``model``) with 2:4 kept only on the projections whose
+    sparse kernel really runs: a masked dense 2:4 weight is costed as the dense GEMM it is."""
+    from dataclasses import replace
+
+    a, layers = ModelAdapter(model), []
+    for i, ls in enumerate(shape.layers):
+        if ls.sparse24:
+            projs = _projections(a, i)
+            ls = replace(ls, sparse24=tuple(k for k in ls.sparse24 if getattr(projs.get(k), "sparse_kernel", False)))
+        layers.append(ls)
+    return replace(shape, layers=tuple(layers))
+
+
+def _note(lins, note: str) -> None:
+    for lin in lins:
+        if not lin.sparse_kernel:
+            lin.kernel_note = note
+
+
 def enable_sparse_kernels(model) -> tuple[bool, str]:
     """Convert every :class:`Sparse24Linear` weight to a semi-structured sparse tensor where possible.
 
@@ -210,13 +257,17 @@ def enable_sparse_kernels(model) -> tuple[bool, str]:
         return any(isinstance(m, Sparse24Linear) and m.sparse_kernel for m in model.modules()), "no 2:4 layer to convert"
     w = lins[0].weight
     if w.device.type != "cuda":
-        return False, f"no semi-structured sparse kernel on {w.device.type}: masked dense weights, no speedup expected"
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        return False, (f"semi-structured sparse kernels need float16/bfloat16, the model is {w.dtype}: "
-                       "masked dense weights, no speedup expected")
-    backend, why = _probe(w.device, w.dtype)
-    if backend is None:
-        return False, f"torch.sparse.to_sparse_semi_structured does not work here ({why}): masked dense weights, no speedup expected"
+        note = f"no semi-structured sparse kernel on {w.device.type}: masked dense weights, no speedup expected"
+    elif w.dtype not in (torch.float16, torch.bfloat16):
+        note = (f"semi-structured sparse kernels need float16/bfloat16, the model is {w.dtype}: "
+                "masked dense weights, no speedup expected")
+    else:
+        backend, why = _probe(w.device, w.dtype)
+        note = None if backend else (f"torch.sparse.to_sparse_semi_structured does not work here ({why}): "
+                                     "masked dense weights, no speedup expected")
+    if note:
+        _note(lins, note)
+        return False, note
     done, failed = 0, []
     with torch.no_grad():
         for lin in lins:
@@ -225,6 +276,7 @@ def enable_sparse_kernels(model) -> tuple[bool, str]:
                 done += 1
             except RuntimeError as e:  # shape constraints of the backend
                 failed.append(f"{lin.out_features}x{lin.in_features}: {str(e).splitlines()[0]}")
+                lin.kernel_note = f"{backend.BACKEND} refused {failed[-1]}: masked dense weights"
     gpu = torch.cuda.get_device_name(w.device)
     note = f"{done} of {len(lins)} 2:4 Linear layers run the {backend.BACKEND} semi-structured sparse kernel on {gpu}"
     if failed:
@@ -290,8 +342,9 @@ def sparse24_prune(model, sparsity: float, ctx, criterion: str):
         kernel, note = enable_sparse_kernels(new)
     else:
         kernel, note = False, "sparse kernels disabled (sparse_kernel=False): masked dense weights, no speedup expected"
+        _note([m for m in new.modules() if isinstance(m, Sparse24Linear)], note)
     return new, {"layers": chosen, "layer_loss": losses or applied,
-                 "zero_fraction": zero_fraction, "sparse_kernel": kernel, "kernel_note": note}
+                 "zero_fraction": zero_fraction, "sparse_kernel": kernel, "kernel_note": note, **kernel_info(new)}
 
 
 def _max_24(model) -> float:
