@@ -258,7 +258,7 @@ def main(argv=None):
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--measure", default=None, metavar="METHODS",
                    help="score what is missing first: 'static', 'dynamic', 'all' or comma-separated names")
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--preset", default="quick", help="quality preset of --measure; 'none': fidelity only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="print the stored table (the default when not measuring)")
     a = p.parse_args(argv)
@@ -274,7 +274,8 @@ def main(argv=None):
         for sparsity in (0.1, 0.25):
             chosen = [m for m in names if table_sparsity(m) == sparsity]
             if chosen:
-                run(a.model, chosen, [sparsity], phases=(), preset=a.preset, seed=a.seed)
+                run(a.model, chosen, [sparsity], phases=(), preset=None if a.preset == "none" else a.preset,
+                    seed=a.seed)
     df = ResultsStore().load()
     t = closing_table(df[df.model == a.model], a.seed)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 200):
