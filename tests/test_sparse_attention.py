@@ -252,3 +252,30 @@ def test_embedded_block_beats_random(embedded):
             losses[method] = pruned(ids, labels=ids).loss.item()
         assert abs(sa.realised_sparsity(pruned) - 0.75) < 0.01
     assert losses["sparse_attn_block"] < losses["sparse_attn_random"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_step_reads_no_device_values_and_pickles(tiny_model, method):
+    """A sparse decode step never reads a tensor value on the host (no .item(), bool(), torch.equal: on CUDA each
+    would wait for the device), and the model pickles after decoding (no weakref or generator on the module)."""
+    import io
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+                raise AssertionError(f"host read of a device value: {func}")
+            return func(*args, **(kwargs or {}))
+
+    pruned, _ = pruning.prune(tiny_model, method, 0.6, block=16, page=4)
+    cache = DynamicCache(config=pruned.config)
+    with torch.inference_mode():
+        pruned(IDS[:, :100], past_key_values=cache, use_cache=True)
+        pruned(IDS[:, 100:101], past_key_values=cache, use_cache=True)  # stores the Quest pages
+        attn, h = pruned.model.layers[1].self_attn, torch.randn(2, 1, 64)
+        rope = pruned.model.rotary_emb(h, position_ids=torch.tensor([[101]]))
+        with NoHostReads():
+            attn(h, position_embeddings=rope, attention_mask=None, past_key_values=cache)
+    assert attn.last_phase == "decode" and attn.kept["decode"] < attn.total["decode"]  # the sparse path ran
+    torch.save(pruned, io.BytesIO())

@@ -15,25 +15,41 @@ method:
   key means.
 - ``sparse_attn_window``: the sink + local-window baseline (StreamingLLM style): the
   sink plus the most recent blocks.
-- ``sparse_attn_random``: the random *baseline*: random key blocks (seeded by
-  ``ctx.seed`` and the layer index), sink and diagonal kept.
+- ``sparse_attn_random``: the random *baseline*: random key blocks, sink and diagonal
+  kept, drawn by a seeded hash of (``ctx.seed`` and layer, KV head, query block, key
+  block) rather than a stateful generator, so a choice never depends on earlier forwards.
 
 Decode (one new token): Quest (Tang et al. 2024). The KV cache is cut into pages of
 ``page`` tokens (option, default 16); per page and channel the min and max of the keys
 bound q.k from above by sum_i max(q_i max_i, q_i min_i); the summed bound over the query
 heads of a KV head ranks that KV head's pages, and the top pages are gathered (first
-and current page always kept). The window baseline keeps the first and the most recent
-pages, the random one random pages. Page metadata is kept incrementally: min/max of the
-complete pages are stored per layer and reused while the same cache object only grew
-(or was cropped back no further than the stored pages, as the timing harness does) and
-the last key of the stored pages is unchanged; otherwise they are recomputed from the
-cache, a read of all cached keys (half of what dense decode attention reads). Only the
-open last page is recomputed every step. (Beam search reorders the cache in place: the
-check on the last stored key misses it only where the swapped beams share that key.)
+and current page always kept; the bound is q+ . hi + q- . lo, two small GEMMs). The
+window baseline keeps the first and the most recent pages, the random one random pages
+(hashed by position). Page metadata is kept incrementally on the DynamicCache layer
+(not on the module, which stays picklable): min/max of the complete pages are reused
+while that layer's key storage is the one this module last saw (it only grew, or was
+cropped back no further than the stored pages, as the timing harness does); an append
+by another forward, a reorder or a reset replaces the storage and they are recomputed,
+a read of all cached keys. The decision is made on the host from shapes and storage
+addresses: the decode step has no host-device sync. Only the open page is recomputed
+every step.
+
+What is served and scored: a forward's whole input is a prompt (prefill rule) unless
+:func:`prunelib.servinglm.prompt_lengths` says where each row's prompt ends (lm-eval
+scoring through :class:`prunelib.servinglm.ServingHFLM` does). Then the prompt's
+positions run the prefill rule over the prompt's keys only, and every later position
+runs the decode rule: the Quest choice it would make as a decode step (its own open page
+bounded by the keys up to itself), computed for all of them at once as a masked dense
+attention. One full forward thus gives, at the last prompt token and every continuation
+position, the logits of prefill + cached decode (tests check 1e-4), and a later token
+never changes an earlier served position. (Inside the prompt, pooled query means cover a
+whole query block, as a served prefill computes them.) Perplexity windows have a
+one-token prompt: they score the decode rule.
 
 Sparsity unit (``0 <= s < 1``, density = 1 - s): in prefill, the fraction of the causal
 (query block, key block) pairs skipped; in decode, the fraction of the cached KV tokens
-skipped (the round(density * pages) kept pages, at least 2). Every query block keeps
+skipped (the round(density * pages) kept pages, at least 2; counted as the page slots
+gathered and computed, the open page's unused tail included). Every query block keeps
 the same number k of key blocks (k+1 for the last few rows, to hit the target exactly),
 so the first k query blocks are dense and sink + diagonal set a floor on the density
 (2 blocks per row: at S=2048, b=64 the floor is 63/528 = 0.12). What a run realised is
@@ -45,7 +61,8 @@ skip: it runs the model's own dense attention.
 
 How the speedup is realised (N of QK^T and K of PV shrink): the selected K/V blocks are
 gathered per query block and attention runs densely over them, with the causal mask
-inside the diagonal block; on CUDA a ``flex_attention`` ``BlockMask`` built from the
+inside the diagonal block; every kept tile is computed whole and nothing else (the cost
+model counts these tiles, ``attn_tile``); on CUDA a ``flex_attention`` ``BlockMask`` built from the
 same selection skips the other blocks in the kernel. Padding masks (lm-eval batches,
 left-padded generate) are applied inside the gathered blocks, so padded rows stay
 correct; a query whose kept keys are all masked (only padding positions) attends to all

@@ -13,7 +13,21 @@ next to the layer and not costed. The top (1 - s) fraction is kept; the first to
 - ``token_prune_attn``: that criterion, recomputed for every prompt (nothing is learnt;
   calibration text only measures the realised sparsity reported in ``removed``).
 - ``token_prune_random``: the baseline, the same keep count of seeded random tokens
-  (first and last kept as well), so only the criterion differs.
+  (first and last kept as well), so only the criterion differs. Its numbers are drawn
+  by position among the real tokens, so a prompt's choice depends on the prompt only.
+
+What is served and scored: in serving, the prompt is one prefill and pruned there; every
+generated token is a decode step that runs at full depth. A forward's whole input is the
+prompt unless :func:`prunelib.servinglm.prompt_lengths` says where each row's prompt
+ends (lm-eval scoring through :class:`prunelib.servinglm.ServingHFLM` does): then only
+prompt tokens are pruned, importance comes from the last *prompt* token's query over
+the prompt's keys, and every later position (the continuation being scored) runs all
+layers, attending to the kept prompt and the continuation before it. So one full forward
+over prompt + continuation gives, at the last prompt token and at every continuation
+position, the logits that prefill(prompt) + cached decode give (tests check it to 1e-4,
+and that a later token never changes an earlier served position). Positions of pruned
+prompt tokens carry early-exit states; they are never served or scored. Perplexity
+(rolling loglikelihood) has a one-token prompt per window: nothing is pruned there.
 
 Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the
 first layer that runs the kept tokens only, 1 <= layer <= L - 1.
@@ -38,7 +52,11 @@ last query row may see. Each row keeps ceil((1 - s) * n_real) of its real tokens
 least 2), so a padded row is pruned as it would be alone; rows with fewer real tokens
 fill the common count K with padding positions (masked, never attended to). Without a
 mask every token counts as real: lm-eval's HFLM passes no mask for causal models, so
-score token-pruned models with ``batch_size=1`` or padding changes what is kept.
+score token-pruned models with ``batch_size=1`` or padding changes what is kept (with
+prompt lengths set, right padding lies after the prompt and changes nothing). Rows that
+run fewer positions than the longest (other prompt lengths) fill up with prompt
+positions they did not keep, masked as keys for every later forward too, and keeping
+their early-exit state (``last_filler`` marks them).
 
 Sparsity = fraction of the prompt tokens removed from layer l on (0 <= s <= 0.99 through
 the registry; :func:`token_prune` takes any 0 <= s < 1). Realised
