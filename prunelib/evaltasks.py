@@ -313,10 +313,7 @@ def _check_readable(task: str, path: Path, loader: str) -> None:
             records = json.loads(text) if text.lstrip().startswith("[") else _read_jsonl(path)
             if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
                 raise ValueError("expected a JSON array of records or one JSON record per line")
-    except (ValueError, OSError, UnicodeDecodeError, ImportError) as err:
-        raise ValueError(f"malformed data for task {task!r} in {path}: {type(err).__name__}: {err} "
-                         f"(truncated or not the expected format; see SOURCES.md)") from err
-    except Exception as err:  # pyarrow.ArrowInvalid and friends
+    except Exception as err:  # ValueError, OSError, UnicodeDecodeError, pyarrow.ArrowInvalid and friends
         raise ValueError(f"malformed data for task {task!r} in {path}: {type(err).__name__}: {err} "
                          f"(truncated or not the expected format; see SOURCES.md)") from err
     _CHECKED.add(key)
