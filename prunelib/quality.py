@@ -99,7 +99,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     Tasks already stored for this model fingerprint and settings are not re-run.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    from .servinglm import ServingHFLM  # dynamic methods scored as they serve (prompt prefilled, answer decoded)
 
     if preset is not None:
         if preset not in PRESETS:
@@ -139,7 +139,7 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     if runs:
         from tqdm.auto import tqdm
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        lm = ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
         for chunk in tqdm(runs, desc="lm-eval tasks", leave=False):  # each chunk lands in the store when done
             tm = evaltasks.task_manager(chunk, offline=offline, data_dir=data_dir)
             t0 = time.perf_counter()
