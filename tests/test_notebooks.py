@@ -57,6 +57,16 @@ def test_parameters_cell_lists_the_allowed_methods(name):
     assert set(json.loads(chosen.split("=", 1)[1])) <= set(allowed)
 
 
+@pytest.mark.parametrize("path", sorted(NB.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    """papermill parses each line of the parameters cell (a comment holding '=' would hide its parameter)."""
+    from papermill.translators import PythonTranslator
+
+    src = code_cells(path)[0]
+    names = [line.split("=")[0].strip() for line in src.splitlines() if "=" in line.split("#")[0]]
+    assert [p.name for p in PythonTranslator.inspect({"source": src})] == names
+
+
 @pytest.mark.parametrize("preset", ["QUICK", "FULL"])
 def test_demo_parameters_are_the_notebooks_own_and_valid(preset):
     from prunelib import demo
