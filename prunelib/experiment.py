@@ -177,8 +177,10 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
     text = timing_text(tok, batches, lengths, seed=seed + 1)
     dense_q = quality.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
+    bar = tqdm(total=len(methods) * len(sparsities), desc="prune, time, score")  # one bar for the sweep
     for method in methods:
-        for sparsity in tqdm(sparsities, desc=method):
+        for sparsity in sparsities:
+            bar.set_postfix_str(f"{method} s={sparsity:g}")
             pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
             extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
                      "options": options}
@@ -196,6 +198,8 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                 fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
                                      sparsity=sparsity, cell=report.cell, seed=seed, extra=extra)
             del pruned
+            bar.update()
+    bar.close()
     df = store.load()
     return df[df.model == model_name].reset_index(drop=True)
 

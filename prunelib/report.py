@@ -20,13 +20,14 @@ from .config import REPO_ROOT
 LOG_ENV = "PRUNELIB_LOG"  # set by prunelib.demo to <executed notebook>.log before the kernel starts
 
 
-def route_logs(path: str | os.PathLike | None = None) -> Path:
-    """Send this process's stderr, Python logging and warnings to ``path`` from now on; returns it.
+def route_logs(path: str | os.PathLike | None = None) -> None:
+    """Send this process's stderr, Python logging and warnings to ``path`` from now on, and say where.
 
     ``path`` defaults to ``$PRUNELIB_LOG`` (``make demo`` sets it beside each executed
     notebook), else ``build/notebooks/interactive.log``. Exceptions still show in the
     notebook (they are not written to stderr), and so do ``tqdm.auto`` progress bars,
-    which a notebook draws as widgets. The file is appended to, line-buffered.
+    which a notebook draws as widgets (libraries' own bars are switched off). The file is
+    appended to, line-buffered.
     """
     path = Path(path or os.environ.get(LOG_ENV) or REPO_ROOT / "build" / "notebooks" / "interactive.log")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,12 +39,24 @@ def route_logs(path: str | os.PathLike | None = None) -> Path:
         if type(handler) is logging.StreamHandler and id(handler.stream) in old:
             handler.setStream(log)
     sys.stderr = log  # warnings, tqdm's default file and logging's last-resort handler write here
+    _quiet_library_bars()
     try:  # C-level writes (torch, tokenizers) too, where the process has a real stderr descriptor
         os.dup2(log.fileno(), 2)
     except OSError:
         pass
     print(f"library logs: {path}")
-    return path
+
+
+def _quiet_library_bars() -> None:
+    """Hide the progress bars libraries draw as notebook widgets (weights loading, dataset preparation):
+    a long cell shows prunelib's one bar, not one per library step."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def build(executed: Path, figures: Path, out: Path) -> Path:
