@@ -332,20 +332,13 @@ class _Checker:
 
 def model_config(name: str):
     """``(config, has_tokenizer)`` of a model name as :func:`prunelib.models.load_model` reads it, without weights."""
-    import json
-
     from transformers import AutoConfig
 
     from .adapter import ModelAdapter
-    from .models import CONFIG_DIR, EMBEDDED, EMBEDDED_ALIASES, embedded_path, random_configs
+    from .models import EMBEDDED, EMBEDDED_ALIASES, embedded_path, random_config, random_configs
 
     if name.startswith("random:"):
-        key = name.split(":", 1)[1]
-        if key not in random_configs():
-            raise ValueError(f"unknown random config {key!r}; available: {random_configs()}")
-        fields = json.loads((CONFIG_DIR / f"{key}.json").read_text())
-        fields.pop("_source", None)
-        config, tokenizer = AutoConfig.for_model(**fields), False
+        config, tokenizer = random_config(name.split(":", 1)[1]), False
     else:
         path = str(embedded_path()) if name in EMBEDDED_ALIASES else name
         if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
@@ -618,8 +611,14 @@ def connect(address: str | None, workers: int = 1) -> None:
     import ray
 
     if address is None:
-        ray.init(num_cpus=workers, resources={"timing_slot": 1}, include_dashboard=False, log_to_driver=False)
-        return
+        for attempt in range(3):  # Ray gives its agents 15 s to start (ray#65983): a loaded machine may need more
+            try:
+                ray.init(num_cpus=workers, resources={"timing_slot": 1}, include_dashboard=False, log_to_driver=False)
+                return
+            except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception when its node does not start)
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(err):
+                    raise
     m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
     if m:  # a host:port that does not answer would make ray.init wait for minutes
         try:
@@ -653,10 +652,18 @@ def merge(store: ResultsStore, result: dict, work: Path) -> int:
     return len(new)
 
 
+def _drop_partial(work: Path) -> None:
+    """Delete the shards of attempts that never finished (killed workers; their jobs ran again), keep their logs."""
+    for p in (work / "shards").glob("*.partial.*"):
+        p.unlink()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    for p in (work / "shards").glob("*.log"):
+        os.replace(p, work / "logs" / f"{p.stem}.unfinished.log")
+
+
 def _recover(store: ResultsStore, work: Path) -> None:
     """Merge the finished shards a stopped driver did not; drop unfinished ones (their jobs run again)."""
-    for p in sorted((work / "shards").glob("*.partial.jsonl")):
-        p.unlink()
+    _drop_partial(work)
     for p in sorted((work / "shards").glob("*.jsonl")):
         merge(store, {"id": p.name.removesuffix(".jsonl"), "rows": ResultsStore(p).rows(), "shard": str(p),
                       "log": ""}, work)
@@ -688,6 +695,7 @@ def run(spec: Spec, executor: str = "inprocess", workers: int = 1, address: str 
                 bar.update()
                 if result["error"]:
                     bar.write(f"job {result['id']} failed: {result['error'].splitlines()[0][:300]}")
+    _drop_partial(work)
     df = store.load()
     return df[df.model.isin(spec.models)].reset_index(drop=True)
 
