@@ -2,7 +2,8 @@
 
 A point is one pruned model, keyed by (model, method, sparsity, seed, options), at one
 phase/batch/length/device/timing mode: its measured speedup with its 95% CI, its roofline
-bound, and its quality cost with its 95% CI on the x-axis. The x-axis is either the
+bound, its memory relative to dense (weights, and peak while timing, where stored), and
+its quality cost with its 95% CI on the x-axis. The x-axis is either the
 quick-suite accuracy loss in percent (``x="loss"``, the paper's bands) or a fidelity
 measure on held-out text of one domain (``x="kl"``: mean per-token KL divergence from the
 dense model; ``x="dnll"``: the change of the mean NLL).
@@ -36,7 +37,7 @@ X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the cho
             "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",
             "fidelity_dnll": "NLL increase over dense, nats per token, held-out {domain} text"}
 COLUMNS = KEY + ["cell", "label", *SHAPE, "speedup", "ci_low", "ci_high", "bound", "loss", "loss_low", "loss_high",
-                 "loss_stderr", "ci_method", "x_metric"]
+                 "loss_stderr", "ci_method", "x_metric", "weight_ratio", "mem_ratio"]
 
 
 def x_label(pts: pd.DataFrame) -> str:
@@ -67,6 +68,9 @@ def speed(df: pd.DataFrame) -> pd.DataFrame:
     """The speedup rows, the latest per key and shape, with seed (of the calibration), options and timing mode."""
     sp = _keyed(df[df.metric == "speedup"], lambda e: (e.get("calibration") or {}).get("seed", 0))
     sp["timing_mode"] = [e.get("timing_mode", "eager") for e in sp.extra]
+    for col, key in (("weight_ratio", "weight_bytes"), ("mem_ratio", "mem_peak_bytes")):  # pruned / dense, if stored
+        sp[col] = [e[key] / e[f"{key}_dense"] if e.get(key) and e.get(f"{key}_dense") else float("nan")
+                   for e in sp.extra]
     sp = sp.drop_duplicates(KEY + SHAPE, keep="last")
     return sp.astype({"batch": int, "length": int}) if len(sp) else sp
 

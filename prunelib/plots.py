@@ -7,6 +7,7 @@ cell that ends with one of these calls shows the figure once, a script just save
 - :func:`pareto_figures`: every Pareto figure of a set of points (from
   :func:`prunelib.pareto.points`), one per shape, via :func:`pareto_plotly` and
   :func:`pareto_static`; both uncertainties as error bars.
+- :func:`memory_vs_loss`: weights and peak memory relative to dense against quality cost.
 - :func:`speedup_vs_bound`, :func:`speed_vs_loss`, :func:`realised_vs_target`: the three
   figures every axis notebook draws from ``experiment.summary``'s table.
 """
@@ -126,6 +127,28 @@ def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
         save_plotly(figs[(phase, b, s, mode)], name)
         pareto_static(g, front, head, figures_dir() / f"{name}.png")
     return figs
+
+
+def memory_vs_loss(pts: pd.DataFrame, path: Path | None = None):
+    """Memory relative to dense against quality cost (with its CI): weight bytes (o) and the peak
+    measured in decode (x, one per batch and length); None when no memory was stored."""
+    from .pareto import x_label
+
+    weights = pts.dropna(subset=["weight_ratio"]).drop_duplicates(["method", "sparsity", "seed", "options"])
+    peak = pts[pts.phase == "decode"].dropna(subset=["mem_ratio"])
+    if weights.empty and peak.empty:
+        return None
+    fig = _figure(6.5, 4.2)
+    ax = fig.add_subplot()
+    colours = dict(zip(sorted(set(pts.method)), itertools.cycle(f"C{i}" for i in range(10))))
+    for data, col, marker, what in ((weights, "weight_ratio", "o", "weights"), (peak, "mem_ratio", "x", "decode peak")):
+        for method, g in data.groupby("method"):
+            ax.errorbar(g.loss, g[col], xerr=_err(g.loss, g.loss_low, g.loss_high), fmt=marker, color=colours[method],
+                        capsize=2, label=f"{method}, {what}")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.set(xlabel=x_label(pts), ylabel="memory / dense memory", title="what pruning saves in memory")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def speedup_vs_bound(table: pd.DataFrame, batch: int, length: int, path: Path | None = None):

@@ -73,3 +73,16 @@ def test_pareto_figures_show_both_uncertainties_and_honest_labels(tmp_path):
     trace = ply.data[0]
     assert list(trace.error_x.array) == [7.0, 7.0] and list(trace.error_x.arrayminus) == [4.0, 4.0]
     assert "2:4 on 50% of the layers" in trace.text[0] and "2:4 on every layer" in trace.text[1]
+
+
+def test_memory_vs_loss_draws_stored_ratios_only(tmp_path):
+    rows = store_rows()
+    assert plots.memory_vs_loss(pareto.points(rows)) is None  # rows from before memory was measured
+    for e, w in zip(rows.extra, (50.0, 50.0, None, 60.0, 60.0, None)):
+        if w is not None:
+            e.update(weight_bytes=w, weight_bytes_dense=100.0, mem_peak_bytes=2 * w, mem_peak_bytes_dense=400.0)
+    pts = pareto.points(rows)
+    assert sorted(set(pts.weight_ratio)) == [0.5, 0.6] and sorted(set(pts.mem_ratio)) == [0.25, 0.3]
+    fig = plots.memory_vs_loss(pts, tmp_path / "m.png")
+    drawn = {c.get_label(): list(c.lines[0].get_ydata()) for c in fig.axes[0].containers}
+    assert drawn == {"sparse24_wanda, weights": [0.5, 0.6], "sparse24_wanda, decode peak": [0.25, 0.3]}
