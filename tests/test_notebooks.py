@@ -229,3 +229,23 @@ def test_axis_notebook_stores_rows_and_draws_figures(name, tmp_path, monkeypatch
         side = ResultsStore(ResultsStore().path.parent / "results_round_to_64.jsonl").load()
         assert set(side.metric) == {"speedup"}
         assert side.extra.map(lambda e: e["options"] == {"round_to": 64}).all()
+
+
+def test_readme_papermill_example_passes_lists_as_lists(tmp_path):
+    """The README's papermill command, as typed (only --prepare-only added): its parameters pass the checks."""
+    import re
+    import shlex
+    import subprocess
+
+    readme = (NB.parent / "README.md").read_text()
+    cmd = re.search(r"```bash\n(PLOTLY_RENDERER=notebook papermill .*?)\n```", readme, re.S).group(1)
+    argv = shlex.split(cmd.replace("\\\n", " "))[1:]  # drop the environment assignment
+    argv[2] = str(tmp_path / "out.ipynb")
+    subprocess.run(argv + ["--prepare-only", "--cwd", str(NB.parent)], check=True, cwd=NB.parent,
+                   capture_output=True)
+    injected = next(c for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+                    if "injected-parameters" in c["metadata"].get("tags", []))
+    params = {}
+    exec("".join(injected["source"]), params)
+    assert params["sparsities"] == [0.1, 0.25] and params["reps"] == 5
+    checks.parameters(sparsities=params["sparsities"], reps=params["reps"])
