@@ -37,13 +37,14 @@ X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the cho
             "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",
             "fidelity_dnll": "NLL increase over dense, nats per token, held-out {domain} text"}
 COLUMNS = KEY + ["cell", "label", *SHAPE, "speedup", "ci_low", "ci_high", "bound", "loss", "loss_low", "loss_high",
-                 "loss_stderr", "ci_method", "x_metric", "weight_ratio", "mem_ratio"]
+                 "loss_stderr", "ci_method", "x_metric", "domain", "weight_ratio", "mem_ratio"]
 
 
 def x_label(pts: pd.DataFrame) -> str:
     """The x-axis title of a frame from :func:`points`."""
-    metric = pts.x_metric.iloc[0] if len(pts) else "quality_loss_pct"
-    return X_LABELS[metric].format(domain=pts.attrs.get("domain", ""))
+    if not len(pts):
+        return X_LABELS["quality_loss_pct"]
+    return X_LABELS[pts.x_metric.iloc[0]].format(domain=pts.domain.iloc[0])
 
 
 def _options(extra) -> str:
@@ -96,7 +97,8 @@ def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inn
     ``how="outer"`` also keeps the speed rows no quality row matches and the quality rows
     of models that were never timed (their speed columns are NaN). The quality axis comes
     as ``loss``, ``loss_low``/``loss_high`` (its 95% CI), ``loss_stderr`` (unpaired se, where
-    stored) and ``ci_method``, whatever ``x`` is; ``x_metric`` names the stored metric.
+    stored) and ``ci_method``, whatever ``x`` is; ``x_metric`` names the stored metric and
+    ``domain`` the fidelity text ("" for the accuracy loss).
     """
     empty = pd.DataFrame(columns=COLUMNS)
     if df.empty or "metric" not in df:
@@ -109,7 +111,7 @@ def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inn
     if out.empty:
         return empty
     out["cell"] = out.cell.fillna(out.pop("cell_quality"))
-    out["x_metric"] = X_METRICS[x]
+    out["x_metric"], out["domain"] = X_METRICS[x], domain if x != "loss" else ""
     out["label"] = [sparsity_label(c, s) for c, s in zip(out.cell, out.sparsity)]
     for col in COLUMNS:
         if col not in out:
@@ -119,9 +121,7 @@ def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inn
 
 def points(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFrame:
     """The timed models that have a quality measure: one row per key and shape (see :func:`join`)."""
-    pts = join(df, x, domain)[COLUMNS].reset_index(drop=True)
-    pts.attrs["domain"] = domain if x != "loss" else ""
-    return pts
+    return join(df, x, domain)[COLUMNS].reset_index(drop=True)
 
 
 def beats(q, p) -> bool:

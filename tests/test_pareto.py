@@ -88,10 +88,12 @@ def test_fidelity_on_the_x_axis_picks_its_domain():
     assert pareto.points(df, x="kl").loss.tolist() == [0.3]
     assert pareto.points(df, x="kl", domain="wikitext2").loss.tolist() == [0.2]
     dnll = pareto.points(df, x="dnll")
-    assert dnll.loss.tolist() == [0.25] and "ptb" in pareto.x_label(dnll)
+    assert dnll.loss.tolist() == [0.25] and "ptb" in pareto.x_label(dnll[dnll.phase == "prefill"])
     assert pareto.points(df, x="loss").empty  # no accuracy loss stored
     with pytest.raises(ValueError, match=r"x='ppl' is not a quality axis; allowed: \['dnll', 'kl', 'loss'\]"):
         pareto.points(df, x="ppl")
+    with pytest.raises(ValueError, match=r"domain='c4' is not a fidelity domain; allowed: \['ptb', 'wikitext2'\]"):
+        pareto.points(df, x="kl", domain="c4")
 
 
 point = st.fixed_dictionaries(dict(
