@@ -86,9 +86,16 @@ def main(argv=None) -> None:
                 continue  # one compilation (minutes on a small CPU) for what the paper compiles: decode
             t0 = time.perf_counter()
             t = timing.measure(model, phase, B, S, reps=args.reps, mode=mode)
+            before = hw
+            hw, flag = hardware.check_roofline(hw, lambda spec: {label: costmodel.cost(shape, phase, B, S, dtype,
+                                                                                       spec).seconds},
+                                               {label: t.latency.median})
             bound = costmodel.cost(shape, phase, B, S, dtype, hw).seconds
             line = (f"{label} [{mode}]: {t.latency.median * 1e3:8.2f} ms [{t.latency.p10 * 1e3:.2f}, "
-                    f"{t.latency.p90 * 1e3:.2f}]   roofline {bound * 1e3:.2f} ms")
+                    f"{t.latency.p90 * 1e3:.2f}]   roofline {bound * 1e3:.2f} ms"
+                    + (f"   FLAGGED: {flag}" if flag else ""))
+            if hw is not before:  # the roofline was slower than the measurement: the spec was measured again
+                line = "the roofline was slower than the measurement: spec measured again\n" + _spec_line(hw) + "\n" + line
             if mode == "compiled":
                 line += f"   (compile and warm-up included: {time.perf_counter() - t0:.0f} s in all)"
             if phase == "decode":
