@@ -22,11 +22,13 @@ logits cache, requests whose ``context + continuation[:-1]`` coincide share one 
 if their context lengths differ, the shortest is used, so each request's scored
 positions are still served by prefill or decode, never from an early-exited state.
 
-Rolling loglikelihood (perplexity): lm-eval's windows have a one-token context (the
-prefix token, or one token of the previous window), so the prompt is that token and
-every scored token is a decode step: prompt-token pruning prunes nothing there (its
-perplexity is the dense model's), and sparse attention is scored by its decode rule
-(Quest pages). Perplexity therefore never scores a position from a pruned state.
+Rolling loglikelihood (perplexity): lm-eval cuts a text into windows of ``max_length``
+tokens. A full window's context is one token (the prefix token, or the token before
+it), so its prompt is that token and every scored token is a decode step: prompt-token
+pruning prunes nothing there, and sparse attention is scored by its decode rule (Quest
+pages). Only a text's last, shorter window has a longer context (the text before it),
+which is then a prompt, prefilled as such. Either way no scored position comes from a
+pruned (early-exited) state; perplexity measures the decode path, not prompt pruning.
 """
 from __future__ import annotations
 

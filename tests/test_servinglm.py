@@ -136,3 +136,18 @@ def test_serving_hflm_scores_prefill_plus_decode(tokenizer, method):
     for bs in (1, 4):
         got = [ll for ll, _ in ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs)._loglikelihood_tokens(reqs)]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-3), bs
+
+
+def test_rolling_loglikelihood_prunes_nothing(tokenizer):
+    """A perplexity window that starts the text has a one-token prompt: token pruning scores every token at full
+    depth, as dense."""
+    from lm_eval.api.instance import Instance
+
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(tiny_config(vocab_size=49152)).eval()
+    model = pruned_model(dense, "token_prune_attn")
+    text = "The quick brown fox jumps over the lazy dog. " * 12  # one window of about 130 tokens
+    req = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    got = ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=512).loglikelihood_rolling(req)
+    ref = ServingHFLM(pretrained=dense, tokenizer=tokenizer, batch_size=1, max_length=512).loglikelihood_rolling(req)
+    assert got == pytest.approx(ref, rel=1e-6)

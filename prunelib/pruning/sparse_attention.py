@@ -44,7 +44,7 @@ attention. One full forward thus gives, at the last prompt token and every conti
 position, the logits of prefill + cached decode (tests check 1e-4), and a later token
 never changes an earlier served position. (Inside the prompt, pooled query means cover a
 whole query block, as a served prefill computes them.) Perplexity windows have a
-one-token prompt: they score the decode rule.
+one-token prompt (but a text's last, shorter one): they score the decode rule.
 
 Sparsity unit (``0 <= s < 1``, density = 1 - s): in prefill, the fraction of the causal
 (query block, key block) pairs skipped; in decode, the fraction of the cached KV tokens

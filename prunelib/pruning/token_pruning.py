@@ -27,7 +27,8 @@ over prompt + continuation gives, at the last prompt token and at every continua
 position, the logits that prefill(prompt) + cached decode give (tests check it to 1e-4,
 and that a later token never changes an earlier served position). Positions of pruned
 prompt tokens carry early-exit states; they are never served or scored. Perplexity
-(rolling loglikelihood) has a one-token prompt per window: nothing is pruned there.
+(rolling loglikelihood) has a one-token prompt in every full window: nothing is pruned
+there (see :mod:`prunelib.servinglm`).
 
 Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the
 first layer that runs the kept tokens only, 1 <= layer <= L - 1.
@@ -125,7 +126,7 @@ class TokenPruner:
         self.layer, self.n_layers, self.sparsity = layer, n_layers, sparsity
         self.criterion, self.seed, self.scaling, self.head_dim = criterion, seed, scaling, head_dim
         self.taps: dict[str, torch.Tensor] = {}
-        self.last_kept = None  # [B, K] positions kept by the latest pruning prefill (for inspection)
+        self.last_kept = None  # [B, K] positions kept by the latest prefill (for inspection; None: all)
         self.last_filler = None  # [B, K] which of them only fill a shorter row (None: none)
         self.prompt_lengths = None  # [B] where each row's prompt ends (servinglm.prompt_lengths); None: all input
         self.table = torch.empty(0)  # seeded random scores by position (random criterion)
@@ -175,6 +176,7 @@ class TokenPruner:
             cache.prunelib_filler = None if kept is None else self.filler
         if kept is None:  # nothing to prune: dense pass-through
             self.kept_tokens += n_prompt
+            self.last_kept = self.last_filler = None
             return hidden
         self.kept_tokens += n_prompt - B * S + B * K
         self.kept, self.full, self.last_kept, self.last_filler = kept, hidden, kept, self.filler
