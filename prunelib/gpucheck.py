@@ -159,10 +159,10 @@ def run(smoke: bool = False, device: str | None = None, csv=None, cells=None, **
         dense = tiny_model().to(device)
     else:
         dense, _ = load_model(cfg["model"], device=device, dtype=cfg["dtype"])
-    hw = hardware.for_device(device)
     rows, threads = [], torch.get_num_threads()
     torch.set_num_threads(cfg.get("threads") or threads)
     try:
+        hw = hardware.for_device(device)  # at the thread count the cells run with
         for cell, method, sparsity, options in CELLS:
             if not cells or cell in cells:
                 rows += _cell(dense, cell, method, sparsity, options, cfg, hw)
