@@ -9,10 +9,11 @@ that one method and sparsity (prune, time every shape against the dense model, s
 job per (model, device) runs first: the dense model's quality and its dense-vs-dense timing (the
 noise floor) are measured there once, and every pruned job reads the dense scores from the store.
 
-**One writer.** A job writes to its own shard (``<store>/sweeps/shards/<job>.<pid>.partial.jsonl``),
-which it renames to ``<job>.jsonl`` when it ends, and returns its rows. The driver alone appends to
+**One writer.** A job writes to its own shard (``sweep-shard.<job>.<pid>.partial.jsonl`` beside the
+store, so that quality's per-document sidecars land in the store's ``samples/``), which it renames
+to ``sweep-shard.<job>.jsonl`` when it ends, and returns its rows (and sidecars, for other nodes). The driver alone appends to
 the main store: only rows whose ``(config_hash, metric)`` are not stored yet, the job's status row
-last, then moves the shard to ``merged/``. A killed worker leaves only a ``.partial`` shard, which
+last, then moves the shard to ``sweeps/merged/``. A killed worker leaves only a ``.partial`` shard, which
 is discarded; the job is retried (Ray ``max_retries``, pool resubmission). A job that raises ends
 with a ``metric="failure"`` row (value 1, ``extra.error``) instead of its ``"sweep_job"`` row;
 re-running the spec skips every job with a ``"sweep_job"`` row and retries failed ones.
@@ -48,6 +49,7 @@ DEFAULTS = dict(seeds=[0], phases=["prefill", "decode"], batches=[1], lengths=[5
 KEYS = ("models", "methods", "sparsities", *DEFAULTS)
 REQUIRED = ("models", "methods", "sparsities")
 LOG_TAIL = 200_000  # characters of a job's log sent back to the driver
+SHARD = "sweep-shard."  # a job's shard, beside the store: sweep-shard.<job>[.<pid>.partial].jsonl
 
 
 class SpecError(ValueError):
@@ -450,19 +452,20 @@ def _output_to(path: Path):
             os.close(saved[0]), os.close(saved[1])
 
 
-def run_job(job: Job, base_rows, work_dir) -> dict:
-    """Run one job into its own shard and return its rows, status and log (never raises for a job's error)."""
-    import socket as _socket
-
+def run_job(job: Job, base_rows, shard_dir) -> dict:
+    """Run one job into its own shard in ``shard_dir`` (the store's folder) and return its rows, the
+    per-document sidecars of its scores, its status and its log (never raises for a job's error)."""
     import torch
 
-    shards = Path(work_dir) / "shards"
+    from . import samples
+
+    shards = Path(shard_dir)
     shards.mkdir(parents=True, exist_ok=True)
-    partial, log = shards / f"{job.id}.{os.getpid()}.partial.jsonl", shards / f"{job.id}.{os.getpid()}.log"
+    partial, log = (shards / f"{SHARD}{job.id}.{os.getpid()}.{x}" for x in ("partial.jsonl", "log"))
     partial.unlink(missing_ok=True)
     store, error, t0 = _ShardStore(partial, base_rows), None, time.perf_counter()
     with _output_to(log):
-        print(f"job {job.id} on {_socket.gethostname()} pid {os.getpid()}: {job}", flush=True)
+        print(f"job {job.id} on {socket.gethostname()} pid {os.getpid()}: {job}", flush=True)
         try:
             import_plugins(job.spec.plugins)
             torch.set_num_threads(job.spec.threads)
@@ -470,18 +473,21 @@ def run_job(job: Job, base_rows, work_dir) -> dict:
         except Exception as err:  # noqa: BLE001 (a job's error becomes its failure row)
             error = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-    ResultsStore(partial).append(status_row(job, error, time.perf_counter() - t0, host=_socket.gethostname()))
-    shard = shards / f"{job.id}.jsonl"
+    ResultsStore(partial).append(status_row(job, error, time.perf_counter() - t0, host=socket.gethostname()))
+    shard = shards / f"{SHARD}{job.id}.jsonl"
     os.replace(partial, shard)  # a finished shard; an unfinished one stays .partial and is discarded
     text = log.read_text(errors="replace")
     log.unlink()
-    return {"id": job.id, "rows": ResultsStore(shard).rows(strict=True), "error": error, "shard": str(shard), "log": text[-LOG_TAIL:]}
+    rows = ResultsStore(shard).rows(strict=True)
+    sidecars = {h: samples.read(samples.folder(shard), h) for h in {r["config_hash"] for r in rows}}
+    return {"id": job.id, "rows": rows, "samples": {h: v for h, v in sidecars.items() if v is not None},
+            "error": error, "shard": str(shard), "log": text[-LOG_TAIL:]}
 
 
 def lost(job: Job, reason: str) -> dict:
     """The result of a job whose worker died more often than it may be retried."""
-    return {"id": job.id, "rows": [status_row(job, reason, float("nan"))], "error": reason, "shard": None,
-            "log": reason + "\n"}
+    return {"id": job.id, "rows": [status_row(job, reason, float("nan"))], "samples": {}, "error": reason,
+            "shard": None, "log": reason + "\n"}
 
 
 # --- executors ---------------------------------------------------------------------------------
@@ -497,10 +503,10 @@ class InProcess:
     def __exit__(self, *exc):
         return False
 
-    def run(self, todo, base, work):
+    def run(self, todo, base, shard_dir):
         for job in todo:
             self.running = 1
-            yield run_job(job, base, work)
+            yield run_job(job, base, shard_dir)
         self.running = 0
 
 
@@ -524,7 +530,7 @@ class LocalPool(InProcess):
 
         self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(self, todo, base, work):
+    def run(self, todo, base, shard_dir):
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
@@ -540,7 +546,7 @@ class LocalPool(InProcess):
                 if job.exclusive and any(j.exclusive for j in running.values()):
                     continue
                 pending.remove(job)
-                running[self.pool.submit(run_job, job, base, work)] = job
+                running[self.pool.submit(run_job, job, base, shard_dir)] = job
             self.running = len(running)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
@@ -577,7 +583,7 @@ class RayCluster(InProcess):
             ray.shutdown()
         return False
 
-    def run(self, todo, base, work):
+    def run(self, todo, base, shard_dir):
         import ray
 
         have = ray.cluster_resources()
@@ -595,7 +601,7 @@ class RayCluster(InProcess):
                 opts["num_gpus"] = 1
             elif job.exclusive:
                 opts["resources"] = {"timing_slot": 1}
-            refs[remote.options(**opts).remote(job, base_ref, str(work))] = job
+            refs[remote.options(**opts).remote(job, base_ref, str(shard_dir))] = job
         while refs:
             self.running = min(len(refs), int(have.get("CPU", len(refs))))  # in flight, at most what fits
             done, _ = ray.wait(list(refs), num_returns=1)
@@ -633,8 +639,15 @@ def connect(address: str | None, workers: int = 1) -> None:
 
 
 # --- the driver --------------------------------------------------------------------------------
-def merge(store: ResultsStore, result: dict, work: Path) -> int:
-    """Append a job's rows that the store lacks (its status row last) and file its log and shard."""
+def merge(store: ResultsStore, result: dict) -> int:
+    """Append a job's rows that the store lacks as one unit (its status row last), after their
+    per-document sidecars; file its log and its shard under ``<store folder>/sweeps``."""
+    from . import samples
+
+    work, folder = store.path.parent / "sweeps", samples.folder(store.path)
+    for h, payload in result["samples"].items():  # a job on another node wrote them there
+        if samples.read(folder, h) is None:
+            samples.write(folder, h, payload)
     new, seen = [], set()
     for r in result["rows"]:
         k = (r["config_hash"], r["metric"])
@@ -648,25 +661,26 @@ def merge(store: ResultsStore, result: dict, work: Path) -> int:
     shard = Path(result["shard"]) if result["shard"] else None
     if shard is not None and shard.exists():
         (work / "merged").mkdir(exist_ok=True)
-        os.replace(shard, work / "merged" / shard.name)
+        os.replace(shard, work / "merged" / shard.name.removeprefix(SHARD))
     return len(new)
 
 
-def _drop_partial(work: Path) -> None:
+def _drop_partial(store: ResultsStore) -> None:
     """Delete the shards of attempts that never finished (killed workers; their jobs ran again), keep their logs."""
-    for p in (work / "shards").glob("*.partial.*"):
+    folder, logs = store.path.parent, store.path.parent / "sweeps" / "logs"
+    for p in folder.glob(f"{SHARD}*.partial.jsonl"):
         p.unlink()
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    for p in (work / "shards").glob("*.log"):
-        os.replace(p, work / "logs" / f"{p.stem}.unfinished.log")
+    logs.mkdir(parents=True, exist_ok=True)
+    for p in folder.glob(f"{SHARD}*.log"):
+        os.replace(p, logs / f"{p.stem.removeprefix(SHARD)}.unfinished.log")
 
 
-def _recover(store: ResultsStore, work: Path) -> None:
+def _recover(store: ResultsStore) -> None:
     """Merge the finished shards a stopped driver did not; drop unfinished ones (their jobs run again)."""
-    _drop_partial(work)
-    for p in sorted((work / "shards").glob("*.jsonl")):
-        merge(store, {"id": p.name.removesuffix(".jsonl"), "rows": ResultsStore(p).rows(), "shard": str(p),
-                      "log": ""}, work)
+    _drop_partial(store)
+    for p in sorted(store.path.parent.glob(f"{SHARD}*.jsonl")):
+        merge(store, {"id": p.name.removeprefix(SHARD).removesuffix(".jsonl"), "rows": ResultsStore(p).rows(),
+                      "samples": {}, "shard": str(p), "log": ""})
 
 
 def run(spec: Spec, executor: str = "inprocess", workers: int = 1, address: str | None = None,
@@ -679,23 +693,22 @@ def run(spec: Spec, executor: str = "inprocess", workers: int = 1, address: str 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers {workers!r} is not an integer >= 1")
     store = ResultsStore() if store is None else store
-    work = store.path.parent / "sweeps"
-    (work / "shards").mkdir(parents=True, exist_ok=True)
-    _recover(store, work)
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(store)
     todo = [j for j in jobs(spec) if not store.has(j.key, DONE)]
     ex = {"inprocess": InProcess, "local": LocalPool, "ray": RayCluster}[executor](workers, spec.retries, address)
     counts = {"done": 0, "failed": 0}
     with tqdm(total=len(todo), desc=f"sweep ({executor})", unit="job", disable=not progress) as bar, ex:
         for stage in ([j for j in todo if j.method == "dense"], [j for j in todo if j.method != "dense"]):
             base = [r for r in store.rows() if r["model"] in spec.models]  # dense rows first: pruned jobs read them
-            for result in ex.run(stage, base, work):
-                merge(store, result, work)
+            for result in ex.run(stage, base, store.path.parent):
+                merge(store, result)
                 counts["failed" if result["error"] else "done"] += 1
                 bar.set_postfix(counts, running=ex.running, refresh=False)
                 bar.update()
                 if result["error"]:
                     bar.write(f"job {result['id']} failed: {result['error'].splitlines()[0][:300]}")
-    _drop_partial(work)
+    _drop_partial(store)
     df = store.load()
     return df[df.model.isin(spec.models)].reset_index(drop=True)
 

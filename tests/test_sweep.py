@@ -189,14 +189,14 @@ def test_a_stopped_driver_merges_finished_shards_and_drops_partial_ones(tmp_path
     path = write_spec(tmp_path, tiny_dir, plugin, methods=["last_n"], sparsities=[0.25], phases="none",
                       quality="none")
     spec, store = sweep.load_spec(path), store_of(tmp_path, "s")
-    work = store.path.parent / "sweeps"
+    folder = store.path.parent
     job = sweep.jobs(spec)[1]
-    result = sweep.run_job(job, [], work)  # finished, never merged (the driver stopped)
-    (work / "shards" / f"{job.id}.999.partial.jsonl").write_text('{"model": "x", "metric": "half')
+    result = sweep.run_job(job, [], folder)  # finished, never merged (the driver stopped)
+    (folder / f"{sweep.SHARD}{job.id}.999.partial.jsonl").write_text('{"model": "x", "metric": "half')
     assert len(store) == 0
     sweep.run(spec, store=store, progress=False)
     df = store.load()
-    assert not list((work / "shards").glob("*.jsonl"))
+    assert sorted(p.name for p in folder.glob("*.jsonl")) == ["results.jsonl"]
     assert (df.metric == sweep.DONE).sum() == 2 and len(df) == len(result["rows"]) + 1  # + the dense job's
 
 
@@ -221,6 +221,10 @@ def test_executors_give_the_same_rows(tmp_path, tiny_dir, plugin, inprocess_rows
     spec = sweep.load_spec(write_spec(tmp_path, tiny_dir, plugin), executor=executor)
     df = sweep.run(spec, executor, workers=2, store=store_of(tmp_path, executor), progress=False)
     pd.testing.assert_frame_equal(comparable(df), base, obj=executor)
+    from prunelib import samples  # each score's per-document outcomes sit beside the store (paired statistics)
+
+    folder = samples.folder(store_of(tmp_path, executor).path)
+    assert all(samples.read(folder, h) for h in df[df.metric == "piqa/acc"].config_hash)
 
 
 @pytest.mark.slow
@@ -238,4 +242,4 @@ def test_killed_worker_is_retried_without_duplicate_rows(tmp_path, tiny_dir, plu
     assert sorted(killed.metric) == ["speedup", "speedup", sweep.DONE]  # prefill once (the partial shard dropped)
     assert not df.duplicated(["config_hash", "metric"]).any()
     assert sweep.failures(df).method.tolist() == ["test_raise"]
-    assert not list((store_of(tmp_path, "s").path.parent / "sweeps" / "shards").glob("*.jsonl"))
+    assert sorted(p.name for p in store_of(tmp_path, "s").path.parent.glob("*.jsonl")) == ["results.jsonl"]
