@@ -29,9 +29,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest
 
-# Dense TTFT/TPOT in eager and compiled modes against the roofline, memory, and adaptive CIs (about 6 min on 2 cores).
+# Dense TTFT/TPOT in eager and compiled modes against the roofline, memory, and adaptive CIs (dense vs dense,
+# dense vs ShortGPT 25%): about 10 min on a shared 2-core machine. On a loaded machine one thread is steadier:
+# make bench BENCH_ARGS="--threads 1 --reps 10"
 bench: $(STAMP)
-	$(PY) -m prunelib.bench
+	$(PY) -m prunelib.bench $(BENCH_ARGS)
 
 # One offline GPU validation, at most 8 min on one H100/H200: random-weight Llama-3.1-8B (bf16), every
 # taxonomy cell against dense in eager and CUDA-graph modes; prints the table, writes data/gpu_check.csv.
