@@ -201,8 +201,9 @@ def closing_table(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """
     def rows(metric):
         r = df[df.metric == metric]
-        r = r[[isinstance(e, dict) and e.get("seed", 0) == seed for e in r.extra]]
-        return r[[s == table_sparsity(m) for m, s in zip(r.method, r.sparsity)]]
+        keep = [isinstance(e, dict) and e.get("seed", 0) == seed and s == table_sparsity(m)
+                for e, m, s in zip(r.extra, r.method, r.sparsity)]
+        return r[pd.Series(keep, index=r.index, dtype=bool)]
 
     out = {}
     for r in rows("quality_loss_pct").itertuples():

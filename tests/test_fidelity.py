@@ -133,3 +133,12 @@ def test_served_equals_prefill_then_cached_decode_for_dynamic_methods(method, sp
         for i in range(100, 199):
             steps.append(pruned(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(served, torch.log_softmax(torch.cat(steps, 1).float(), -1), atol=1e-4, rtol=1e-4)
+
+
+def test_closing_table_with_fidelity_only():
+    ResultsStore().append(dict(model="m", method="shortgpt", cell="static_depth", sparsity=0.25, phase="quality",
+                               metric="fidelity_kl", value=1.0, ci_low=0.9, ci_high=1.1, config_hash="k",
+                               extra={"seed": 0, "domain": "ptb", "seconds": 9.0}))
+    t = fidelity.closing_table(ResultsStore().load())
+    assert list(t.method) == ["shortgpt"] and t.kl_ptb[0] == 1.0 and "loss_pct" not in t
+    assert np.isnan(fidelity.spearman(t)[0])
