@@ -1,9 +1,10 @@
 """The one place that knows where a decoder-only model keeps its parts.
 
-Pruning methods, the cost model and the timing harness never touch module names:
-they ask a :class:`ModelAdapter` for layers, norms, projections, heads and KV heads.
-Supported: the Llama family layout (Llama, Qwen2, Mistral), which shares module
-names. Any other layout gets a :class:`LayoutError` naming what was not found.
+Pruning methods, the cost model and the timing harness never touch module names: they
+ask a :class:`ModelAdapter` for roles (layers, norms, the q/k/v/o and gate/up/down
+projections, heads, embedding, head). The names live in one family adapter per
+``model_type`` (``prunelib/adapters/``: llama, qwen2, mistral, phi3), found automatically.
+Any other family gets a :class:`LayoutError` naming what was not found.
 """
 from __future__ import annotations
 
@@ -11,32 +12,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+from .adapters import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, family_adapter  # noqa: F401
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+#: the Llama layout's projection names: the labels of a layer's GEMMs when a LayerShape does not give its own
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-class Removed(nn.Module):
-    """Stands in for a removed attention or MLP sublayer: contributes nothing to the residual.
-
-    No GEMM runs; the residual add of a zero tensor remains (a few microseconds).
-    """
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        x = hidden_states if hidden_states is not None else args[0]
-        out = x.new_zeros(())  # broadcasts in the residual add: no [tokens, hidden] buffer
-        return (out, None) if self.kind == "attention" else out
-
-    def extra_repr(self) -> str:
-        return f"removed {self.kind}"
-
-
-class LayoutError(ValueError):
-    """The model does not have the module layout prunelib knows how to handle."""
+LLAMA_LINEARS = tuple((f"self_attn.{n}", (r,)) for n, r in zip(ATTN_PROJ, ATTN_ROLES)) + tuple(
+    (f"mlp.{n}", (r,)) for n, r in zip(MLP_PROJ, MLP_ROLES))
 
 
 @dataclass(frozen=True)
@@ -76,6 +59,13 @@ class LayerShape:
     attn_density: float = 1.0
     attn_block: int = 0
     attn_tile: int = 0
+    #: ``(label, roles)`` of each Linear: a fused one lists several roles (Phi-3's ``self_attn.qkv_proj``
+    #: holds q, k, v); empty means the Llama layout (:data:`LLAMA_LINEARS`)
+    linears: tuple = ()
+
+    @property
+    def linear_roles(self) -> tuple:
+        return self.linears or LLAMA_LINEARS
 
     @property
     def rank(self) -> dict:
@@ -91,52 +81,60 @@ class LayerShape:
 
 
 class ModelAdapter:
-    """Accessors for a Llama-family ``*ForCausalLM`` model (its shapes may be pruned)."""
+    """Roles of a ``*ForCausalLM`` model (its shapes may be pruned), through its family's adapter."""
 
     @staticmethod
     def check_type(config) -> None:
         model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise LayoutError(
-                f"model_type {model_type!r} is not supported; supported layouts: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"model_type {model_type!r} is not supported; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
 
     def __init__(self, model: nn.Module):
         self.model = model
-        config = getattr(model, "config", None)
-        self.check_type(config)
-        model_type = config.model_type
-        missing = [p for p in ("model", "model.layers", "model.embed_tokens", "model.norm", "lm_head") if not _has(model, p)]
-        if not missing:
-            for i, layer in enumerate(model.model.layers):
-                for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
-                    if not hasattr(layer, name):
-                        missing.append(f"model.layers.{i}.{name}")
-                attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-                attn = None if isinstance(attn, Removed) else attn
-                mlp = None if isinstance(mlp, Removed) else mlp
-                missing += [f"model.layers.{i}.self_attn.{p}" for p in ATTN_PROJ if attn is not None and not hasattr(attn, p)]
-                missing += [f"model.layers.{i}.mlp.{p}" for p in MLP_PROJ if mlp is not None and not hasattr(mlp, p)]
+        self.check_type(getattr(model, "config", None))
+        self.fam: FamilyAdapter = family_adapter(model)
+        missing = self.fam.missing()
         if missing:
-            raise LayoutError(f"{type(model).__name__} ({model_type}) lacks the modules prunelib expects: {', '.join(missing[:8])}")
-        self.config = config
+            raise LayoutError(f"{type(model).__name__} ({self.family}) lacks the modules its family adapter "
+                              f"{type(self.fam).__name__} expects: {', '.join(missing[:8])}")
+        self.config = model.config
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
 
     # --- whole-model parts -------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.fam.layers
+
+    def set_layers(self, layers) -> None:
+        """Replace the decoder layer list (the config's layer count follows)."""
+        self.fam.set_layers(layers)
+        self.config.num_hidden_layers = len(self.fam.layers)
 
     @property
     def embed(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
+        return self.fam.embed
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return self.fam.final_norm
 
     @property
     def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
+        return self.fam.lm_head
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.fam.rotary_emb
+
+    @property
+    def tied(self) -> bool:
+        """The LM head shares the embedding's weight."""
+        return self.fam.tied
 
     @property
     def hidden_size(self) -> int:
@@ -155,34 +153,90 @@ class ModelAdapter:
     # --- per-layer parts ---------------------------------------------------
     def attn(self, i: int) -> nn.Module | None:
         """The attention sublayer of layer ``i`` (None if it was removed)."""
-        attn = self.layers[i].self_attn
-        return None if isinstance(attn, Removed) else attn
+        return self.fam.sublayer(self.layers[i], "attention")
 
     def mlp(self, i: int) -> nn.Module | None:
         """The MLP sublayer of layer ``i`` (None if it was removed)."""
-        mlp = self.layers[i].mlp
-        return None if isinstance(mlp, Removed) else mlp
+        return self.fam.sublayer(self.layers[i], "mlp")
+
+    def sublayer(self, i: int, kind: str) -> nn.Module | None:
+        """``kind``: 'attention' or 'mlp' (None if it was removed)."""
+        return self.fam.sublayer(self.layers[i], kind)
+
+    def set_sublayer(self, i: int, kind: str, module: nn.Module) -> None:
+        """Put ``module`` in place of layer ``i``'s attention or MLP (``Removed(kind)`` removes it)."""
+        self.fam.set_sublayer(self.layers[i], kind, module)
+
+    def norm(self, i: int, which: str) -> nn.Module:
+        """Layer ``i``'s norm before the attention (``which='input'``) or before the MLP (``'post'``)."""
+        return self.fam.norm(self.layers[i], which)
+
+    def set_norm(self, i: int, which: str, module: nn.Module) -> None:
+        self.fam.set_norm(self.layers[i], which, module)
+
+    def _owner(self, i: int, role: str) -> nn.Module:
+        kind = self.fam.kind_of(role)
+        sub = self.sublayer(i, kind)
+        if sub is None:
+            raise LayoutError(f"layer {i}: the {kind} sublayer was removed; it has no {role} projection")
+        return sub
+
+    def proj(self, i: int, role: str) -> nn.Linear:
+        """The Linear of ``role`` (q k v o gate up down) in layer ``i``; a LayoutError if the family fuses it."""
+        return self.fam.proj(self._owner(i, role), role)
+
+    def set_proj(self, i: int, role: str, module: nn.Module) -> None:
+        self.fam.set_proj(self._owner(i, role), role, module)
+
+    def role_rows(self, i: int, role: str) -> tuple[nn.Module, slice]:
+        """``(linear, rows)``: the Linear holding ``role`` in layer ``i`` and its rows that are ``role``'s."""
+        return self.fam.role_rows(self._owner(i, role), role)
+
+    def fused_with(self, role: str) -> str | None:
+        """The fused Linear holding ``role``'s rows in this family, or None if the role has its own Linear."""
+        return self.fam.fused_with(role)
+
+    def require_separate(self, roles, what: str) -> None:
+        """Refuse, naming the family and the role, if ``what`` needs a Linear of its own for a fused role."""
+        for role in roles:
+            fused = self.fam.fused_with(role)
+            if fused:
+                raise LayoutError(f"{what} does not support the {self.family} family yet: it needs a separate {role} "
+                                  f"projection, and {self.family} fuses roles {', '.join(self.fam.fused[fused])} "
+                                  f"into {fused}")
 
     def attn_proj(self, i: int) -> dict[str, nn.Linear]:
+        """The attention's Linears by attribute name (a fused one once); empty if the attention was removed."""
         attn = self.attn(i)
-        return {} if attn is None else {p: getattr(attn, p) for p in ATTN_PROJ}
+        return {} if attn is None else {n: getattr(attn, n) for n in self.fam.linear_names("attention")}
 
     def mlp_proj(self, i: int) -> dict[str, nn.Linear]:
         mlp = self.mlp(i)
-        return {} if mlp is None else {p: getattr(mlp, p) for p in MLP_PROJ}
+        return {} if mlp is None else {n: getattr(mlp, n) for n in self.fam.linear_names("mlp")}
+
+    def linear_labels(self) -> tuple:
+        """``(label, roles)`` of a layer's Linears, e.g. ``("self_attn.qkv_proj", ("q", "k", "v"))``."""
+        out = []
+        for kind, roles in (("attention", ATTN_ROLES), ("mlp", MLP_ROLES)):
+            for name in self.fam.linear_names(kind):
+                out.append((f"{self.fam.sublayer_name(kind)}.{name}",
+                            tuple(r for r in roles if self.fam.linear_of[r] == name)))
+        out = tuple(out)
+        return () if out == LLAMA_LINEARS else out
 
     def layer_shape(self, i: int) -> LayerShape:
         hd = self.head_dim
         attn, mlp = self.attn_proj(i), self.mlp_proj(i)
-        n_heads = attn["q_proj"].out_features // hd if attn else 0
-        n_kv = attn["k_proj"].out_features // hd if attn else 0
-        inter = mlp["up_proj"].out_features if mlp else 0
+        n_heads = self.fam.out_rows(self.attn(i), "q") // hd if attn else 0
+        n_kv = self.fam.out_rows(self.attn(i), "k") // hd if attn else 0
+        inter = self.fam.out_rows(self.mlp(i), "up") if mlp else 0
         projs = {**attn, **mlp}
         ranks = tuple((k, int(p.rank)) for k, p in projs.items() if isinstance(getattr(p, "rank", None), int))
         sparse = tuple(k for k, p in projs.items() if getattr(p, "sparse24", False))
         overrides = {}
         layer = self.layers[i]
-        for mod in (layer, layer.self_attn, layer.mlp):  # dynamic / cross-layer modules say what they realised
+        subs = [getattr(layer, self.fam.sublayer_name(k)) for k in ("attention", "mlp")]
+        for mod in (layer, *subs):  # dynamic / cross-layer modules say what they realised
             fn = getattr(mod, "shape_overrides", None)
             if callable(fn):
                 overrides.update(fn())
@@ -190,7 +244,7 @@ class ModelAdapter:
         if unknown:
             raise LayoutError(f"layer {i}: shape_overrides() returned unknown fields {sorted(unknown)}")
         return LayerShape(hidden=self.hidden_size, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd, intermediate=inter,
-                          ranks=ranks, sparse24=sparse, **overrides)
+                          ranks=ranks, sparse24=sparse, linears=self.linear_labels(), **overrides)
 
     def reset_stats(self) -> None:
         """Reset the realised-sparsity counters of every dynamic module (see :class:`LayerShape`)."""
@@ -205,15 +259,7 @@ class ModelAdapter:
         """Every Linear layer of the decoder stack plus the LM head, by qualified name."""
         out = {}
         for i in range(len(self.layers)):
-            out.update({f"layers.{i}.self_attn.{k}": v for k, v in self.attn_proj(i).items()})
-            out.update({f"layers.{i}.mlp.{k}": v for k, v in self.mlp_proj(i).items()})
-        out["lm_head"] = self.lm_head
+            for kind, projs in (("attention", self.attn_proj(i)), ("mlp", self.mlp_proj(i))):
+                out.update({f"layers.{i}.{self.fam.sublayer_name(kind)}.{k}": v for k, v in projs.items()})
+        out[self.fam.head_name] = self.lm_head
         return out
-
-
-def _has(obj, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True

@@ -133,6 +133,16 @@ def _projection(p: str, proj: str, ls: LayerShape, layer: int, m: float, n: int,
     return [_linear(name, layer, m, n, k, e, wfrac)]
 
 
+def _linears_by_place(ls: LayerShape) -> dict:
+    """A layer's ``(label, roles)`` Linears by place: attention inputs (q/k/v, fused or not), o, MLP inputs, down."""
+    place = {"q": "attention_in", "k": "attention_in", "v": "attention_in", "o": "o",
+             "gate": "mlp_in", "up": "mlp_in", "down": "down"}
+    out = {p: [] for p in ("attention_in", "o", "mlp_in", "down")}
+    for label, roles in ls.linear_roles:
+        out[place[roles[0]]].append((label, roles))
+    return out
+
+
 def _score_entries(ls: LayerShape, phase: str, q_rows: float, kv_len: float, causal: bool) -> float:
     """Score entries (query, key) one (sequence, query head) computes: see the module docstring."""
     if phase == "decode":
@@ -200,6 +210,7 @@ def gemms(
             seq = 1
             q_len, kv_len = 1, S * ls.seq_frac + 1
         tokens = B * seq
+        linears = _linears_by_place(ls)
         if ls.router:
             out.append(_linear(p + "router", i, tokens, ls.router, ls.hidden, e))
         out += [_linear(p + f"shortcut{j}", i, tokens, ls.hidden, ls.hidden, e) for j in range(ls.shortcut)]
@@ -207,9 +218,11 @@ def gemms(
             hd, nq, nkv = ls.head_dim, ls.n_heads, ls.n_kv_heads
             q_rows = q_len * ls.attn_tokens
             w_attn = _weights_read(ls.attn_tokens, tokens)
-            out += proj("self_attn.q_proj", tokens * ls.attn_tokens, nq * hd, ls.hidden, w_attn)
-            out += proj("self_attn.k_proj", tokens, nkv * hd, ls.hidden)
-            out += proj("self_attn.v_proj", tokens, nkv * hd, ls.hidden)
+            width = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "o": ls.hidden}
+            for label, roles in linears["attention_in"]:  # q alone runs on the routed tokens only
+                routed = roles == ("q",)
+                out += proj(label, tokens * ls.attn_tokens if routed else tokens, sum(width[r] for r in roles),
+                            ls.hidden, w_attn if routed else 1.0)
             pairs = _score_entries(ls, phase, q_rows, kv_len, causal)  # per (sequence, query head)
             flops = 2.0 * pairs * hd * B * nq
             # Q and scores per query head; K (or V) once per KV head
@@ -222,12 +235,14 @@ def gemms(
                 Gemm(p + "self_attn.qk", i, "attn_qk", q_rows, kv_len, hd, B * nq, flops, float(qk_bytes)),
                 Gemm(p + "self_attn.pv", i, "attn_pv", q_rows, hd, kv_len, B * nq, flops, float(pv_bytes)),
             ]
-            out += proj("self_attn.o_proj", tokens * ls.attn_tokens, ls.hidden, nq * hd, w_attn)
+            for label, _ in linears["o"]:
+                out += proj(label, tokens * ls.attn_tokens, ls.hidden, nq * hd, w_attn)
         if ls.has_mlp:
             m, w_mlp = tokens * ls.mlp_tokens, _weights_read(ls.mlp_tokens, tokens)
-            out += proj("mlp.gate_proj", m, ls.intermediate, ls.hidden, w_mlp)
-            out += proj("mlp.up_proj", m, ls.intermediate, ls.hidden, w_mlp)
-            out += proj("mlp.down_proj", m, ls.hidden, ls.intermediate, w_mlp)
+            for label, roles in linears["mlp_in"]:
+                out += proj(label, m, ls.intermediate * len(roles), ls.hidden, w_mlp)
+            for label, _ in linears["down"]:
+                out += proj(label, m, ls.hidden, ls.intermediate, w_mlp)
     tokens = B * S if phase == "prefill" else B
     head_m = tokens if (phase == "decode" or logits == "all") else B
     out.append(_linear("lm_head", None, head_m, shape.vocab, shape.hidden, e))

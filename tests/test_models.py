@@ -51,7 +51,7 @@ def test_unknown_layout_is_named():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(LayoutError, match="'gpt2' is not supported; supported layouts: llama, qwen2, mistral"):
+    with pytest.raises(LayoutError, match="'gpt2' is not supported; supported families: llama, mistral, phi3, qwen2"):
         ModelAdapter(gpt2)
 
 

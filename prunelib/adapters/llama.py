@@ -1,0 +1,7 @@
+"""Llama: separate q/k/v/o and gate/up/down projections, no biases."""
+from .base import FamilyAdapter, register_family
+
+
+@register_family
+class LlamaAdapter(FamilyAdapter):
+    model_types = ("llama",)

@@ -1,0 +1,7 @@
+"""Mistral: the Llama layout (sliding-window attention is the attention kernel's business)."""
+from .base import FamilyAdapter, register_family
+
+
+@register_family
+class MistralAdapter(FamilyAdapter):
+    model_types = ("mistral",)

@@ -1,0 +1,24 @@
+"""Phi-3: q, k and v stacked in one ``qkv_proj``; gate and up stacked in one ``gate_up_proj``.
+
+Row blocks: ``qkv_proj`` holds [q heads | k heads | v heads]; the attention reads its query
+rows from ``config.num_attention_heads`` and its KV rows from the module's
+``num_key_value_heads``. ``gate_up_proj`` holds [gate | up], halves of equal size.
+"""
+from .base import FamilyAdapter, register_family
+
+
+@register_family
+class Phi3Adapter(FamilyAdapter):
+    model_types = ("phi3",)
+    linear_of = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
+                 "gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
+    fused = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+
+    def row_sizes(self, sub, fused):
+        total = getattr(sub, fused).weight.shape[0]
+        if fused == "qkv_proj":
+            kv = sub.num_key_value_heads * sub.head_dim
+            return {"q": total - 2 * kv, "k": kv, "v": kv}
+        if fused == "gate_up_proj":
+            return {"gate": total // 2, "up": total // 2}
+        return super().row_sizes(sub, fused)
