@@ -55,12 +55,13 @@ PRESETS = {
     "full": Preset(("wikitext", "lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande",
                     "boolq", "openbookqa", "blimp"), None, "every task, every document"),
     # Chosen for the most precision per second under paired statistics (issue 13), on the embedded model: ShortGPT 25%
-    # against dense on 150 documents each of the candidate tasks gave the per-document sd of the paired relative drop
-    # (arc_easy 98, piqa 62, lambada_openai 148 points) and the README's 2-core costs per document (0.111, 0.076,
-    # 0.070 s; HellaSwag 0.34 s is too dear, ARC-c, OpenBookQA and WinoGrande sit near chance and BoolQ below its
-    # majority class, BLiMP's per-paradigm set-up costs more than its documents). Documents split about as
-    # sd / sqrt(cost) (the optimal allocation) give a predicted paired 95% half-width of about 6.5 points for ShortGPT
-    # 25% at about 80 s of scoring per model on 2 quiet cores (the old 4 tasks x 60 documents: 11-12 points).
+    # against dense on the first 150 documents of each candidate gave the per-document sd of the paired relative drop
+    # (delta method: arc_easy 89, piqa 59, lambada_openai 96 points; their paired bootstrap half-width there was 7.7
+    # points, as that sd predicts, against 10.6 unpaired) and the README's 2-core costs per document (0.111, 0.076,
+    # 0.070 s). HellaSwag (0.34 s a document) is too dear; by the README's dense scores ARC-c, OpenBookQA and
+    # WinoGrande sit near chance and BoolQ below its majority class; BLiMP's per-paradigm set-up outweighs its
+    # documents. These counts, near the optimal split (n ~ sd / sqrt(cost)), predict a paired 95% half-width of
+    # 5.4 points for ShortGPT 25% with about 80 s of documents per model on 2 quiet cores (4 tasks x 60: 11-12).
     "quick": Preset(("lambada_openai", "arc_easy", "piqa"), {"lambada_openai": 500, "arc_easy": 250, "piqa": 200},
                     "3 tasks, their first 500 / 250 / 200 documents (chosen for paired precision per second; "
                     "WikiText-2 perplexity is too slow on 2 CPU cores for it)"),
