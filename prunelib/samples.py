@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 PERPLEXITY_FIELDS = {"word_perplexity": "words", "byte_perplexity": "bytes"}
@@ -49,20 +48,11 @@ def compact(task: str, samples: list[dict]) -> dict:
 
 
 def write(directory: str | os.PathLike, config_hash: str, payload: dict) -> Path:
-    """Write one sidecar atomically: a whole file or none."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{config_hash}.json"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{config_hash}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write one sidecar atomically (a temporary file renamed over the target): a whole file or none."""
+    from .evaltasks import _write_if_changed
+
+    target = Path(directory) / f"{config_hash}.json"
+    _write_if_changed(target, json.dumps(payload, separators=(",", ":")))
     return target
 
 

@@ -5,19 +5,9 @@ import torch
 from prunelib import fidelity
 from prunelib.config import data_dir
 from prunelib.store import ResultsStore
+from test_quality import tiny_lm  # noqa: F401  (the fixture: a 2-layer random Llama with the embedded tokenizer)
 
 needs_data = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
-
-
-@pytest.fixture
-def tiny_lm(embedded):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = embedded[1]
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval(), tok
 
 
 def test_divergence_by_hand():

@@ -34,7 +34,9 @@ def test_write_is_atomic_and_read_back(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(samples.os, "replace", boom)
+    from prunelib import evaltasks
+
+    monkeypatch.setattr(evaltasks.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         samples.write(tmp_path, "abc", {"task": "other"})
     assert samples.read(tmp_path, "abc") == payload  # the old file whole, no partial one
