@@ -5,17 +5,18 @@ stopped. ``--full`` (``make sweep``) uses full parameters: every method, random 
 included, five sparsities, two lengths.
 
 ``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook)
-with its strongest criterion, and is sized to finish within 30 minutes on 2 CPU cores. The
-budget, from the last measured demo (2414 s from a clean store for 16 pruned models, 3 to
-6.5 minutes per axis notebook, plus about a minute of long-context perplexity): about 30 s
-per notebook to start a kernel, load and calibrate, and about 2 minutes per pruned model
-(quick-suite scoring, 27 s to 1.5 min, the most; timing at S=512 with 10 repetitions;
-pruning; since then the fidelity score, about 20 s). So the quick demo prunes 9 models
-instead of 16: one sparsity per axis, where the frontier is drawn (static depth keeps two,
-its low-loss point and a quarter of the layers), and scores long-context perplexity on one
-article. Estimate: 10 notebooks x 30 s + 9 models x 2.3 min + baseline 2 min + long
-context 1 min, about 28 minutes; not yet re-measured end to end (``demo took ... s`` is
-printed at the end).
+with its strongest criterion at one sparsity, where the frontier is drawn, and is sized for
+30 minutes on 2 quiet CPU cores. The last measured demo took 40 minutes (2414 s from a clean
+store for 16 pruned models with the old 60-document quick preset, 3 to 6.5 minutes per axis
+notebook, plus a minute of long-context perplexity); since then the quick preset scores
+about 80 s of documents per model (``prunelib.quality.PRESETS``) and each model also gets
+its fidelity score (about 20 s). Estimate for this demo, 8 pruned models with 6 timing
+repetitions: per model about 80 s of scoring (1.5x for the dynamic methods, scored one
+sequence at a time), 20 s of fidelity and 40 s of pruning and timing; about 30 s per
+notebook to start and calibrate; the baseline about 2 minutes; long-context perplexity on
+one article about a minute: 5 x 140 + 3 x 180 + 10 x 30 + 120 + 60 s, about 29 minutes. It
+has not been re-measured end to end on a quiet machine; ``demo took ... s`` is printed at
+the end. (Before: two sparsities per axis, 10 repetitions.)
 
 Plotly figures are rendered as HTML with plotly.js embedded once per notebook (renderer
 ``notebook``; set ``PLOTLY_RENDERER`` to override), so the executed notebooks and their
@@ -31,10 +32,10 @@ from pathlib import Path
 
 from .config import REPO_ROOT
 
-QUICK_SWEEP = dict(lengths=[512], reps=10, quality_preset="quick")
+QUICK_SWEEP = dict(lengths=[512], reps=6, quality_preset="quick")
 QUICK = {
-    "baseline": dict(batches=[1, 4], lengths=[128, 512], reps=10, quality_preset="quick"),
-    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"], sparsities=[0.1, 0.25]),
+    "baseline": dict(batches=[1, 4], lengths=[128, 512], reps=6, quality_preset="quick"),
+    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"], sparsities=[0.25]),
     "static_width": dict(QUICK_SWEEP, methods=["width_flap"], sparsities=[0.1], round_to=64),
     "hidden_width": dict(QUICK_SWEEP, methods=["slicegpt"], sparsities=[0.25]),
     "sparse24": dict(QUICK_SWEEP, methods=["sparse24_wanda"], sparsities=[0.5]),  # 2:4 on every layer
