@@ -243,3 +243,12 @@ def test_killed_worker_is_retried_without_duplicate_rows(tmp_path, tiny_dir, plu
     assert not df.duplicated(["config_hash", "metric"]).any()
     assert sweep.failures(df).method.tolist() == ["test_raise"]
     assert sorted(p.name for p in store_of(tmp_path, "s").path.parent.glob("*.jsonl")) == ["results.jsonl"]
+
+
+def test_shipped_specs_are_valid():
+    from pathlib import Path
+
+    specs = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        assert sweep.jobs(sweep.load_spec(path))
