@@ -123,6 +123,9 @@ class ModelAdapter:
     def final_norm(self) -> nn.Module:
         return self.fam.final_norm
 
+    def set_final_norm(self, module: nn.Module) -> None:
+        setattr(self.fam.base, self.fam.norm_name, module)
+
     @property
     def lm_head(self) -> nn.Linear:
         return self.fam.lm_head
@@ -213,6 +216,28 @@ class ModelAdapter:
     def mlp_proj(self, i: int) -> dict[str, nn.Linear]:
         mlp = self.mlp(i)
         return {} if mlp is None else {n: getattr(mlp, n) for n in self.fam.linear_names("mlp")}
+
+    def linears_by_input(self, i: int) -> dict[str, dict[str, nn.Linear]]:
+        """Layer ``i``'s Linears by the input they read: 'attention_in' (q/k/v, fused or not), 'o', 'mlp_in'
+        (gate/up), 'down'. Linears of one group read the same tensor (one Gram matrix, one rotation)."""
+        place = {"q": "attention_in", "k": "attention_in", "v": "attention_in", "o": "o",
+                 "gate": "mlp_in", "up": "mlp_in", "down": "down"}
+        out = {p: {} for p in ("attention_in", "o", "mlp_in", "down")}
+        for kind, roles in (("attention", ATTN_ROLES), ("mlp", MLP_ROLES)):
+            sub = self.sublayer(i, kind)
+            for role in roles if sub is not None else ():
+                name = self.fam.linear_of[role]
+                out[place[role]][name] = getattr(sub, name)
+        return out
+
+    def set_linear(self, i: int, name: str, module: nn.Module) -> None:
+        """Replace the Linear called ``name`` (a key of :meth:`attn_proj` or :meth:`mlp_proj`) in layer ``i``."""
+        for kind in ("attention", "mlp"):
+            sub = self.sublayer(i, kind)
+            if sub is not None and name in self.fam.linear_names(kind):
+                setattr(sub, name, module)
+                return
+        raise LayoutError(f"layer {i} of this {self.family} model has no Linear {name!r}")
 
     def linear_labels(self) -> tuple:
         """``(label, roles)`` of a layer's Linears, e.g. ``("self_attn.qkv_proj", ("q", "k", "v"))``."""

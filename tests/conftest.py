@@ -12,6 +12,23 @@ def tiny_config(model_type: str = "llama", **kw):
     return AutoConfig.for_model(model_type, **fields)
 
 
+FAMILIES = ("llama", "qwen2", "mistral", "phi3")
+
+
+def tiny_family_model(model_type: str, **kw):
+    """A seeded 4-layer random model of ``model_type`` (one of :data:`FAMILIES`) with GQA, for family tests.
+
+    Qwen2 carries q/k/v biases, Phi-3 fused ``qkv_proj`` / ``gate_up_proj``; token ids stay in the tiny vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type must be one of {FAMILIES}, got {model_type!r}")
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2) if model_type == "phi3" else {}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, **ids, **kw)).eval()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_results(tmp_path, monkeypatch):
     """No test may write to the project's own results store."""

@@ -169,7 +169,7 @@ class FamilyAdapter:
         name = self.linear_of[role]
         lin = getattr(sub, name)
         if name not in self.fused:
-            return lin, slice(0, _out_features(lin))
+            return lin, slice(0, out_features(lin))
         start = 0
         for r, n in self.row_sizes(sub, name).items():
             if r == role:
@@ -202,5 +202,6 @@ class FamilyAdapter:
         return out
 
 
-def _out_features(lin: nn.Module) -> int:
+def out_features(lin: nn.Module) -> int:
+    """Output features of a Linear or of a module standing in for one (low-rank pair, 2:4 Linear)."""
     return lin.out_features if hasattr(lin, "out_features") else lin.weight.shape[0]

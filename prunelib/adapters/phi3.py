@@ -4,7 +4,7 @@ Row blocks: ``qkv_proj`` holds [q heads | k heads | v heads]; the attention read
 rows from ``config.num_attention_heads`` and its KV rows from the module's
 ``num_key_value_heads``. ``gate_up_proj`` holds [gate | up], halves of equal size.
 """
-from .base import FamilyAdapter, register_family
+from .base import FamilyAdapter, out_features, register_family
 
 
 @register_family
@@ -15,7 +15,7 @@ class Phi3Adapter(FamilyAdapter):
     fused = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
 
     def row_sizes(self, sub, fused):
-        total = getattr(sub, fused).weight.shape[0]
+        total = out_features(getattr(sub, fused))
         if fused == "qkv_proj":
             kv = sub.num_key_value_heads * sub.head_dim
             return {"q": total - 2 * kv, "k": kv, "v": kv}

@@ -549,10 +549,12 @@ def _method(variant: str | None, random: bool):
     return fn
 
 
+#: a routed layer runs its q/k/v/o projections on gathered tokens (RoutedLayer._attention)
+_LAYER_ROLES = ("q", "k", "v", "o")
 register("dyn_depth_router", "dynamic_depth",
          "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; tokens scoring above the "
          "calibrated threshold run the layer (causal)",
-         needs_calibration=True, max_sparsity=_max_sparsity)(_method("layer", random=False))
+         needs_calibration=True, max_sparsity=_max_sparsity, separate=_LAYER_ROLES)(_method("layer", random=False))
 register("dyn_depth_router_mlp", "dynamic_depth",
          "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; tokens scoring above the "
          "calibrated threshold run the MLP (causal)",
@@ -560,4 +562,4 @@ register("dyn_depth_router_mlp", "dynamic_depth",
 register("dyn_depth_random", "dynamic_depth",
          "random baseline: the same skip rate, each token's route hashed from (seed, layer, position)",
          needs_calibration=False, max_sparsity=_max_sparsity,
-         options={"variant": VARIANTS})(_method(None, random=True))
+         options={"variant": VARIANTS}, separate=_LAYER_ROLES)(_method(None, random=True))

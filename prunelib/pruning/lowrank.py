@@ -42,11 +42,9 @@ import math
 import torch
 from torch import nn
 
-from ..adapter import ATTN_PROJ, MLP_PROJ, ModelAdapter
+from ..adapter import ModelAdapter
 from .registry import register
 
-# projections that read the same input share one Gram matrix X^T X
-_SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 class LowRankLinear(nn.Module):
@@ -130,18 +128,19 @@ def input_grams(model, calibration, batch_size: int = 4) -> dict[tuple[int, str]
                 grams[key] = x.T @ x
         return fn
 
-    for i in range(len(a.layers)):
-        for name, lin in {**a.attn_proj(i), **a.mlp_proj(i)}.items():
-            if name not in _SHARED_INPUT:
-                hooks.append(lin.register_forward_pre_hook(hook((i, name))))
+    groups = {i: a.linears_by_input(i) for i in range(len(a.layers))}  # Linears of a group read one input
+    for i, by_input in groups.items():
+        for place, lins in by_input.items():
+            if lins:
+                hooks.append(next(iter(lins.values())).register_forward_pre_hook(hook((i, place))))
     try:
         for ids in calibration.batches(batch_size):
             model(ids.to(dev), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {(i, name): grams[(i, _SHARED_INPUT.get(name, name))]
-            for i in range(len(a.layers)) for name in {**a.attn_proj(i), **a.mlp_proj(i)}}
+    return {(i, name): grams[(i, place)] for i, by_input in groups.items()
+            for place, lins in by_input.items() for name in lins}
 
 
 def rank_for(in_features: int, out_features: int, sparsity: float, round_to: int | None = None) -> int:
@@ -171,18 +170,16 @@ def lowrank_prune(model, sparsity: float, ctx, criterion: str):
     gen = torch.Generator().manual_seed(ctx.seed)
     ranks = {}
     for i in range(len(a.layers)):
-        for owner, names in ((a.attn(i), ATTN_PROJ), (a.mlp(i), MLP_PROJ)):
-            for name in names if owner is not None else ():
-                lin = getattr(owner, name)
-                if not isinstance(lin, nn.Linear):
-                    raise ValueError(f"layer {i} {name} is a {type(lin).__name__}, not an nn.Linear: cannot factorise it")
-                r = rank_for(lin.in_features, lin.out_features, sparsity, round_to)
-                keep = None
-                if criterion == "random":
-                    keep = torch.randperm(min(lin.in_features, lin.out_features), generator=gen)[:r].sort().values
-                s = whitening_factor(grams[(i, name)]) if criterion == "svdllm" else None
-                setattr(owner, name, factorize(lin, r, s, keep))
-                ranks.setdefault(i, {})[name] = r
+        for name, lin in {**a.attn_proj(i), **a.mlp_proj(i)}.items():  # a fused Linear is factorised whole
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"layer {i} {name} is a {type(lin).__name__}, not an nn.Linear: cannot factorise it")
+            r = rank_for(lin.in_features, lin.out_features, sparsity, round_to)
+            keep = None
+            if criterion == "random":
+                keep = torch.randperm(min(lin.in_features, lin.out_features), generator=gen)[:r].sort().values
+            s = whitening_factor(grams[(i, name)]) if criterion == "svdllm" else None
+            a.set_linear(i, name, factorize(lin, r, s, keep))
+            ranks.setdefault(i, {})[name] = r
     return new, {"ranks": ranks}
 
 

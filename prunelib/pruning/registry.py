@@ -27,18 +27,27 @@ class Method:
     needs_calibration: bool
     max_sparsity: Callable  # model -> largest allowed sparsity (inclusive)
     options: dict = field(default_factory=dict)  # option name -> allowed values (see check_options)
+    separate: tuple = ()  # projection roles the method needs as Linears of their own (refused where a family fuses them)
 
 
 REGISTRY: dict[str, Method] = {}
 
 
+#: roles needed separate by methods whose modules do not declare it yet (their forwards call q_proj/k_proj/...)
+_SEPARATE_PENDING = {**dict.fromkeys(("sparse_attn_block", "sparse_attn_random", "sparse_attn_window"), ("q", "k", "v")),
+                     "token_prune_attn": ("q", "k"),
+                     **dict.fromkeys(("sparse24_wanda", "sparse24_sparsegpt"), ("q", "k", "v", "gate", "up"))}
+
+
 def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,
-             options: dict | None = None):
+             options: dict | None = None, separate: tuple = ()):
     """Decorator adding a method; a duplicate name or unknown cell is an error.
 
     ``options``: the keyword options the method takes, each mapped to what is allowed: a type
     (``int``, ``bool``) or a tuple of allowed values; None always means the method's default.
     :func:`prune` refuses any other option, and any value the schema does not allow.
+    ``separate``: projection roles (q k v o gate up down) the method needs as Linears of their own;
+    :func:`prune` refuses, naming the family and the role, a model whose family fuses one of them.
     """
     if cell not in CELLS:
         raise ValueError(f"unknown taxonomy cell {cell!r}; known: {sorted(CELLS)}")
@@ -46,7 +55,8 @@ def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, m
     def deco(fn):
         if name in REGISTRY:
             raise ValueError(f"pruning method {name!r} is already registered")
-        REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}))
+        REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}),
+                                tuple(separate) or _SEPARATE_PENDING.get(name, ()))
         return fn
 
     return deco
@@ -141,7 +151,7 @@ def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 
           batch: int = 1, length: int = 512, **options):
     """Prune ``model`` (left untouched) with a registered method; returns ``(pruned_model, report)``."""
     m = get(method)
-    ModelAdapter(model)
+    ModelAdapter(model).require_separate(m.separate, f"pruning method {method!r}")
     check_options(method, options)
     check_sparsity(method, sparsity, model)
     if m.needs_calibration and calibration is None and sparsity > 0:

@@ -72,26 +72,29 @@ class ScaleFreeRMSNorm(nn.Module):
 class SlicedDecoderLayer(nn.Module):
     """A pre-norm decoder layer on a rotated, sliced residual stream with two shortcut matrices.
 
-    ``h = attn_shortcut(x) + attn(norm(x))``; ``out = mlp_shortcut(h) + mlp(norm(h))``.
+    ``h = attn_shortcut(x) + attn(norm(x))``; ``out = mlp_shortcut(h) + mlp(norm(h))``. The attention,
+    MLP and norms sit under the names the model's family adapter gives them (``names``), so the
+    adapter finds them in a sliced model as in a dense one.
     """
 
-    def __init__(self, layer: nn.Module, width: int, norm_dim: int, eps: float):
+    def __init__(self, attn: nn.Module, mlp: nn.Module, names: tuple, width: int, norm_dim: int, eps: float,
+                 ref: torch.Tensor):
         super().__init__()
-        self.self_attn, self.mlp = layer.self_attn, layer.mlp
-        self.input_layernorm = ScaleFreeRMSNorm(norm_dim, eps)
-        self.post_attention_layernorm = ScaleFreeRMSNorm(norm_dim, eps)
-        w = layer.self_attn.q_proj.weight
-        self.attn_shortcut = nn.Linear(width, width, bias=False, device=w.device, dtype=w.dtype)
-        self.mlp_shortcut = nn.Linear(width, width, bias=False, device=w.device, dtype=w.dtype)
+        self.names = tuple(names)  # attention, MLP, input norm, post norm
+        for name, mod in zip(self.names, (attn, mlp, ScaleFreeRMSNorm(norm_dim, eps), ScaleFreeRMSNorm(norm_dim, eps))):
+            setattr(self, name, mod)
+        self.attn_shortcut = nn.Linear(width, width, bias=False, device=ref.device, dtype=ref.dtype)
+        self.mlp_shortcut = nn.Linear(width, width, bias=False, device=ref.device, dtype=ref.dtype)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 cache_position=None, position_embeddings=None, **kwargs):
-        attn_out, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+        attn, mlp, norm_in, norm_post = (getattr(self, n) for n in self.names)
+        attn_out, _ = attn(
+            hidden_states=norm_in(hidden_states), attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
             cache_position=cache_position, position_embeddings=position_embeddings, **kwargs)
         h = self.attn_shortcut(hidden_states) + attn_out
-        return self.mlp_shortcut(h) + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp_shortcut(h) + mlp(norm_post(h))
 
     def shape_overrides(self) -> dict:
         return {"shortcut": 2}
@@ -179,7 +182,7 @@ def slicegpt(model, sparsity: float, ctx, random: bool = False):
     na = ModelAdapter(new)
     cfg, dtype = new.config, next(new.parameters()).dtype
     eps = getattr(na.final_norm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6))
-    if na.lm_head.weight is na.embed.weight or getattr(cfg, "tie_word_embeddings", False):
+    if na.tied or getattr(cfg, "tie_word_embeddings", False):
         na.lm_head.weight = nn.Parameter(na.lm_head.weight.detach().clone())
         cfg.tie_word_embeddings = False
 
@@ -192,33 +195,37 @@ def slicegpt(model, sparsity: float, ctx, random: bool = False):
     if batches is not None:
         batches = [((x.double() @ q.to(x.device)).to(dtype), kw) for x, kw in batches]
 
+    fam = na.fam
+    names = (fam.attn_name, fam.mlp_name, fam.input_norm_name, fam.post_norm_name)
     for i in range(len(na.layers)):
-        old = na.layers[i]
-        layer = SlicedDecoderLayer(old, width, d, eps)
-        attn, mlp = layer.self_attn, layer.mlp
-        _rotate_in([attn.q_proj, attn.k_proj, attn.v_proj], q, old.input_layernorm.weight)
+        attn, mlp, by_input = na.attn(i), na.mlp(i), na.linears_by_input(i)
+        layer = SlicedDecoderLayer(attn, mlp, names, width, d, eps, next(na.layers[i].parameters()))
+        norm_in, norm_post = layer.get_submodule(names[2]), layer.get_submodule(names[3])
+        _rotate_in(by_input["attention_in"].values(), q, na.norm(i, "input").weight)
         # signal entering the MLP (dense coordinates): residual mapped back by Q^T plus the unrotated attention output
         mid = None if batches is None else [
-            (x.double() @ q.T.to(x.device)).to(dtype) + attn(hidden_states=layer.input_layernorm(x), **kw)[0]
+            (x.double() @ q.T.to(x.device)).to(dtype) + attn(hidden_states=norm_in(x), **kw)[0]
             for x, kw in batches]
         q_mid = bases.next(mid)
         layer.attn_shortcut.weight.copy_((q.T @ q_mid).T.to(dtype))
-        _rotate_out(attn.o_proj, q_mid)
-        _rotate_in([mlp.gate_proj, mlp.up_proj], q_mid, old.post_attention_layernorm.weight)
+        for lin in by_input["o"].values():
+            _rotate_out(lin, q_mid)
+        _rotate_in(by_input["mlp_in"].values(), q_mid, na.norm(i, "post").weight)
         if batches is not None:
             mid = [(h.double() @ q_mid.to(h.device)).to(dtype) for h in mid]  # the sliced MLP input
         out = None if mid is None else [
-            (h.double() @ q_mid.T.to(h.device)).to(dtype) + mlp(layer.post_attention_layernorm(h)) for h in mid]
+            (h.double() @ q_mid.T.to(h.device)).to(dtype) + mlp(norm_post(h)) for h in mid]
         q_out = bases.next(out)
         layer.mlp_shortcut.weight.copy_((q_mid.T @ q_out).T.to(dtype))
-        _rotate_out(mlp.down_proj, q_out)
+        for lin in by_input["down"].values():
+            _rotate_out(lin, q_out)
         if batches is not None:
             batches = [((o.double() @ q_out.to(o.device)).to(dtype), kw) for o, (_, kw) in zip(out, batches)]
         na.layers[i] = layer
         q = q_out
 
     _rotate_in([na.lm_head], q, na.final_norm.weight)
-    new.model.norm = ScaleFreeRMSNorm(d, eps)
+    na.set_final_norm(ScaleFreeRMSNorm(d, eps))
     if getattr(cfg, "head_dim", None) is None:
         cfg.head_dim = a.head_dim
     cfg.hidden_size = width

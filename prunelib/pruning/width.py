@@ -177,5 +177,5 @@ for _name, _doc, _cal in (
     ("random", "random head groups and channels, seeded (the baseline every criterion must beat)", False),
 ):
     register(f"width_{_name}", "static_width", _doc, needs_calibration=_cal, max_sparsity=_max_width,
-             options={"round_to": (8, 64)})(
+             options={"round_to": (8, 64)}, separate=("q", "k", "v", "gate", "up"))(
         lambda model, sparsity, ctx, _c=_name: width_prune(model, sparsity, ctx, _c))

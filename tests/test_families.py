@@ -1,0 +1,121 @@
+"""Every registered method on tiny random llama, qwen2, mistral and phi3 models (issue 15's matrix).
+
+Each (method, family) pair either prunes and then serves correctly -- forward, prefill plus
+cached decode equal to the full forward (1e-4), cost-model FLOPs within 1% of FlopCounterMode
+in prefill and decode, save and reload with equal logits -- or is refused with a LayoutError
+naming the family and the projection role it lacks. ``REFUSED`` is the table of the second kind.
+"""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import FAMILIES, synthetic_calibration, tiny_family_model
+from prunelib import costmodel, pruning
+from prunelib.adapter import LayoutError, ModelAdapter
+from prunelib.models import load_pruned, save_pruned
+from prunelib.pruning.lowrank import factorize
+from prunelib.servinglm import prompt_lengths
+from test_costmodel import counted_sdpa_flops
+
+#: (method, family) -> the role the method needs separate and the family fuses
+REFUSED = {
+    **{(m, "phi3"): "q" for m in ("dyn_depth_random", "dyn_depth_router", "sparse_attn_block", "sparse_attn_random",
+                                   "sparse_attn_window", "token_prune_attn", "sparse24_wanda", "sparse24_sparsegpt",
+                                   "width_flap", "width_magnitude", "width_random", "width_wanda_sp")},
+}
+#: the fast run: every method on the fused Phi-3 layout; llama, qwen2 and mistral (one layout) are slow
+FAST = ("phi3",)
+CASES = [pytest.param(m, f, id=f"{m}-{f}", marks=() if f in FAST else pytest.mark.slow)
+         for f in FAMILIES for m in pruning.methods()]
+PROMPT, TOTAL, FLOP_LENGTH = 10, 13, 64
+
+
+def _sparsity(method, model) -> float:
+    return min(0.5, pruning.get(method).max_sparsity(model))
+
+
+def _logits(model, ids, **kw):
+    with torch.inference_mode():
+        return model(ids, **kw).logits
+
+
+def _served_equals_full(pruned, ids):
+    """Prefill of the prompt plus cached one-token decodes give the full forward's served positions."""
+    with prompt_lengths(pruned, [PROMPT] * ids.shape[0]):  # dynamic methods prune the prompt only
+        full = _logits(pruned, ids)
+    cache = DynamicCache(config=pruned.config)
+    outs = [_logits(pruned, ids[:, :PROMPT], past_key_values=cache, use_cache=True)[:, -1:]]
+    outs += [_logits(pruned, ids[:, t:t + 1], past_key_values=cache, use_cache=True) for t in range(PROMPT, TOTAL)]
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, PROMPT - 1:], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_method_on_family(method, family, tmp_path):
+    model = tiny_family_model(family, max_position_embeddings=256)
+    cal = synthetic_calibration()
+    s = _sparsity(method, model)
+    if (method, family) in REFUSED:
+        role = REFUSED[(method, family)]
+        with pytest.raises(LayoutError, match=rf"{method}.*{family} family.*separate {role} projection"):
+            pruning.prune(model, method, s, calibration=cal)
+        return
+    pruned, report = pruning.prune(model, method, s, calibration=cal)
+    ids = torch.randint(0, 256, (2, TOTAL), generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(_logits(pruned, ids)).all()
+    _served_equals_full(pruned, ids)
+    for phase in ("prefill", "decode"):
+        counted = counted_sdpa_flops(pruned, phase, FLOP_LENGTH)  # resets the dynamic stats, then runs the phase
+        predicted = sum(g.flops for g in costmodel.gemms(costmodel.ModelShape.of(pruned), phase, 1, FLOP_LENGTH))
+        assert predicted == pytest.approx(counted, rel=0.01), phase
+    save_pruned(pruned, tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(pruned, ids), rtol=0, atol=1e-5)
+    assert ModelAdapter(reloaded).layer_shapes() == ModelAdapter(pruned).layer_shapes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_roles_read_the_family_layout(family):
+    """Each role points at the module the family keeps it in; fused roles are row blocks of one Linear."""
+    model = tiny_family_model(family)
+    a = ModelAdapter(model)
+    layer = model.model.layers[1]
+    assert a.norm(1, "input") is layer.input_layernorm and a.norm(1, "post") is layer.post_attention_layernorm
+    assert a.embed is model.model.embed_tokens and a.lm_head is model.lm_head and not a.tied
+    assert a.rotary_emb is model.model.rotary_emb
+    rows = {r: a.role_rows(1, r) for r in ("q", "k", "v", "gate", "up")}
+    assert [rows[r][1].stop - rows[r][1].start for r in rows] == [64, 32, 32, 128, 128]
+    shape = a.layer_shape(1)
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.intermediate) == (4, 2, 16, 128)
+    if family == "phi3":
+        fused = layer.self_attn.qkv_proj
+        assert all(rows[r][0] is fused for r in "qkv") and rows["k"][1] == slice(64, 96)
+        assert rows["up"][0] is layer.mlp.gate_up_proj and rows["up"][1] == slice(128, 256)
+        with pytest.raises(LayoutError, match="phi3 has no separate q projection: its rows are part of qkv_proj"):
+            a.proj(1, "q")
+    else:
+        assert a.proj(1, "q") is layer.self_attn.q_proj and rows["q"] == (layer.self_attn.q_proj, slice(0, 64))
+        assert (a.proj(1, "k").bias is not None) == (family == "qwen2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotation_and_full_rank_keep_the_function(family):
+    """SliceGPT with nothing sliced and low rank at full rank change no logit, fused layouts included."""
+    model = tiny_family_model(family)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    dense = _logits(model, ids)
+    rotated, _ = pruning.prune(model, "slicegpt_random", 0.0, round_to=1)
+    torch.testing.assert_close(_logits(rotated, ids), dense, rtol=0, atol=1e-4)
+    a = ModelAdapter(model)
+    full = {name: min(lin.in_features, lin.out_features) for name, lin in {**a.attn_proj(0), **a.mlp_proj(0)}.items()}
+    for name, lin in {**a.attn_proj(0), **a.mlp_proj(0)}.items():  # fused Linears factorised whole
+        a.set_linear(0, name, factorize(lin, full[name]))
+    assert costmodel.ModelShape.of(model).layers[0].rank == full
+    torch.testing.assert_close(_logits(model, ids), dense, rtol=0, atol=1e-4)
+
+
+def test_unsupported_family_is_named():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(LayoutError, match="'gpt2' is not supported; supported families: llama, mistral, phi3, qwen2"):
+        pruning.prune(gpt2, "last_n", 0.0)
