@@ -195,6 +195,11 @@ class ModelAdapter:
         """``(linear, rows)``: the Linear holding ``role`` in layer ``i`` and its rows that are ``role``'s."""
         return self.fam.role_rows(self._owner(i, role), role)
 
+    def linear_name(self, role: str) -> str:
+        """The name of the Linear holding ``role`` (its own, or the fused one): a key of attn_proj/mlp_proj."""
+        self.fam.kind_of(role)
+        return self.fam.linear_of[role]
+
     def fused_with(self, role: str) -> str | None:
         """The fused Linear holding ``role``'s rows in this family, or None if the role has its own Linear."""
         return self.fam.fused_with(role)

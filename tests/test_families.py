@@ -119,3 +119,23 @@ def test_unsupported_family_is_named():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(LayoutError, match="'gpt2' is not supported; supported families: llama, mistral, phi3, qwen2"):
         pruning.prune(gpt2, "last_n", 0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slicing_mlp_channels_through_roles(family):
+    """Channels whose down-projection columns are zero carry nothing: slicing them (from Phi-3's fused
+    gate_up_proj too, both halves at their offsets) leaves the logits as they were."""
+    from prunelib.pruning.surgery import slice_heads, slice_mlp
+
+    model = tiny_family_model(family)
+    a = ModelAdapter(model)
+    with torch.no_grad():
+        for i in range(len(a.layers)):
+            a.proj(i, "down").weight[:, 1::2] = 0
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
+    sliced = slice_mlp(model, {i: torch.arange(0, 128, 2) for i in range(len(a.layers))})
+    torch.testing.assert_close(_logits(sliced, ids), _logits(model, ids), rtol=0, atol=1e-5)
+    assert [s.intermediate for s in ModelAdapter(sliced).layer_shapes()] == [64] * 4
+    if family == "phi3":
+        with pytest.raises(LayoutError, match="slicing attention heads does not support the phi3 family yet"):
+            slice_heads(model, {0: torch.tensor([0])})

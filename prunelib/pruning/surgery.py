@@ -38,13 +38,25 @@ def remove_layers(model: nn.Module, indices) -> nn.Module:
         raise ValueError(f"cannot remove all {n} layers; remove at most {n - 1}")
     new = copy.deepcopy(model)
     na = ModelAdapter(new)
-    kept = [layer for i, layer in enumerate(na.layers) if i not in set(drop)]
-    new.model.layers = nn.ModuleList(kept)
-    new.config.num_hidden_layers = len(kept)
+    na.set_layers([layer for i, layer in enumerate(na.layers) if i not in set(drop)])
     _renumber_attention(new)
     if getattr(new.config, "layer_types", None):
         new.config.layer_types = [t for i, t in enumerate(new.config.layer_types) if i not in set(drop)]
     return new
+
+
+def _slice_roles(a: ModelAdapter, i: int, rows: dict) -> None:
+    """In layer ``i``, keep ``rows[role]`` (indices within the role's own rows) of each role's output rows.
+
+    Roles sharing a fused Linear (Phi-3's gate_up_proj) are sliced together: one new Linear keeps
+    each role's rows at that role's offset.
+    """
+    by_linear = {}
+    for role, idx in rows.items():
+        lin, block = a.role_rows(i, role)
+        by_linear.setdefault(id(lin), (lin, role, []))[2].append(idx + block.start)
+    for lin, role, parts in by_linear.values():
+        a.set_linear(i, a.linear_name(role), _slice_linear(lin, torch.cat(parts), 0))
 
 
 def slice_mlp(model: nn.Module, keep: dict[int, torch.Tensor]) -> nn.Module:
@@ -53,12 +65,10 @@ def slice_mlp(model: nn.Module, keep: dict[int, torch.Tensor]) -> nn.Module:
     a = ModelAdapter(new)
     for i, idx in keep.items():
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
-        mlp = a.mlp(i)
         if idx.numel() == 0:
             raise ValueError(f"layer {i}: keeping no MLP channel; remove the sublayer instead")
-        mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
-        mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
-        mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
+        _slice_roles(a, i, {"gate": idx, "up": idx})
+        a.set_proj(i, "down", _slice_linear(a.proj(i, "down"), idx, 1))
     return new
 
 
@@ -66,10 +76,12 @@ def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module
     """A copy keeping, in layer ``i``, the KV heads ``keep_kv[i]`` and all query heads of their groups.
 
     GQA-aware: query heads are removed group by group, so the query/KV ratio (and
-    ``num_key_value_groups``) stays valid.
+    ``num_key_value_groups``) stays valid. A family fusing q/k/v is refused (Phi-3's attention
+    reads its query head count from the config all layers share).
     """
     new = copy.deepcopy(model)
     a = ModelAdapter(new)
+    a.require_separate(("q", "k", "v"), "slicing attention heads")
     hd = a.head_dim
     for i, kv in keep_kv.items():
         kv = torch.as_tensor(kv, dtype=torch.long).sort().values
@@ -82,11 +94,8 @@ def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module
         q_heads = (kv[:, None] * group + torch.arange(group)).reshape(-1)
         q_rows = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
         kv_rows = (kv[:, None] * hd + torch.arange(hd)).reshape(-1)
-        attn = a.attn(i)
-        attn.q_proj = _slice_linear(attn.q_proj, q_rows, 0)
-        attn.k_proj = _slice_linear(attn.k_proj, kv_rows, 0)
-        attn.v_proj = _slice_linear(attn.v_proj, kv_rows, 0)
-        attn.o_proj = _slice_linear(attn.o_proj, q_rows, 1)
+        _slice_roles(a, i, {"q": q_rows, "k": kv_rows, "v": kv_rows})
+        a.set_proj(i, "o", _slice_linear(a.proj(i, "o"), q_rows, 1))
     return new
 
 
@@ -112,9 +121,9 @@ def remove_sublayers(model: nn.Module, attention=(), mlp=()) -> nn.Module:
         if bad:
             raise ValueError(f"{what} sublayer indices {bad} out of range; the model has layers 0..{n - 1}")
     new = copy.deepcopy(model)
-    for i in set(int(i) for i in attention):
-        new.model.layers[i].self_attn = Removed("attention")
-    for i in set(int(i) for i in mlp):
-        new.model.layers[i].mlp = Removed("mlp")
+    na = ModelAdapter(new)
+    for what, idx in (("attention", attention), ("mlp", mlp)):
+        for i in set(int(i) for i in idx):
+            na.set_sublayer(i, what, Removed(what))
     _renumber_attention(new)
     return new
