@@ -333,7 +333,7 @@ def plain_config(model: nn.Module):
     s = shapes[0]
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = s.n_heads, s.n_kv_heads, s.intermediate
     cfg.head_dim, cfg.num_hidden_layers = a.head_dim, len(shapes)
-    if a.lm_head.weight is not a.embed.weight:
+    if not a.tied:
         cfg.tie_word_embeddings = False
     skel = skeleton(cfg, model.config._attn_implementation)
     mods, smods = dict(model.named_modules()), dict(skel.named_modules())

@@ -85,7 +85,7 @@ def test_magnitude_group_score_is_the_l2_norm_of_the_group_weights(tiny_model):
         o = attn.o_proj.weight[:, g * group * hd:(g + 1) * group * hd]
         k, v = attn.k_proj.weight[g * hd:(g + 1) * hd], attn.v_proj.weight[g * hd:(g + 1) * hd]
         expected.append(torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1), o.reshape(-1)]).norm())
-    scores = width.group_scores("magnitude", attn, shape, None)
+    scores = width.group_scores("magnitude", a, 1, None)
     torch.testing.assert_close(scores, torch.stack(expected).detach())
     _, report = pruning.prune(tiny_model, "width_magnitude", 0.5)
     assert report.removed["kv_heads"][1] == [int(torch.stack(expected).argmin())]

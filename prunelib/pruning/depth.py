@@ -59,7 +59,7 @@ def layer_statistics(model, calibration, block: int | None = None) -> dict[str, 
         hooks.append(layer.register_forward_hook(lambda mod, args, out, i=i: h_out.__setitem__(
             i, (out[0] if isinstance(out, tuple) else out).detach())))
         if a.attn(i) is not None:
-            hooks.append(layer.self_attn.register_forward_hook(
+            hooks.append(a.attn(i).register_forward_hook(
                 lambda mod, args, out, i=i: attn_out.__setitem__(i, out[0].detach())))
     try:
         for ids in calibration.batches(4):

@@ -50,10 +50,9 @@ def consumer_input_stats(model, calibration) -> dict:
         return fn
 
     for i in range(len(a.layers)):
-        if a.attn(i) is not None:
-            hooks.append(a.attn(i).o_proj.register_forward_pre_hook(hook(("attn", i))))
-        if a.mlp(i) is not None:
-            hooks.append(a.mlp(i).down_proj.register_forward_pre_hook(hook(("mlp", i))))
+        for kind, role in (("attn", "o"), ("mlp", "down")):
+            if a.sublayer(i, "attention" if kind == "attn" else "mlp") is not None:
+                hooks.append(a.proj(i, role).register_forward_pre_hook(hook((kind, i))))
     try:
         for ids in calibration.batches(4):
             model(ids.to(dev), use_cache=False)
@@ -85,19 +84,26 @@ def _feature_scores(criterion: str, w_consumer: torch.Tensor, stats: dict | None
     raise ValueError(f"unknown width criterion {criterion!r}")
 
 
-def group_scores(criterion: str, attn, shape, stats: dict | None) -> torch.Tensor:
+def _rows(a: ModelAdapter, i: int, role: str) -> torch.Tensor:
+    """The weight rows of ``role`` in layer ``i`` (a block of a fused Linear where the family fuses it)."""
+    lin, rows = a.role_rows(i, role)
+    return lin.weight[rows]
+
+
+def group_scores(criterion: str, a: ModelAdapter, i: int, stats: dict | None) -> torch.Tensor:
     """One score per KV-head group of a layer (its KV head and the query heads that share it).
 
     ``magnitude``: the L2 norm of every weight of the group, its q, k and v rows and its
     o_proj columns. The other criteria sum their per-feature scores of o_proj's input
     columns over the group.
     """
+    shape = a.layer_shape(i)
     hd, group = shape.head_dim, shape.n_heads // shape.n_kv_heads
-    s = _feature_scores(criterion, attn.o_proj.weight, stats, (attn.q_proj.weight,))
+    s = _feature_scores(criterion, a.proj(i, "o").weight, stats, (_rows(a, i, "q"),))
     if criterion != "magnitude":
         return s.reshape(shape.n_kv_heads, group * hd).sum(1)
     sq = (s**2).reshape(shape.n_kv_heads, group * hd).sum(1)  # q rows and o columns of the group
-    kv = attn.k_proj.weight.detach().float().cpu() ** 2 + attn.v_proj.weight.detach().float().cpu() ** 2
+    kv = _rows(a, i, "k").detach().float().cpu() ** 2 + _rows(a, i, "v").detach().float().cpu() ** 2
     return (sq + kv.sum(1).reshape(shape.n_kv_heads, hd).sum(1)).sqrt()
 
 
@@ -122,19 +128,18 @@ def width_prune(model, sparsity: float, ctx, criterion: str):
     for i in range(len(a.layers)):
         shape = a.layer_shape(i)
         if shape.has_mlp:
-            mlp = a.mlp(i)
-            s = _feature_scores(criterion, mlp.down_proj.weight, stats.get(("mlp", i), {"generator": gen}),
-                                (mlp.gate_proj.weight, mlp.up_proj.weight))
+            down = a.proj(i, "down").weight
+            s = _feature_scores(criterion, down, stats.get(("mlp", i), {"generator": gen}),
+                                (_rows(a, i, "gate"), _rows(a, i, "up")))
             keep = torch.argsort(s, descending=True)[: _n_keep(shape.intermediate, sparsity, round_to)].sort().values
             keep_mlp[i] = keep
             gone = _complement(keep, shape.intermediate)
             removed["mlp_channels"][i] = gone.tolist()
             if criterion == "flap" and gone.numel():
-                comp[("mlp", i)] = mlp.down_proj.weight.detach().float().cpu()[:, gone] @ stats[("mlp", i)]["mean"][gone]
+                comp[("mlp", i)] = down.detach().float().cpu()[:, gone] @ stats[("mlp", i)]["mean"][gone]
         if shape.has_attn:
-            attn, hd = a.attn(i), shape.head_dim
-            group = shape.n_heads // shape.n_kv_heads
-            per_group = group_scores(criterion, attn, shape, stats.get(("attn", i), {"generator": gen}))
+            hd, group = shape.head_dim, shape.n_heads // shape.n_kv_heads
+            per_group = group_scores(criterion, a, i, stats.get(("attn", i), {"generator": gen}))
             n_keep = max(1, shape.n_kv_heads - int(round(sparsity * shape.n_kv_heads)))
             keep = torch.argsort(per_group, descending=True)[:n_keep].sort().values
             keep_kv[i] = keep
@@ -142,13 +147,12 @@ def width_prune(model, sparsity: float, ctx, criterion: str):
             removed["kv_heads"][i] = gone.tolist()
             if criterion == "flap" and gone.numel():
                 cols = ((gone[:, None] * group + torch.arange(group)).reshape(-1)[:, None] * hd + torch.arange(hd)).reshape(-1)
-                comp[("attn", i)] = attn.o_proj.weight.detach().float().cpu()[:, cols] @ stats[("attn", i)]["mean"][cols]
+                comp[("attn", i)] = a.proj(i, "o").weight.detach().float().cpu()[:, cols] @ stats[("attn", i)]["mean"][cols]
     pruned = slice_heads(slice_mlp(model, keep_mlp), keep_kv)
     pa = ModelAdapter(pruned)
     for (kind, i), bias in comp.items():
-        lin_owner = pa.mlp(i) if kind == "mlp" else pa.attn(i)
-        name = "down_proj" if kind == "mlp" else "o_proj"
-        setattr(lin_owner, name, _with_bias(getattr(lin_owner, name), bias))
+        role = "down" if kind == "mlp" else "o"
+        pa.set_proj(i, role, _with_bias(pa.proj(i, role), bias))
     return pruned, removed
 
 
