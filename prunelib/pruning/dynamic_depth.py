@@ -84,6 +84,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 from ..adapter import ModelAdapter
+from ..adapters import ATTN_ROLES, FamilyAdapter
+from ..adapters.llama import LlamaAdapter
 from ..models import fingerprint
 from .registry import register
 
@@ -174,14 +176,18 @@ class RandomRouter(nn.Module):
 class RoutedDecoderLayer(nn.Module):
     """A decoder layer whose tokens run the layer (or its MLP) only when the router picks them.
 
-    Keeps ``input_layernorm``, ``post_attention_layernorm``, ``self_attn`` and ``mlp`` of the
-    wrapped layer, so the adapter still recognises it.
+    Keeps the wrapped layer's norms, attention and MLP under the names its family adapter
+    (``family``, a class of :mod:`prunelib.adapters`; default Llama) gives them, so the adapter
+    still recognises it; the routed attention calls the q/k/v/o projections by their roles.
     """
 
-    def __init__(self, layer: nn.Module, router: nn.Module, variant: str, skip: float, threshold: float):
+    def __init__(self, layer: nn.Module, router: nn.Module, variant: str, skip: float, threshold: float,
+                 family: type[FamilyAdapter] = LlamaAdapter):
         super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
-        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.names = (family.attn_name, family.mlp_name, family.input_norm_name, family.post_norm_name)
+        self.projs = tuple(family.linear_of[r] for r in ATTN_ROLES)  # q, k, v, o: separate (fused families refused)
+        for name in self.names:
+            setattr(self, name, getattr(layer, name))
         self.router, self.variant, self.skip, self.threshold = router, variant, skip, float(threshold)
         # [phase (prefill, decode), (run, skipped)] non-padding tokens since the last reset
         self.register_buffer("counts", torch.zeros(2, 2, dtype=torch.long), persistent=False)
@@ -221,38 +227,40 @@ class RoutedDecoderLayer(nn.Module):
                              f"allowed: {', '.join(c.__name__ for c in CACHES)} or none")
         h = hidden_states
         B, S = h.shape[:2]
-        past = 0 if past_key_values is None else past_key_values.get_seq_length(self.self_attn.layer_idx)
+        attn_mod, mlp, norm_in, norm_post = (getattr(self, n) for n in self.names)
+        past = 0 if past_key_values is None else past_key_values.get_seq_length(attn_mod.layer_idx)
         if position_ids is None:
             position_ids = torch.arange(S, device=h.device)[None] + past
         valid = _valid_tokens(attention_mask, B, S, past, h.device)
         phase = 1 if S == 1 else 0
         self.last_phase = PHASES[phase]
-        x = self.input_layernorm(h)
+        x = norm_in(h)
         if self.variant == "layer":
             run = self.route(x, valid, position_ids)
             self.counts[phase] += torch.stack([run.sum(), (valid & ~run).sum()])
             return self._routed_layer(h, x, run, attention_mask, past, past_key_values, position_embeddings)
-        attn, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+        attn, _ = attn_mod(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
         mid = h + attn
-        x = self.post_attention_layernorm(mid)
+        x = norm_post(mid)
         run = self.route(x, valid, position_ids)
         self.counts[phase] += torch.stack([run.sum(), (valid & ~run).sum()])
         picked = _gather_index(run)
         if picked is None:
             return mid
         b, s = picked[0]
-        return mid.index_put((b, s), mid[b, s] + self.mlp(x[b, s]))
+        return mid.index_put((b, s), mid[b, s] + mlp(x[b, s]))
 
     def _routed_layer(self, h, x, run, attention_mask, past, past_key_values, position_embeddings):
         """Keys/values for every token, the rest of the layer for the routed tokens only."""
-        attn = self.self_attn
+        attn, mlp, _, norm_post = (getattr(self, n) for n in self.names)
+        q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in self.projs)
         B, S, _ = h.shape
         hd = attn.head_dim
         cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
-        k = attn.k_proj(x).view(B, S, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        k = k_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        v = v_proj(x).view(B, S, -1, hd).transpose(1, 2)
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
@@ -265,7 +273,7 @@ class RoutedDecoderLayer(nn.Module):
         row = (run.any(1).cumsum(0) - 1)[b]
         slot = (run.cumsum(1) - 1)[b, s]
         K = max(counts)
-        q = attn.q_proj(x[b, s]).view(b.numel(), -1, hd)
+        q = q_proj(x[b, s]).view(b.numel(), -1, hd)
         q = q * cos[b, s, None] + rotate_half(q) * sin[b, s, None]
         q_pad = q.new_zeros(rows.numel(), K, *q.shape[1:])
         q_pad[row, slot] = q
@@ -275,9 +283,9 @@ class RoutedDecoderLayer(nn.Module):
         mask_pad[row, :, slot] = mask[b, :, s]
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         out, _ = interface(attn, q_pad.transpose(1, 2), k[rows], v[rows], mask_pad, dropout=0.0, scaling=attn.scaling)
-        out = attn.o_proj(out.reshape(rows.numel(), K, -1)[row, slot])
+        out = o_proj(out.reshape(rows.numel(), K, -1)[row, slot])
         mid = h[b, s] + out
-        return h.index_put((b, s), mid + self.mlp(self.post_attention_layernorm(mid)))
+        return h.index_put((b, s), mid + mlp(norm_post(mid)))
 
 
 def _gather_index(run: torch.Tensor):
@@ -352,7 +360,7 @@ def _collect(model, calibration, layers, variant, on_batch):
     seen, hooks = {}, []
     for j, i in enumerate(layers):
         layer = a.layers[i]
-        norm = layer.input_layernorm if variant == "layer" else layer.post_attention_layernorm
+        norm = a.norm(i, "input" if variant == "layer" else "post")
         hooks.append(norm.register_forward_hook(lambda mod, args, out, j=j: seen.__setitem__(j, (out, args[0]))))
         hooks.append(layer.register_forward_hook(
             lambda mod, args, out, j=j: on_batch(j, *seen[j], out[0] if isinstance(out, tuple) else out)))
@@ -468,14 +476,15 @@ def attach(model, routers: Routers):
         raise ValueError(f"these routers were trained for model {routers.fingerprint} (hidden {routers.hidden}), "
                          f"not for this model {fp} (hidden {a.hidden_size}); train routers for it")
     new = copy.deepcopy(model)
+    na = ModelAdapter(new)
     dev = next(new.parameters()).device
     for j, i in enumerate(routers.layers):
         if routers.weight is None:
             router = RandomRouter(routers.seed * 100_003 + i)
         else:
             router = LinearRouter(routers.weight[j].to(dev), routers.bias[j].to(dev))
-        new.model.layers[i] = RoutedDecoderLayer(new.model.layers[i], router, routers.variant, routers.skip,
-                                                 float(routers.threshold[j]))
+        na.layers[i] = RoutedDecoderLayer(na.layers[i], router, routers.variant, routers.skip,
+                                          float(routers.threshold[j]), type(na.fam))
     return new
 
 
