@@ -35,8 +35,7 @@ REGISTRY: dict[str, Method] = {}
 
 #: roles needed separate by methods whose modules do not declare it yet (their forwards call q_proj/k_proj/...)
 _SEPARATE_PENDING = {**dict.fromkeys(("sparse_attn_block", "sparse_attn_random", "sparse_attn_window"), ("q", "k", "v")),
-                     "token_prune_attn": ("q", "k"),
-                     **dict.fromkeys(("sparse24_wanda", "sparse24_sparsegpt"), ("q", "k", "v", "gate", "up"))}
+                     "token_prune_attn": ("q", "k")}
 
 
 def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,

@@ -58,9 +58,6 @@ BLOCK = 128  # SparseGPT column block
 DAMP = 0.01  # SparseGPT dampening, fraction of mean(diag H)
 BATCH = 4  # calibration sequences per forward
 CALIBRATED = ("wanda", "sparsegpt")
-# projections that read the same input tensor share their calibration statistics
-SHARED_INPUT = {"q_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-                "gate_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 class Sparse24Linear(nn.Linear):
@@ -161,8 +158,11 @@ def _run(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _layer_stats(layer, projs: dict, inputs: list, hessian: bool) -> tuple[dict, list]:
-    """Per projection: token count ``n`` and X^T X (``hessian``) or sum of x^2 per feature; plus the layer's outputs."""
+def _layer_stats(layer, groups: dict, inputs: list, hessian: bool) -> tuple[dict, list]:
+    """Per projection: token count ``n`` and X^T X (``hessian``) or sum of x^2 per feature; plus the layer's outputs.
+
+    ``groups``: the layer's Linears by shared input (:meth:`ModelAdapter.linears_by_input`): one
+    statistic per input, shared by the Linears that read it (q/k/v fused or not, gate/up)."""
     acc, hooks = {}, []
 
     def hook(key):
@@ -173,13 +173,13 @@ def _layer_stats(layer, projs: dict, inputs: list, hessian: bool) -> tuple[dict,
             s["m"] = s["m"] + (x.T @ x if hessian else (x * x).sum(0))
         return fn
 
-    hooks = [projs[head].register_forward_pre_hook(hook(head)) for head in SHARED_INPUT if head in projs]
+    hooks = [next(iter(lins.values())).register_forward_pre_hook(hook(place)) for place, lins in groups.items() if lins]
     try:
         outs = [_run(layer, h, kw) for h, kw in inputs]
     finally:
         for h in hooks:
             h.remove()
-    return {m: acc[head] for head, members in SHARED_INPUT.items() if head in acc for m in members}, outs
+    return {name: acc[place] for place, lins in groups.items() if place in acc for name in lins}, outs
 
 
 def _walk(model, criterion: str, layers: set[int], ctx, apply: bool) -> dict[int, float]:
@@ -196,14 +196,14 @@ def _walk(model, criterion: str, layers: set[int], ctx, apply: bool) -> dict[int
     for i in range(last + 1):
         layer, projs, outs = a.layers[i], _projections(a, i), None
         if i in layers:
-            stats, outs = _layer_stats(layer, projs, inputs, criterion == "sparsegpt") if data else ({}, None)
+            stats, outs = (_layer_stats(layer, a.linears_by_input(i), inputs, criterion == "sparsegpt") if data
+                           else ({}, None))
             res = {name: _prune_weight(criterion, lin.weight.detach().float(), stats.get(name), gen)
                    for name, lin in projs.items()}
             losses[i] = sum(loss for _, loss in res.values()) / max(len(res), 1)
             if apply:
                 for name, (w, _) in res.items():
-                    owner = a.attn(i) if name in SHARED_INPUT["q_proj"] + SHARED_INPUT["o_proj"] else a.mlp(i)
-                    setattr(owner, name, Sparse24Linear.from_linear(projs[name], w))
+                    a.set_linear(i, name, Sparse24Linear.from_linear(projs[name], w))
                 outs = None  # the pruned layer's outputs feed the next layer
         if data and i < last:
             inputs = [(_run(layer, h, kw) if outs is None else outs[j], kw) for j, (h, kw) in enumerate(inputs)]
