@@ -20,7 +20,7 @@ from test_costmodel import counted_sdpa_flops
 #: (method, family) -> the role the method needs separate and the family fuses
 REFUSED = {
     **{(m, "phi3"): "q" for m in ("dyn_depth_random", "dyn_depth_router", "sparse_attn_block", "sparse_attn_random",
-                                   "sparse_attn_window", "token_prune_attn",
+                                   "sparse_attn_window",
                                    "width_flap", "width_magnitude", "width_random", "width_wanda_sp")},
 }
 #: the fast run: every method on the fused Phi-3 layout; llama, qwen2 and mistral (one layout) are slow

@@ -34,8 +34,7 @@ REGISTRY: dict[str, Method] = {}
 
 
 #: roles needed separate by methods whose modules do not declare it yet (their forwards call q_proj/k_proj/...)
-_SEPARATE_PENDING = {**dict.fromkeys(("sparse_attn_block", "sparse_attn_random", "sparse_attn_window"), ("q", "k", "v")),
-                     "token_prune_attn": ("q", "k")}
+_SEPARATE_PENDING = dict.fromkeys(("sparse_attn_block", "sparse_attn_random", "sparse_attn_window"), ("q", "k", "v"))
 
 
 def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,

@@ -301,16 +301,18 @@ class TokenPruner:
 
 
 class _Tap:
-    """Forward hook on a q/k projection of layer l - 1: hands its output to the pruner (no copy).
+    """Forward hook on the Linear holding the q (or k) role of layer l - 1: hands the role's output
+    columns ``rows`` = (start, stop) to the pruner, a view (no copy); a fused q/k/v Linear gets two taps.
 
     An object rather than a closure, so a deep copy of the model hooks into the copied pruner.
     """
 
-    def __init__(self, pruner: TokenPruner, name: str):
-        self.pruner, self.name = pruner, name
+    def __init__(self, pruner: TokenPruner, name: str, rows: tuple | None = None):
+        self.pruner, self.name, self.rows = pruner, name, rows
 
     def __call__(self, module, args, out):
-        self.pruner.taps[self.name] = out
+        rows = getattr(self, "rows", None)  # None: the whole output (checkpoints written before fused layouts)
+        self.pruner.taps[self.name] = out if rows is None else out[..., rows[0]:rows[1]]
 
 
 class TokenPrunedLayer:
@@ -385,8 +387,9 @@ def token_prune(model, sparsity: float, criterion: str, *, layer: int | None = N
     p = TokenPruner(layer, L, float(sparsity), criterion, seed, float(getattr(scorer, "scaling", a.head_dim ** -0.5)),
                     a.head_dim)
     if criterion == "attention":
-        scorer.q_proj.register_forward_hook(_Tap(p, "q"))
-        scorer.k_proj.register_forward_hook(_Tap(p, "k"))
+        for role in ("q", "k"):
+            lin, rows = na.role_rows(layer - 1, role)
+            lin.register_forward_hook(_Tap(p, role, (rows.start, rows.stop)))
     for i in range(layer, L):
         mod = na.layers[i]
         mod.__class__ = _pruned_class(type(mod))
