@@ -139,3 +139,34 @@ def test_slicing_mlp_channels_through_roles(family):
     if family == "phi3":
         with pytest.raises(LayoutError, match="slicing attention heads does not support the phi3 family yet"):
             slice_heads(model, {0: torch.tensor([0])})
+
+
+def _phi3_twin(llama):
+    """The Phi-3 model computing what ``llama`` computes: q/k/v rows stacked in qkv_proj, gate/up in gate_up_proj."""
+    phi3 = tiny_family_model("phi3", rms_norm_eps=llama.config.rms_norm_eps)
+    la, pa = ModelAdapter(llama), ModelAdapter(phi3)
+    with torch.no_grad():
+        for i in range(len(la.layers)):
+            for role in ("q", "k", "v", "o", "gate", "up", "down"):
+                lin, rows = pa.role_rows(i, role)
+                lin.weight[rows] = la.proj(i, role).weight
+            for which in ("input", "post"):
+                pa.norm(i, which).weight.copy_(la.norm(i, which).weight)
+        pa.embed.weight.copy_(la.embed.weight)
+        pa.lm_head.weight.copy_(la.lm_head.weight)
+        pa.final_norm.weight.copy_(la.final_norm.weight)
+    return phi3
+
+
+@pytest.mark.parametrize("method", ["token_prune_attn", "sparse24_wanda", "sparse24_sparsegpt", "slicegpt"])
+def test_fused_layout_prunes_as_the_separate_one(method):
+    """A method reading roles makes the same choices on fused rows as on separate Linears: the Phi-3 twin of a
+    Llama model, pruned, gives the pruned Llama's logits."""
+    llama = tiny_family_model("llama")
+    phi3 = _phi3_twin(llama)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(_logits(phi3, ids), _logits(llama, ids), rtol=0, atol=1e-5)
+    cal = synthetic_calibration()
+    pruned = {name: pruning.prune(m, method, 0.5, calibration=cal)[0] for name, m in (("llama", llama), ("phi3", phi3))}
+    assert not torch.allclose(_logits(pruned["llama"], ids), _logits(llama, ids), atol=1e-3)  # something was pruned
+    torch.testing.assert_close(_logits(pruned["phi3"], ids), _logits(pruned["llama"], ids), rtol=0, atol=1e-4)
