@@ -1,15 +1,15 @@
 """Pruning: physical model surgery (``surgery``), the method registry, and the methods.
 
-Importing this package registers every method: ``prunelib.pruning.prune(model, "shortgpt", 0.25, calibration=...)``.
+Importing this package registers every method: every module in this folder other than
+``registry`` and ``surgery`` is imported, so a new method is one new file with an
+``@register(...)`` function and needs no other edit.
+``prunelib.pruning.prune(model, "shortgpt", 0.25, calibration=...)``.
 """
-from . import (  # noqa: F401  (importing registers the methods)
-    depth,
-    dynamic_depth,
-    lowrank,
-    semistructured,
-    slicegpt,
-    sparse_attention,
-    token_pruning,
-    width,
-)
+import importlib
+import pkgutil
+
 from .registry import REGISTRY, Report, get, methods, prune  # noqa: F401
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name not in ("registry", "surgery"):
+        importlib.import_module(f"{__name__}.{_m.name}")  # importing registers the module's methods
