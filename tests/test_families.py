@@ -19,8 +19,7 @@ from test_costmodel import counted_sdpa_flops
 
 #: (method, family) -> the role the method needs separate and the family fuses
 REFUSED = {
-    **{(m, "phi3"): "q" for m in ("dyn_depth_random", "dyn_depth_router", "sparse_attn_block", "sparse_attn_random",
-                                   "sparse_attn_window",
+    **{(m, "phi3"): "q" for m in ("dyn_depth_random", "dyn_depth_router",
                                    "width_flap", "width_magnitude", "width_random", "width_wanda_sp")},
 }
 #: the fast run: every method on the fused Phi-3 layout; llama, qwen2 and mistral (one layout) are slow
@@ -158,7 +157,8 @@ def _phi3_twin(llama):
     return phi3
 
 
-@pytest.mark.parametrize("method", ["token_prune_attn", "sparse24_wanda", "sparse24_sparsegpt", "slicegpt"])
+@pytest.mark.parametrize("method", ["token_prune_attn", "sparse24_wanda", "sparse24_sparsegpt", "slicegpt",
+                                    "sparse_attn_block"])
 def test_fused_layout_prunes_as_the_separate_one(method):
     """A method reading roles makes the same choices on fused rows as on separate Linears: the Phi-3 twin of a
     Llama model, pruned, gives the pruned Llama's logits."""
@@ -167,6 +167,8 @@ def test_fused_layout_prunes_as_the_separate_one(method):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(_logits(phi3, ids), _logits(llama, ids), rtol=0, atol=1e-5)
     cal = synthetic_calibration()
-    pruned = {name: pruning.prune(m, method, 0.5, calibration=cal)[0] for name, m in (("llama", llama), ("phi3", phi3))}
+    opts = {"block": 2, "page": 2} if method.startswith("sparse_attn") else {}  # blocks that engage on 12 tokens
+    pruned = {name: pruning.prune(m, method, 0.5, calibration=cal, **opts)[0]
+              for name, m in (("llama", llama), ("phi3", phi3))}
     assert not torch.allclose(_logits(pruned["llama"], ids), _logits(llama, ids), atol=1e-3)  # something was pruned
     torch.testing.assert_close(_logits(pruned["phi3"], ids), _logits(pruned["llama"], ids), rtol=0, atol=1e-4)

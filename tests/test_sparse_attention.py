@@ -229,7 +229,7 @@ def test_bad_input_errors(tiny_model):
     with pytest.raises(ValueError, match="density 0 is out of range"):
         sa.sparsify(tiny_model, "block", 0)
     with pytest.raises(ValueError, match="method 'topk' is unknown"):
-        sa.SparseAttention(tiny_model.model.layers[0].self_attn, "topk", 0.5)
+        sa.SparseAttention(ModelAdapter(tiny_model), 0, "topk", 0.5)
 
 
 def test_short_prompt_runs_dense(tiny_model):
@@ -279,3 +279,18 @@ def test_decode_step_reads_no_device_values_and_pickles(tiny_model, method):
             attn(h, position_embeddings=rope, attention_mask=None, past_key_values=cache)
     assert attn.last_phase == "decode" and attn.kept["decode"] < attn.total["decode"]  # the sparse path ran
     torch.save(pruned, io.BytesIO())
+
+
+def test_partial_rotary_phi3_keeps_the_function():
+    """Phi-3 with a partial rotary embedding (fused qkv_proj, half of each head rotated): at sparsity 0 the
+    wrapper's own q/k/v reading and rotation give the model's logits; at 0.5 the blocks engage and change them."""
+    from conftest import tiny_family_model
+
+    model = tiny_family_model("phi3", partial_rotary_factor=0.5)
+    a = ModelAdapter(model)
+    assert a.rotary_emb(torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long))[0].shape[-1] == a.head_dim // 2
+    ids = IDS[:1, :40]
+    dense, _ = pruning.prune(model, "sparse_attn_block", 0.0, block=8, page=4)
+    torch.testing.assert_close(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)
+    sparse, _ = pruning.prune(model, "sparse_attn_block", 0.5, block=8, page=4)
+    assert not torch.allclose(logits(sparse, ids), logits(model, ids), atol=1e-3) and sa.realised_sparsity(sparse) > 0

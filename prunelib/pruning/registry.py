@@ -33,10 +33,6 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
-#: roles needed separate by methods whose modules do not declare it yet (their forwards call q_proj/k_proj/...)
-_SEPARATE_PENDING = dict.fromkeys(("sparse_attn_block", "sparse_attn_random", "sparse_attn_window"), ("q", "k", "v"))
-
-
 def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,
              options: dict | None = None, separate: tuple = ()):
     """Decorator adding a method; a duplicate name or unknown cell is an error.
@@ -54,7 +50,7 @@ def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, m
         if name in REGISTRY:
             raise ValueError(f"pruning method {name!r} is already registered")
         REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}),
-                                tuple(separate) or _SEPARATE_PENDING.get(name, ()))
+                                tuple(separate))
         return fn
 
     return deco

@@ -67,8 +67,9 @@ same selection skips the other blocks in the kernel. Padding masks (lm-eval batc
 left-padded generate) are applied inside the gathered blocks, so padded rows stay
 correct; a query whose kept keys are all masked (only padding positions) attends to all
 its kept slots instead of producing NaN, as transformers' eager attention does. The
-attention modules are replaced by :class:`SparseAttention`, which keeps q/k/v/o_proj and
-works with a DynamicCache (prefill then decode) and ``generate``.
+attention modules are replaced by :class:`SparseAttention`, which keeps the Linears of the
+q/k/v/o roles (separate or fused, as the family has them: their columns are read through the
+adapter's ``role_rows``) and works with a DynamicCache (prefill then decode) and ``generate``.
 """
 from __future__ import annotations
 
@@ -408,17 +409,32 @@ def _allowed(mask, B: int, S: int, T: int):
 
 
 class SparseAttention(nn.Module):
-    """A Llama-family attention sublayer whose core attends only to selected blocks (prefill) / pages (decode)."""
+    """The attention sublayer of layer ``i`` whose core attends only to selected blocks (prefill) / pages (decode).
 
-    def __init__(self, attn: nn.Module, method: str, density: float, block: int = 64, page: int = 16, seed: int = 0):
+    Built from the adapter's roles: the Linears holding q, k, v and o keep the attribute names
+    the family gives them (a fused ``qkv_proj`` once), and ``rows`` says which output columns of
+    which Linear each role is, so the state dict and the adapter's view of the layer are unchanged.
+    """
+
+    def __init__(self, a: ModelAdapter, i: int, method: str, density: float, block: int = 64, page: int = 16,
+                 seed: int = 0):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"sparse attention method {method!r} is unknown; allowed: {METHODS}")
         check_settings(density, block, page)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        attn = a.attn(i)
+        if attn is None:
+            raise ValueError(f"layer {i} has no attention to sparsify: it was removed")
+        self.rows = {}  # role -> (name of the Linear holding it, first and last + 1 output column)
+        for role in ("q", "k", "v", "o"):
+            lin, rows = a.role_rows(i, role)
+            setattr(self, a.linear_name(role), lin)
+            self.rows[role] = (a.linear_name(role), rows.start, rows.stop)
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.scaling, self.is_causal = attn.head_dim, attn.scaling, True
-        self.num_key_value_groups = self.q_proj.out_features // self.k_proj.out_features
+        width = {r: self.rows[r][2] - self.rows[r][1] for r in ("q", "k")}
+        self.num_key_value_heads = width["k"] // self.head_dim
+        self.num_key_value_groups = width["q"] // width["k"]
         self.attention_dropout = 0.0
         self.method, self.density, self.block, self.page, self.seed = method, float(density), block, page, seed
         self.prompt_lengths = None  # [B] where each row's prompt ends (servinglm.prompt_lengths); None: all input
@@ -458,12 +474,8 @@ class SparseAttention(nn.Module):
     # forward --------------------------------------------------------------------------
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         B, S, _ = hidden_states.shape
-        shape = (B, S, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self._qkv(hidden_states)
+        q, k = _rope(q, k, *position_embeddings)
         layer = _cache_layer(past_key_values, self.layer_idx)
         before = _keys_ptr(layer)
         if past_key_values is not None:
@@ -474,7 +486,19 @@ class SparseAttention(nn.Module):
             out = self._prefill(q, k, v, attention_mask, kwargs)
         else:
             out = self._serve(q, k, v, attention_mask, kwargs)
-        return self.o_proj(out.reshape(B, S, -1)), None
+        return self._linear("o")(out.reshape(B, S, -1)), None
+
+    def _linear(self, role: str) -> nn.Module:
+        return getattr(self, self.rows[role][0])
+
+    def _qkv(self, hidden_states):
+        """q, k, v as [B, heads, S, head_dim]: each role's columns of its Linear (a fused one runs once), views."""
+        outs = {}
+        for role in ("q", "k", "v"):
+            name, start, stop = self.rows[role]
+            if name not in outs:
+                outs[name] = self._linear(role)(hidden_states)
+            yield outs[name][..., start:stop].view(*hidden_states.shape[:2], -1, self.head_dim).transpose(1, 2)
 
     def _dense(self, q, k, v, attention_mask, kwargs):
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -585,6 +609,16 @@ class SparseAttention(nn.Module):
         return out.reshape(B, Hkv, G, Sq, d).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, d)
 
 
+def _rope(q, k, cos, sin):
+    """Rotary embedding of q and k; a partial one (``cos`` narrower than a head, Phi-3's
+    ``partial_rotary_factor``) rotates the leading columns and passes the others through."""
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    qr, kr = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
+    return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
+
+
 def _cache_layer(cache, idx: int):
     """The DynamicCache layer of ``idx`` (where Quest metadata is kept), or None for other caches."""
     layers = getattr(cache, "layers", None)
@@ -604,9 +638,9 @@ def sparsify(model, method: str, density: float, block: int = 64, page: int = 16
     check_settings(density, block, page)
     new = copy.deepcopy(model)
     a = ModelAdapter(new)
-    for i, layer in enumerate(a.layers):
+    for i in range(len(a.layers)):
         if a.attn(i) is not None:
-            layer.self_attn = SparseAttention(layer.self_attn, method, density, block, page, seed * 1000 + i)
+            a.set_sublayer(i, "attention", SparseAttention(a, i, method, density, block, page, seed * 1000 + i))
     return new
 
 

@@ -327,10 +327,16 @@ class TokenPrunedLayer:
         p = self.token_pruner
         if self.token_prune_first:
             hidden_states = p.begin(hidden_states, attention_mask, position_embeddings, position_ids, past_key_values,
-                                    self.self_attn.layer_idx)
+                                    self._cache_idx())
         out = super().forward(hidden_states, attention_mask=p.mask, position_ids=p.position_ids,
                               past_key_values=past_key_values, use_cache=use_cache, position_embeddings=p.rope, **kwargs)
         return p.finish(out) if self.token_prune_last else out
+
+    def _cache_idx(self) -> int:
+        """The cache index of this layer's attention, recorded at wrap time (checkpoints written before
+        that: read from the child module that has one)."""
+        idx = getattr(self, "token_prune_cache_idx", None)
+        return idx if idx is not None else next(m.layer_idx for m in self.children() if hasattr(m, "layer_idx"))
 
     def shape_overrides(self) -> dict:
         """Realised fraction of the prompt tokens this layer ran on since ``reset_stats()``."""
@@ -394,6 +400,7 @@ def token_prune(model, sparsity: float, criterion: str, *, layer: int | None = N
         mod = na.layers[i]
         mod.__class__ = _pruned_class(type(mod))
         mod.token_pruner, mod.token_prune_first, mod.token_prune_last = p, i == layer, i == L - 1
+        mod.token_prune_cache_idx = na.attn(i).layer_idx
     removed = {"layer": layer, "keep_ratio": 1 - float(sparsity), "criterion": criterion,
                "seq_frac": None, "realised_sparsity": None}
     if calibration is not None:
