@@ -17,7 +17,6 @@ Rows written per (method, sparsity):
 from __future__ import annotations
 
 import argparse
-import sys
 
 import pandas as pd
 import torch
@@ -39,7 +38,7 @@ def _base(model_name, method, sparsity, device, dtype):
 
 def realised_sparsity(method: str, model) -> float | None:
     """What a dynamic method actually skipped since its counters were reset (None for static methods)."""
-    fn = getattr(sys.modules[get(method).fn.__module__], "realised_sparsity", None)
+    fn = get(method).hook("realised_sparsity")
     return None if fn is None else float(fn(model))
 
 
@@ -47,10 +46,10 @@ def quality_batch_size(method: str) -> int:
     """lm-eval's batch size for scoring ``method``.
 
     HFLM right-pads a batch without an attention mask; a static model's real positions
-    never see the padding (causal), but a dynamic method decides per sequence (top-k
-    routing capacity, the last token's attention, pooled blocks), so padding would change
-    its choices and its scores would depend on the batch. Dynamic methods score one
-    sequence at a time.
+    never see the padding (causal). Dynamic methods are scored one sequence at a time:
+    their routing is now causal and ServingHFLM passes each row's prompt length, so
+    batching them is likely exact too, but that is not yet tested, and a padded row
+    would still count pad tokens in their realised-sparsity counters.
     """
     return 16 if get(method).cell.static else 1
 
@@ -73,15 +72,14 @@ def timing_modes(method: str, model) -> dict:
     if method == "dense":
         return {"graph_ok": True, "compile_ok": True, "why": ""}
     m = get(method)
-    mod = sys.modules[m.fn.__module__]
 
     def ask(name, default):
-        fn = getattr(mod, name, None)
+        fn = m.hook(name)
         if fn is None:
             return default
         ans = fn(model)
         ok, why = ans if isinstance(ans, tuple) else (bool(ans), "")
-        return bool(ok), why or ("" if ok else f"{mod.__name__}.{name}(model) is False")
+        return bool(ok), why or ("" if ok else f"{fn.__module__}.{name}(model) is False")
 
     static = m.cell.static
     graph = ask("graph_safe", (static, "" if static else f"dynamic method {method!r} declares no graph_safe(model): "

@@ -29,6 +29,16 @@ class Method:
     options: dict = field(default_factory=dict)  # option name -> allowed values (see check_options)
     separate: tuple = ()  # projection roles the method needs as Linears of their own (refused where a family fuses them)
 
+    def hook(self, name: str):
+        """The method module's optional hook ``name`` (``realised_sparsity``, ``graph_safe``, ``compile_safe``), or None.
+
+        Dynamic methods report what they skipped and whether they can be captured through
+        module-level functions of these names; a static method's module defines none.
+        """
+        import sys
+
+        return getattr(sys.modules[self.fn.__module__], name, None)
+
 
 REGISTRY: dict[str, Method] = {}
 
