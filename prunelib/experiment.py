@@ -42,16 +42,11 @@ def realised_sparsity(method: str, model) -> float | None:
     return None if fn is None else float(fn(model))
 
 
-def quality_batch_size(method: str) -> int:
-    """lm-eval's batch size for scoring ``method``.
-
-    HFLM right-pads a batch without an attention mask; a static model's real positions
-    never see the padding (causal). Dynamic methods are scored one sequence at a time:
-    their routing is now causal and ServingHFLM passes each row's prompt length, so
-    batching them is likely exact too, but that is not yet tested, and a padded row
-    would still count pad tokens in their realised-sparsity counters.
-    """
-    return 16 if get(method).cell.static else 1
+QUALITY_BATCH = 16
+"""lm-eval's batch size for every method. HFLM right-pads a batch; a static model's real
+positions never see the padding (causal), and for a dynamic one ServingHFLM passes the
+padding mask, so its routes, kept tokens and realised-sparsity counters are those of each
+row alone (tests/test_servinglm.py checks batch 4 against batch 1 for every dynamic method)."""
 
 
 def timing_text(tokenizer, batches, lengths, seed: int = 1) -> torch.Tensor | None:
@@ -188,7 +183,7 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
             if preset:
                 ModelAdapter(pruned).reset_stats()
                 q = quality.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
-                                     batch_size=quality_batch_size(method), cell=report.cell, method=method,
+                                     batch_size=QUALITY_BATCH, cell=report.cell, method=method,
                                      sparsity=sparsity, extra=extra)
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
                             realised_sparsity(method, pruned), seed, options)

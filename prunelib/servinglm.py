@@ -16,6 +16,13 @@ positions being scored. This module tells such a model where each row's prompt e
   (``len(context)`` after lm-eval's left truncation) and wraps its ``_model_call`` in
   :func:`prompt_lengths`. For a static model it is plain ``HFLM`` (identical scores).
 
+Batches: HFLM right-pads a batch and passes no attention mask. For a static model (or a
+causal dynamic one) padding after a row's tokens cannot change them, but a dynamic
+method would route, prune and count the pad tokens. So for a model with dynamic modules
+(any module with ``set_prompt_lengths`` or ``reset_stats``) ServingHFLM passes the
+padding mask of each row's real length: pad tokens are neither routed nor counted in the
+realised sparsity, and a batch scores as its rows would alone (tested at batch 1 and 4).
+
 The position lm-eval scores first (the last context token) is the prefill's last
 position; the continuation's positions are decode steps. With lm-eval's one-token
 logits cache, requests whose ``context + continuation[:-1]`` coincide share one forward;
@@ -45,6 +52,11 @@ def serving_modules(model) -> list:
     return [m for m in model.modules() if callable(getattr(m, HOOK, None))]
 
 
+def dynamic_modules(model) -> list:
+    """The modules of ``model`` whose work depends on the input: prompt-aware or counting what they skip."""
+    return [m for m in model.modules() if callable(getattr(m, HOOK, None)) or callable(getattr(m, "reset_stats", None))]
+
+
 @contextmanager
 def prompt_lengths(model, lengths):
     """Forwards of ``model`` inside the block treat positions ``< lengths[b]`` of row ``b`` as the prompt."""
@@ -67,7 +79,7 @@ class ServingHFLM(HFLM):
     _prompts: dict | None = None  # input tokens -> prompt length, for the requests being scored
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self.backend != "causal" or not serving_modules(self.model):
+        if self.backend != "causal" or not dynamic_modules(self.model):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         prompts = {}
         for _, context, continuation in requests:
@@ -80,12 +92,12 @@ class ServingHFLM(HFLM):
         finally:
             self._prompts = None
 
-    def _prompt_length(self, row: list[int]) -> int:
-        """Prompt length of one (right-padded with 0) input row: the longest known input it starts with."""
+    def _lengths(self, row: list[int]) -> tuple[int, int]:
+        """(real length, prompt length) of one input row, right-padded with 0: the longest known input it starts with."""
         for end in range(len(row), 0, -1):
             n = self._prompts.get(tuple(row[:end]))
             if n is not None:
-                return n
+                return end, n
             if row[end - 1] != 0:  # only zero padding may follow the input
                 break
         raise RuntimeError(f"ServingHFLM: an input row of length {len(row)} matches no loglikelihood request")
@@ -93,5 +105,11 @@ class ServingHFLM(HFLM):
     def _model_call(self, inps, attn_mask=None, labels=None):
         if self._prompts is None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        with prompt_lengths(self.model, [self._prompt_length(r) for r in inps.tolist()]):
-            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        real, prompt = zip(*(self._lengths(r) for r in inps.tolist()))
+        mask = torch.arange(inps.shape[1], device=inps.device)[None] < torch.tensor(real, device=inps.device)[:, None]
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            if serving_modules(self.model):
+                with prompt_lengths(self.model, prompt):
+                    return self.model(inps, attention_mask=mask.long()).logits
+            return self.model(inps, attention_mask=mask.long()).logits

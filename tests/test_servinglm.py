@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from prunelib import pruning
+from prunelib.adapter import ModelAdapter
 from prunelib.servinglm import ServingHFLM, prompt_lengths, serving_modules
 
 from conftest import tiny_config
@@ -122,20 +123,33 @@ def test_serving_hflm_is_plain_hflm_for_a_static_model(tokenizer):
     assert serving == plain
 
 
-@pytest.mark.parametrize("method", ["token_prune_attn", "sparse_attn_block"])
+DYNAMIC = [m for m in pruning.methods() if not pruning.get(m).cell.static]
+
+
+@pytest.mark.parametrize("method", DYNAMIC)
 def test_serving_hflm_scores_prefill_plus_decode(tokenizer, method):
-    """Each loglikelihood is the one prefill(context) + cached decode(continuation) gives, at any batch size."""
+    """Each loglikelihood is the one prefill(context) + cached decode(continuation) gives, at any batch size; the
+    realised sparsity counts no padding (a batch of 4 counts what its rows count alone)."""
+    from conftest import synthetic_calibration
+
     torch.manual_seed(0)
-    model = pruned_model(AutoModelForCausalLM.from_config(tiny_config(vocab_size=49152)).eval(), method)
+    dense = AutoModelForCausalLM.from_config(tiny_config(vocab_size=49152)).eval()
+    s = 0.5 if method in METHODS else 0.25
+    model = pruning.prune(dense, method, s, seed=2, calibration=synthetic_calibration(), **METHODS.get(method, {}))[0]
     reqs = requests()
     expected = []
     for _, ctx, cont in reqs:
         ids = torch.tensor([ctx + cont[:-1]])
         logp = prefill_then_decode(model, ids, len(ctx)).log_softmax(-1)[0]
         expected.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
+    realised = {}
     for bs in (1, 4):
+        ModelAdapter(model).reset_stats()
         got = [ll for ll, _ in ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs)._loglikelihood_tokens(reqs)]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-3), bs
+        realised[bs] = pruning.get(method).hook("realised_sparsity")(model)
+    assert realised[4] == pytest.approx(realised[1], abs=1e-9)
+    assert 0 < realised[1] < 1  # the method skipped work while scoring
 
 
 def test_rolling_loglikelihood_prunes_nothing(tokenizer):

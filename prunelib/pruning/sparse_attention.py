@@ -570,16 +570,21 @@ class SparseAttention(nn.Module):
         if n.numel() != B:
             raise ValueError(f"sparse attention: {n.numel()} prompt lengths were set for a batch of {B} rows")
         mask = None if attention_mask is None else attention_mask.expand(B, -1, -1, -1)
-        out = torch.empty(B, S, H, d, dtype=q.dtype, device=q.device)
+        allowed = _allowed(mask, B, S, T)
+        # a real token sees itself; padding (right of a row's tokens) runs no rule and is not counted
+        real = [S] * B if allowed is None else allowed[:, torch.arange(S), off + torch.arange(S)].sum(1).tolist()
+        out = torch.zeros(B, S, H, d, dtype=q.dtype, device=q.device)
         for b, end in enumerate(n.tolist()):  # rows one by one: each has its own prompt
-            p = min(max(end - off, 0), S)  # this forward's prompt positions of row b
+            r = int(real[b])
+            p = min(max(end - off, 0), r)  # this forward's prompt positions of row b
             rows = slice(b, b + 1)
             if p:
                 m = None if mask is None else mask[rows, :, :p, : off + p]
                 out[rows, :p] = self._prefill(q[rows, :, :p], k[rows, :, : off + p], v[rows, :, : off + p], m, kwargs)
-            if p < S:
-                m = None if mask is None else mask[rows, :, p:]
-                out[rows, p:] = self._decode_all(q[rows, :, p:], k[rows], v[rows], off + p, m)
+            if p < r:
+                m = None if mask is None else mask[rows, :, p:r, : off + r]
+                out[rows, p:r] = self._decode_all(q[rows, :, p:r], k[rows, :, : off + r], v[rows, :, : off + r],
+                                                  off + p, m)
         return out
 
     def _decode_all(self, q, k, v, first: int, attention_mask):

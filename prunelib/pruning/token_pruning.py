@@ -168,7 +168,7 @@ class TokenPruner:
         keep = torch.tensor([keep_count(int(n), self.sparsity) for n in ctx.sum(-1).tolist()], device=hidden.device)
         runs = keep + (~prompt).sum(-1)  # positions each row runs from layer l on
         K = int(runs.max())
-        n_prompt = int(prompt.sum())
+        n_prompt = int(ctx.sum())  # counted per request: a row's padding and batch fillers are not its work
         self.seen += n_prompt
         kept = self._select(real, ctx, ~prompt, keep, K, q_k, rope) if K < S else None
         if cache is not None:
@@ -178,7 +178,7 @@ class TokenPruner:
             self.kept_tokens += n_prompt
             self.last_kept = self.last_filler = None
             return hidden
-        self.kept_tokens += n_prompt - B * S + B * K
+        self.kept_tokens += int(keep.sum())
         self.kept, self.full, self.last_kept, self.last_filler = kept, hidden, kept, self.filler
         rows = kept[:, :, None]
         if mask is not None:
