@@ -11,8 +11,8 @@ store for 16 pruned models with the old 60-document quick preset, 3 to 6.5 minut
 notebook, plus a minute of long-context perplexity); since then the quick preset scores
 about 80 s of documents per model (``prunelib.quality.PRESETS``) and each model also gets
 its fidelity score (about 20 s). Estimate for this demo, 8 pruned models with 6 timing
-repetitions: per model about 80 s of scoring (1.5x for the dynamic methods, scored one
-sequence at a time), 20 s of fidelity and 40 s of pruning and timing; about 30 s per
+repetitions: per model about 80 s of scoring (dynamic methods are batched like static ones
+since the padding mask reaches them), 20 s of fidelity and 40 s of pruning and timing; about 30 s per
 notebook to start and calibrate; the baseline about 2 minutes; long-context perplexity on
 one article about a minute: 5 x 140 + 3 x 180 + 10 x 30 + 120 + 60 s, about 29 minutes. It
 has not been re-measured end to end on a quiet machine; ``demo took ... s`` is printed at
@@ -50,7 +50,7 @@ FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, c
 FULL = {
     "baseline": dict(batches=[1, 4, 16], lengths=[128, 512, 2048], reps=30, quality_preset="full"),
     "static_depth": dict(FULL_SWEEP, methods=["last_n", "shortgpt", "angular", "shortgpt_attn", "shortgpt_mlp",
-                                                        "depth_random"],
+                                              "depth_random", "depth_random_attn", "depth_random_mlp"],
                          sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048]),
     "static_width": dict(FULL_SWEEP, methods=["width_magnitude", "width_wanda_sp", "width_flap", "width_random"],
                          sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048], round_to=64),
@@ -60,7 +60,8 @@ FULL = {
                                           "sparse24_random"], sparsities=[0.25, 0.5], lengths=[512, 2048]),
     "lowrank": dict(FULL_SWEEP, methods=["lowrank_svd", "lowrank_svdllm", "lowrank_random"],
                     sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048]),
-    "dynamic_depth": dict(FULL_SWEEP, methods=["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random"],
+    "dynamic_depth": dict(FULL_SWEEP, methods=["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random",
+                                               "dyn_depth_random_mlp"],
                           sparsities=[0.1, 0.2, 0.3, 0.4, 0.5], lengths=[512, 2048]),
     "token_pruning": dict(FULL_SWEEP, methods=["token_prune_attn", "token_prune_random"],
                           sparsities=[0.25, 0.5, 0.75], lengths=[512, 2048]),

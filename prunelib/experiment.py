@@ -27,7 +27,7 @@ from . import fidelity as fidelity_mod
 from .calibration import calibration_batch
 from .adapter import ModelAdapter
 from .models import EMBEDDED, fingerprint, load_model, parameter_count
-from .pruning import get, prune
+from .pruning import REGISTRY, get, prune
 from .store import ResultsStore, config_hash
 
 
@@ -289,44 +289,21 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-# What a criterion removes when it is finer than its cell's unit. A row's unit is this, else the
-# variant / sublayer its options name, else the cell's whole unit: versus_random compares like with like.
-_UNIT = {"shortgpt_attn": "attention", "shortgpt_mlp": "mlp", "dyn_depth_router_mlp": "mlp"}
-
-
-def _unit(method: str, options: str) -> str:
-    import json
-
-    opts = json.loads(options)
-    unit = _UNIT.get(method) or opts.get("variant") or opts.get("sublayer") or "layer"
-    return "whole" if unit == "layer" else str(unit)
-
-
-def _losses(df: pd.DataFrame) -> pd.DataFrame:
-    """The quality-loss rows keyed like :func:`prunelib.pareto.join` (seed and options as columns),
-    the latest per key, with the unit each one removed."""
+def versus_random(df: pd.DataFrame) -> pd.DataFrame:
+    """Each criterion's quality loss beside its declared random baseline (``register(baseline=...)``:
+    same cell, same unit), at the same sparsity, mean and spread over the stored seeds. A criterion
+    whose baseline has no stored loss at that sparsity is left out."""
     from . import pareto
 
     loss = pareto.quality(df, "loss")
-    return loss.assign(unit=[_unit(m, o) for m, o in zip(loss.method, loss.options)])
-
-
-def versus_random(df: pd.DataFrame) -> pd.DataFrame:
-    """Each criterion's quality loss beside the random baseline of its own unit (same cell, same
-    sublayer or router variant), mean and spread over the stored seeds. A criterion with no
-    random rows of its unit (e.g. sublayer criteria, until random sublayers are scored) is left out."""
-    loss = _losses(df)
-    is_random = loss.method.str.endswith("_random")
-    by = ["cell", "unit", "sparsity"]
-    rand = loss[is_random].groupby(by).value.agg(["mean", "std", "count"])
     out = []
-    for (method, unit, s), g in loss[~is_random].groupby(["method", "unit", "sparsity"]):
-        key = (g.cell.iloc[0], unit, s)
-        if key in rand.index:
-            r = rand.loc[key]
-            out.append({"method": method, "unit": unit, "sparsity": s, "loss_pct": g.value.mean(),
-                        "seeds": len(g), "random_loss_pct": r["mean"], "random_std": r["std"],
-                        "random_seeds": int(r["count"]), "beats_random": g.value.mean() < r["mean"]})
+    for (method, s), g in loss.groupby(["method", "sparsity"]):
+        base = get(method).baseline if method in REGISTRY else None
+        r = loss[(loss.method == base) & (loss.sparsity == s)].value if base else loss.value.iloc[:0]
+        if len(r):
+            out.append({"method": method, "unit": get(method).unit, "sparsity": s, "loss_pct": g.value.mean(),
+                        "seeds": len(g), "baseline": base, "random_loss_pct": r.mean(), "random_std": r.std(),
+                        "random_seeds": len(r), "beats_random": g.value.mean() < r.mean()})
     return pd.DataFrame(out)
 
 

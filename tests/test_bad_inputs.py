@@ -51,7 +51,8 @@ PRUNE = [
     ("width_magnitude", 0.25, {"round_to": 7}, r"option round_to=7 of pruning method 'width_magnitude' is not "
                                                r"allowed: expected one of \[8, 64\]"),
     ("sparse24_magnitude", 0.5, {"sparse_kernel": "yes"}, r"option sparse_kernel='yes'.*expected bool"),
-    ("dyn_depth_random", 0.25, {"variant": "attn"}, r"option variant='attn'.*expected one of \['layer', 'mlp'\]"),
+    ("dyn_depth_random", 0.25, {"variant": "mlp"}, r"option variant='mlp' is not taken by pruning method "
+                                                   r"'dyn_depth_random'; its options: none"),
     ("sparse_attn_block", 0.5, {"block": 8.5}, r"option block=8.5 .*expected an integer"),
     ("token_prune_attn", 0.5, {"keep": 3}, r"option keep=3 is not taken by pruning method 'token_prune_attn'; "
                                            r"its options: layer \(an integer\)"),

@@ -86,11 +86,54 @@ def test_bad_input(tiny_model, cal):
 
 
 def test_registry_refuses_duplicates_and_unknown_cells():
+    kw = dict(baseline=None, needs_calibration=False, max_sparsity=lambda m: 1)
     with pytest.raises(ValueError, match="already registered"):
-        registry.register("shortgpt", "static_depth", "x", needs_calibration=False, max_sparsity=lambda m: 1)(lambda *a: a)
+        registry.register("shortgpt", "static_depth", "x", **kw)(lambda *a: a)
     with pytest.raises(ValueError, match="unknown taxonomy cell 'static_magic'"):
-        registry.register("x", "static_magic", "x", needs_calibration=False, max_sparsity=lambda m: 1)
+        registry.register("x", "static_magic", "x", **kw)
     assert set(DEPTH) <= set(pruning.methods("static_depth"))
+
+
+def test_every_method_keeps_the_contract():
+    """Every criterion names a registered random baseline of its own cell and unit; literal names."""
+    import pathlib
+    import re
+
+    pruning.check_contract()
+    for name, m in registry.REGISTRY.items():
+        if m.baseline is not None:
+            b = registry.get(m.baseline)
+            assert (b.cell, b.unit, b.baseline) == (m.cell, m.unit, None), name
+    assert registry.get("shortgpt_attn").baseline == "depth_random_attn"
+    assert registry.get("dyn_depth_router_mlp").baseline == "dyn_depth_random_mlp"
+    src = "".join(p.read_text() for p in pathlib.Path(pruning.__file__).parent.glob("*.py"))
+    for name in registry.REGISTRY:
+        if not name.startswith("test_"):
+            assert re.search(rf'register\(\s*"{name}"', src), f"{name} is not registered under its literal name"
+
+
+@pytest.mark.parametrize("fault, message", [
+    (dict(baseline="nope"), "names baseline 'nope', which is not registered"),
+    (dict(baseline="width_random"), "must be a baseline of the same cell and unit"),
+    (dict(baseline="shortgpt"), "must be a baseline of the same cell and unit"),
+])
+def test_contract_faults_are_named(fault, message):
+    registry.register("contract_probe", "static_depth", "x", unit="decoder layers", needs_calibration=False,
+                      max_sparsity=lambda m: 1, **fault)(lambda *a: a)
+    try:
+        with pytest.raises(ValueError, match=message):
+            pruning.check_contract()
+    finally:
+        registry.REGISTRY.pop("contract_probe")
+
+
+def test_random_sublayer_baselines_remove_random_sublayers_of_their_kind(tiny_model):
+    for kind, method in (("attention", "depth_random_attn"), ("mlp", "depth_random_mlp")):
+        _, report = pruning.prune(tiny_model, method, 0.5, seed=1)
+        other = {tuple(pruning.prune(tiny_model, method, 0.5, seed=s)[1].removed[kind]) for s in range(8)}
+        assert report.removed[kind] == pruning.prune(tiny_model, method, 0.5, seed=1)[1].removed[kind]  # seeded
+        assert len(report.removed[kind]) == 2 and len(other) > 1  # 2 of 4 sublayers; another seed, other ones
+        assert report.params_pruned < report.params_dense
 
 
 def test_random_baseline_is_seeded():

@@ -147,7 +147,7 @@ def test_prefill_then_decode_with_cache(tiny_model, cal, method):
 
 
 VARIANT_CASES = [("dyn_depth_router", {}), ("dyn_depth_router_mlp", {}), ("dyn_depth_random", {}),
-                 ("dyn_depth_random", {"variant": "mlp"})]
+                 ("dyn_depth_random_mlp", {})]
 CASE_IDS = ["router", "router_mlp", "random", "random_mlp"]
 
 

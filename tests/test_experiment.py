@@ -113,11 +113,13 @@ def test_versus_random_compares_each_criterion_with_its_own_unit():
 
     rows = [("shortgpt", "static_depth", 20.0, {}), ("depth_random", "static_depth", 40.0, {}),
             ("shortgpt_attn", "static_depth", 5.0, {}),  # no random attention sublayers scored: not compared
+            ("shortgpt_mlp", "static_depth", 7.0, {}), ("depth_random_mlp", "static_depth", 9.0, {}),
             ("dyn_depth_router_mlp", "dynamic_depth", 10.0, {}), ("dyn_depth_router", "dynamic_depth", 12.0, {}),
-            ("dyn_depth_random", "dynamic_depth", 30.0, {}), ("dyn_depth_random", "dynamic_depth", 15.0, {"variant": "mlp"})]
+            ("dyn_depth_random", "dynamic_depth", 30.0, {}), ("dyn_depth_random_mlp", "dynamic_depth", 15.0, {})]
     df = pd.DataFrame([dict(method=m, cell=c, sparsity=0.25, metric="quality_loss_pct", value=v,
                             extra={"seed": 0, "options": o}) for m, c, v, o in rows])
     t = experiment.versus_random(df).set_index("method")
-    assert sorted(t.index) == ["dyn_depth_router", "dyn_depth_router_mlp", "shortgpt"]
+    assert sorted(t.index) == ["dyn_depth_router", "dyn_depth_router_mlp", "shortgpt", "shortgpt_mlp"]
+    assert t.loc["shortgpt_mlp", "random_loss_pct"] == 9.0 and t.loc["shortgpt_mlp", "unit"] == "MLP sublayers"
     assert t.loc["dyn_depth_router_mlp", "random_loss_pct"] == 15.0  # the random MLP router, not the layer one
     assert t.loc["dyn_depth_router", "random_loss_pct"] == 30.0 and t.loc["shortgpt", "random_loss_pct"] == 40.0

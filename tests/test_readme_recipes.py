@@ -41,11 +41,12 @@ def test_add_a_model_family_recipe():
 
 def test_add_a_method_recipe(tiny_model):
     from prunelib.checks import InputError
-    from prunelib.pruning import REGISTRY, methods, prune
+    from prunelib.pruning import REGISTRY, check_contract, methods, prune
 
     try:
         exec(compile(_block("Add a method"), "README:add-a-method", "exec"), {})
         assert "depth_update_norm" in methods("static_depth")
+        check_contract()
         pruned, report = prune(tiny_model, "depth_update_norm", 0.25, calibration=synthetic_calibration())
         assert len(report.removed["layers"]) == 1 and len(report.removed["score"]) == 4
         assert report.params_pruned < report.params_dense

@@ -21,13 +21,14 @@ quality.PRESETS.setdefault("sweep_test", quality.Preset(("piqa",), 4, "sweep tes
 MARK = Path(__file__).with_name("killed.marker")
 
 
-@register("test_raise", "static_depth", "raises (sweep tests)", needs_calibration=False, max_sparsity=lambda m: 0.9)
+@register("test_raise", "static_depth", "raises (sweep tests)", baseline="depth_random", unit="decoder layers",
+          needs_calibration=False, max_sparsity=lambda m: 0.9)
 def _raise(model, sparsity, ctx):
     raise RuntimeError("this method does not support this model (sweep test)")
 
 
 @register("test_kill_once", "static_depth", "kills its worker once, in the decode timing (sweep tests)",
-          needs_calibration=False, max_sparsity=lambda m: 0.9)
+          baseline="depth_random", unit="decoder layers", needs_calibration=False, max_sparsity=lambda m: 0.9)
 def _kill_once(model, sparsity, ctx):
     pruned = remove_layers(model, [0])
 

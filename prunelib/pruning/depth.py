@@ -12,7 +12,8 @@ Criteria (all measured on calibration batches, averaged over every token):
 - ``last_n``: the naive baseline, the last n layers.
 - ``depth_random``: n layers drawn at random (seeded), the baseline a criterion must beat.
 - ``shortgpt_attn`` / ``shortgpt_mlp``: BI of a sublayer alone, 1 - cos(h, h + f(h)),
-  removing only attention or only MLP sublayers.
+  removing only attention or only MLP sublayers; ``depth_random_attn`` /
+  ``depth_random_mlp`` remove random sublayers of the same kind (their baselines).
 
 Sparsity = fraction of the layers (or sublayers) removed: n = round(sparsity * L).
 """
@@ -82,8 +83,11 @@ def layer_statistics(model, calibration, block: int | None = None) -> dict[str, 
     return out
 
 
+LAYERS, ATTN, MLP = "decoder layers", "attention sublayers", "MLP sublayers"
+
+
 @register("shortgpt", "static_depth", "lowest Block Influence 1 - cos(h_in, h_out) on calibration data",
-          needs_calibration=True, max_sparsity=_max_layers)
+          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers)
 def shortgpt(model, sparsity, ctx):
     n = _count(model, sparsity)
     if n == 0:
@@ -94,7 +98,7 @@ def shortgpt(model, sparsity, ctx):
 
 
 @register("angular", "static_depth", "contiguous block with the smallest angular distance between its input and output",
-          needs_calibration=True, max_sparsity=_max_layers)
+          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers)
 def angular(model, sparsity, ctx):
     n = _count(model, sparsity)
     if n == 0:
@@ -105,7 +109,8 @@ def angular(model, sparsity, ctx):
     return remove_layers(model, drop), {"layers": drop, "score": d.tolist()}
 
 
-@register("last_n", "static_depth", "the last n layers (naive baseline)", needs_calibration=False,
+@register("last_n", "static_depth", "the last n layers (naive baseline)", unit=LAYERS, baseline="depth_random",
+          needs_calibration=False,
           max_sparsity=_max_layers)
 def last_n(model, sparsity, ctx):
     L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
@@ -114,27 +119,35 @@ def last_n(model, sparsity, ctx):
 
 
 @register("depth_random", "static_depth", "n random layers, seeded (the baseline every criterion must beat)",
-          needs_calibration=False, max_sparsity=_max_layers)
+          unit=LAYERS, baseline=None, needs_calibration=False, max_sparsity=_max_layers)
 def depth_random(model, sparsity, ctx):
     L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
     drop = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(ctx.seed))[:n].tolist())
     return remove_layers(model, drop), {"layers": drop}
 
 
-def _sublayer(kind: str):
+def _sublayer(kind: str, random: bool = False):
     def fn(model, sparsity, ctx):
         n = _count(model, sparsity)
         if n == 0:
             return remove_sublayers(model), {kind: [], "score": None}
-        bi = layer_statistics(model, ctx.calibration)[kind]
-        drop = sorted(torch.argsort(bi)[:n].tolist())
+        if random:
+            L = len(ModelAdapter(model).layers)
+            drop, score = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(ctx.seed))[:n].tolist()), None
+        else:
+            bi = layer_statistics(model, ctx.calibration)[kind]
+            drop, score = sorted(torch.argsort(bi)[:n].tolist()), bi.tolist()
         kw = {"attention": drop} if kind == "attention" else {"mlp": drop}
-        return remove_sublayers(model, **kw), {kind: drop, "score": bi.tolist()}
+        return remove_sublayers(model, **kw), {kind: drop, "score": score}
 
     return fn
 
 
 register("shortgpt_attn", "static_depth", "attention sublayers with the lowest BI 1 - cos(h, h + attn(h))",
-         needs_calibration=True, max_sparsity=_max_layers)(_sublayer("attention"))
+         unit=ATTN, baseline="depth_random_attn", needs_calibration=True, max_sparsity=_max_layers)(_sublayer("attention"))
 register("shortgpt_mlp", "static_depth", "MLP sublayers with the lowest BI 1 - cos(h, h + mlp(h))",
-         needs_calibration=True, max_sparsity=_max_layers)(_sublayer("mlp"))
+         unit=MLP, baseline="depth_random_mlp", needs_calibration=True, max_sparsity=_max_layers)(_sublayer("mlp"))
+register("depth_random_attn", "static_depth", "n random attention sublayers, seeded (baseline of shortgpt_attn)",
+         unit=ATTN, baseline=None, needs_calibration=False, max_sparsity=_max_layers)(_sublayer("attention", True))
+register("depth_random_mlp", "static_depth", "n random MLP sublayers, seeded (baseline of shortgpt_mlp)",
+         unit=MLP, baseline=None, needs_calibration=False, max_sparsity=_max_layers)(_sublayer("mlp", True))

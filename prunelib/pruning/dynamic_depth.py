@@ -14,8 +14,8 @@ skipping, the relative norm beat it).
 
 - ``dyn_depth_router``: a skipped token skips the whole layer (attention and MLP).
 - ``dyn_depth_router_mlp``: a skipped token skips only the MLP sublayer.
-- ``dyn_depth_random``: the random *baseline*, same skip rate, tokens chosen at random;
-  ``options["variant"] = "mlp"`` skips MLPs instead of layers. Its "score" is a hash of
+- ``dyn_depth_random`` / ``dyn_depth_random_mlp``: the random *baselines* of the two
+  routers, same skip rate of layers / MLP sublayers, tokens chosen at random. The "score" is a hash of
   (seed, layer, token position) mapped to [0, 1): a pure function of its inputs, so the
   same sequence gets the same routes whatever ran before, in a full forward as in prefill
   and cached decode, and another seed draws other routes. It does not look at content,
@@ -540,10 +540,8 @@ def _removed(model, calibration) -> dict:
     return {"realised_sparsity": realised_sparsity(model, "prefill"), "layer_skip": per_layer}
 
 
-def _method(variant: str | None, random: bool):
+def _method(var: str, random: bool):
     def fn(model, sparsity, ctx):
-        var = ctx.options.get("variant", "layer") if variant is None else variant
-        _check_variant(var)
         if sparsity == 0:  # nothing to skip: the dense model
             return copy.deepcopy(model), {"realised_sparsity": 0.0, "layer_skip": {}, "variant": var}
         if random:
@@ -560,15 +558,20 @@ def _method(variant: str | None, random: bool):
 
 #: a routed layer runs its q/k/v/o projections on gathered tokens (RoutedLayer._attention)
 _LAYER_ROLES = ("q", "k", "v", "o")
+LAYER_UNIT, MLP_UNIT = "token-layer pairs", "token-MLP pairs"
 register("dyn_depth_router", "dynamic_depth",
          "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; tokens scoring above the "
-         "calibrated threshold run the layer (causal)",
+         "calibrated threshold run the layer (causal)", unit=LAYER_UNIT, baseline="dyn_depth_random",
          needs_calibration=True, max_sparsity=_max_sparsity, separate=_LAYER_ROLES)(_method("layer", random=False))
 register("dyn_depth_router_mlp", "dynamic_depth",
          "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; tokens scoring above the "
-         "calibrated threshold run the MLP (causal)",
+         "calibrated threshold run the MLP (causal)", unit=MLP_UNIT, baseline="dyn_depth_random_mlp",
          needs_calibration=True, max_sparsity=_max_sparsity)(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
-         "random baseline: the same skip rate, each token's route hashed from (seed, layer, position)",
-         needs_calibration=False, max_sparsity=_max_sparsity,
-         options={"variant": VARIANTS}, separate=_LAYER_ROLES)(_method(None, random=True))
+         "random baseline: the same skip rate of whole layers, each token's route hashed from (seed, layer, position)",
+         unit=LAYER_UNIT, baseline=None, needs_calibration=False, max_sparsity=_max_sparsity,
+         separate=_LAYER_ROLES)(_method("layer", random=True))
+register("dyn_depth_random_mlp", "dynamic_depth",
+         "random baseline of the MLP router: the same skip rate of MLP sublayers, each token's route hashed from "
+         "(seed, layer, position)", unit=MLP_UNIT, baseline=None, needs_calibration=False,
+         max_sparsity=_max_sparsity)(_method("mlp", random=True))

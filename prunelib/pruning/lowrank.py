@@ -188,9 +188,9 @@ def _registered(criterion: str):
 
 
 register("lowrank_svd", "static_k_lowrank", "top-r singular triplets of W (truncated SVD)",
-         needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svd"))
+         baseline="lowrank_random", needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svd"))
 register("lowrank_svdllm", "static_k_lowrank",
          "top-r singular triplets of W S, S = Cholesky(X^T X) on calibration inputs (SVD-LLM whitening)",
-         needs_calibration=True, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svdllm"))
+         baseline="lowrank_random", needs_calibration=True, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svdllm"))
 register("lowrank_random", "static_k_lowrank", "r singular triplets of W drawn at random, seeded (random baseline)",
-         needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("random"))
+         baseline=None, needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("random"))

@@ -28,6 +28,14 @@ class Method:
     max_sparsity: Callable  # model -> largest allowed sparsity (inclusive)
     options: dict = field(default_factory=dict)  # option name -> allowed values (see check_options)
     separate: tuple = ()  # projection roles the method needs as Linears of their own (refused where a family fuses them)
+    unit: str = ""  # what its sparsity is the removed fraction of (default: its cell's unit)
+    baseline: str | None = None  # the random baseline of the same unit it must beat; None: it is a baseline
+
+    @property
+    def static(self) -> bool:
+        """Decided once offline (True), or per input at run time (False: a dynamic method, with a
+        ``realised_sparsity`` hook saying what it actually skipped)."""
+        return self.cell.static
 
     def hook(self, name: str):
         """The method module's optional hook ``name`` (``realised_sparsity``, ``graph_safe``, ``compile_safe``), or None.
@@ -43,11 +51,20 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, max_sparsity: Callable,
-             options: dict | None = None, separate: tuple = ()):
+def register(name: str, cell: str, criterion: str, *, baseline: str | None, needs_calibration: bool,
+             max_sparsity: Callable, unit: str | None = None, options: dict | None = None, separate: tuple = ()):
     """Decorator adding a method; a duplicate name or unknown cell is an error.
 
-    ``options``: the keyword options the method takes, each mapped to what is allowed: a type
+    The contract a method declares here:
+
+    - ``cell``: its taxonomy cell, hence static or dynamic. A dynamic method's module defines
+      ``realised_sparsity(model)`` (what it skipped since ``reset_stats``), found by
+      :meth:`Method.hook`; :func:`check_contract` refuses a dynamic method without it.
+    - ``unit``: what its sparsity is the removed fraction of; default: the cell's unit. A
+      method finer than its cell (an MLP-only router, attention-only sublayers) names its own.
+    - ``baseline``: the registered random method of the same cell and unit that this criterion
+      is compared with (``experiment.versus_random``); ``None`` declares the method a baseline.
+    - ``options``: the keyword options the method takes, each mapped to what is allowed: a type
     (``int``, ``bool``) or a tuple of allowed values; None always means the method's default.
     :func:`prune` refuses any other option, and any value the schema does not allow.
     ``separate``: projection roles (q k v o gate up down) the method needs as Linears of their own;
@@ -60,10 +77,29 @@ def register(name: str, cell: str, criterion: str, *, needs_calibration: bool, m
         if name in REGISTRY:
             raise ValueError(f"pruning method {name!r} is already registered")
         REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}),
-                                tuple(separate))
+                                tuple(separate), unit or CELLS[cell].unit, baseline)
         return fn
 
     return deco
+
+
+def check_contract() -> None:
+    """Every registered method keeps the contract of :func:`register` (run once all modules are imported).
+
+    A baseline must be registered, be a baseline itself, and share the method's cell and unit;
+    a dynamic method's module must define ``realised_sparsity``.
+    """
+    for name, m in REGISTRY.items():
+        if m.baseline is not None:
+            b = REGISTRY.get(m.baseline)
+            if b is None:
+                raise ValueError(f"method {name!r} names baseline {m.baseline!r}, which is not registered")
+            if b.baseline is not None or (b.cell, b.unit) != (m.cell, m.unit):
+                raise ValueError(f"baseline {m.baseline!r} of {name!r} must be a baseline of the same cell and unit "
+                                 f"({m.cell.name}, {m.unit!r}); it is ({b.cell.name}, {b.unit!r}), baseline "
+                                 f"{b.baseline!r}")
+        if not m.static and m.hook("realised_sparsity") is None:
+            raise ValueError(f"dynamic method {name!r}: its module {m.fn.__module__} defines no realised_sparsity(model)")
 
 
 def _allowed(spec) -> str:
@@ -93,7 +129,7 @@ def check_sparsity(method: str, sparsity, model) -> float:
     m = get(method)
     hi = m.max_sparsity(model)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= hi:
-        raise InputError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.cell.unit}): "
+        raise InputError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.unit}): "
                          f"allowed 0 <= s <= {hi:.10g}")
     return float(sparsity)
 

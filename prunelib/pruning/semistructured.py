@@ -351,12 +351,18 @@ def _max_24(model) -> float:
     return 0.5
 
 
-for _name, _doc, _cal in (
-    ("magnitude", "keep the 2 largest |W| of every 4 weights along K", False),
-    ("wanda", "keep the 2 largest |W| * ||X|| (calibration input norms) of every 4 along K (Wanda)", True),
-    ("sparsegpt", "OBS: prune the 2 smallest w^2 / [H^-1]_jj^2 of every 4 along K, update the rest (SparseGPT)", True),
-    ("random", "2 random weights of every 4 along K, seeded (random baseline)", False),
-):
-    register(f"sparse24_{_name}", "static_k_24", _doc, needs_calibration=_cal, max_sparsity=_max_24,
-             options={"sparse_kernel": bool})(
-        lambda model, sparsity, ctx, _c=_name: sparse24_prune(model, sparsity, ctx, _c))
+def _24(criterion: str):
+    return lambda model, sparsity, ctx: sparse24_prune(model, sparsity, ctx, criterion)
+
+
+_S24 = dict(max_sparsity=_max_24, options={"sparse_kernel": bool})
+register("sparse24_magnitude", "static_k_24", "keep the 2 largest |W| of every 4 weights along K",
+         baseline="sparse24_random", needs_calibration=False, **_S24)(_24("magnitude"))
+register("sparse24_wanda", "static_k_24",
+         "keep the 2 largest |W| * ||X|| (calibration input norms) of every 4 along K (Wanda)",
+         baseline="sparse24_random", needs_calibration=True, **_S24)(_24("wanda"))
+register("sparse24_sparsegpt", "static_k_24",
+         "OBS: prune the 2 smallest w^2 / [H^-1]_jj^2 of every 4 along K, update the rest (SparseGPT)",
+         baseline="sparse24_random", needs_calibration=True, **_S24)(_24("sparsegpt"))
+register("sparse24_random", "static_k_24", "2 random weights of every 4 along K, seeded (random baseline)",
+         baseline=None, needs_calibration=False, **_S24)(_24("random"))

@@ -238,8 +238,8 @@ def _max_hidden(model) -> float:
 
 register("slicegpt", "static_hidden",
          "PCA of the residual stream on calibration data (eigenvectors of X^T X); slice the smallest components (SliceGPT)",
-         needs_calibration=True, max_sparsity=_max_hidden, options={"round_to": int})(slicegpt)
+         baseline="slicegpt_random", needs_calibration=True, max_sparsity=_max_hidden, options={"round_to": int})(slicegpt)
 register("slicegpt_random", "static_hidden",
          "random orthogonal rotation of the residual stream (seeded), then slice: baseline for SliceGPT's PCA",
-         needs_calibration=False, max_sparsity=_max_hidden, options={"round_to": int})(
+         baseline=None, needs_calibration=False, max_sparsity=_max_hidden, options={"round_to": int})(
     lambda model, sparsity, ctx: slicegpt(model, sparsity, ctx, random=True))

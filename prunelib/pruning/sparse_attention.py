@@ -681,10 +681,16 @@ def _prune(model, sparsity: float, ctx, method: str):
                     "unit": "causal (query block, key block) pairs in prefill; KV tokens in decode"}
 
 
-for _name, _doc in (
-    ("block", "pooled mean(Q_block).mean(K_block) per KV head in prefill; Quest page bound of q.k in decode"),
-    ("window", "sink + most recent blocks / pages (local-window baseline)"),
-    ("random", "random key blocks / pages, seeded, sink and diagonal kept (random baseline)"),
-):
-    register(f"sparse_attn_{_name}", "dynamic_nk_attention", _doc, needs_calibration=False,
-             max_sparsity=lambda model: 0.95, options={"block": int, "page": int})(lambda model, sparsity, ctx, _m=_name: _prune(model, sparsity, ctx, _m))
+def _attn(method: str):
+    return lambda model, sparsity, ctx: _prune(model, sparsity, ctx, method)
+
+
+_SA = dict(needs_calibration=False, max_sparsity=lambda model: 0.95, options={"block": int, "page": int})
+register("sparse_attn_block", "dynamic_nk_attention",
+         "pooled mean(Q_block).mean(K_block) per KV head in prefill; Quest page bound of q.k in decode",
+         baseline="sparse_attn_random", **_SA)(_attn("block"))
+register("sparse_attn_window", "dynamic_nk_attention", "sink + most recent blocks / pages (local-window baseline)",
+         baseline="sparse_attn_random", **_SA)(_attn("window"))
+register("sparse_attn_random", "dynamic_nk_attention",
+         "random key blocks / pages, seeded, sink and diagonal kept (random baseline)", baseline=None, **_SA)(
+    _attn("random"))

@@ -428,13 +428,13 @@ def _max_sparsity(model) -> float:
 
 @register("token_prune_attn", "token_pruning",
           "attention of the last prompt token at layer l - 1 (FastV / LazyLLM), first and last token always kept",
-          needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
+          baseline="token_prune_random", needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
 def token_prune_attn(model, sparsity, ctx):
     return token_prune(model, sparsity, "attention", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))
 
 
 @register("token_prune_random", "token_pruning",
           "seeded random prompt tokens (baseline), same keep count, first and last token always kept",
-          needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
+          baseline=None, needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
 def token_prune_random(model, sparsity, ctx):
     return token_prune(model, sparsity, "random", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))

@@ -174,12 +174,16 @@ def _max_width(model) -> float:
     return 0.95
 
 
-for _name, _doc, _cal in (
-    ("magnitude", "L2 norm of each head group's / channel's weights", False),
-    ("wanda_sp", "sum over consumer columns of |W| * ||X|| on calibration data (Wanda-sp)", True),
-    ("flap", "fluctuation Var(X) * ||W||^2 on calibration data, with bias compensation (FLAP)", True),
-    ("random", "random head groups and channels, seeded (the baseline every criterion must beat)", False),
-):
-    register(f"width_{_name}", "static_width", _doc, needs_calibration=_cal, max_sparsity=_max_width,
-             options={"round_to": (8, 64)}, separate=("q", "k", "v", "gate", "up"))(
-        lambda model, sparsity, ctx, _c=_name: width_prune(model, sparsity, ctx, _c))
+def _width(criterion: str):
+    return lambda model, sparsity, ctx: width_prune(model, sparsity, ctx, criterion)
+
+
+_WIDTH = dict(max_sparsity=_max_width, options={"round_to": (8, 64)}, separate=("q", "k", "v", "gate", "up"))
+register("width_magnitude", "static_width", "L2 norm of each head group's / channel's weights",
+         baseline="width_random", needs_calibration=False, **_WIDTH)(_width("magnitude"))
+register("width_wanda_sp", "static_width", "sum over consumer columns of |W| * ||X|| on calibration data (Wanda-sp)",
+         baseline="width_random", needs_calibration=True, **_WIDTH)(_width("wanda_sp"))
+register("width_flap", "static_width", "fluctuation Var(X) * ||W||^2 on calibration data, with bias compensation (FLAP)",
+         baseline="width_random", needs_calibration=True, **_WIDTH)(_width("flap"))
+register("width_random", "static_width", "random head groups and channels, seeded (the baseline every criterion must beat)",
+         baseline=None, needs_calibration=False, **_WIDTH)(_width("random"))
