@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, family_adapter  # noqa: F401
+from .adapters.base import out_features
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 #: the Llama layout's projection names: the labels of a layer's GEMMs when a LayerShape does not give its own
@@ -20,6 +23,23 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LLAMA_LINEARS = tuple((f"self_attn.{n}", (r,)) for n, r in zip(ATTN_PROJ, ATTN_ROLES)) + tuple(
     (f"mlp.{n}", (r,)) for n, r in zip(MLP_PROJ, MLP_ROLES))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [..., head_dim], ``cos``/``sin`` broadcastable to [..., r]: a partial
+    one (r < head_dim, a family's ``partial_rotary_factor``) rotates the leading r columns only."""
+    r = cos.shape[-1]
+    xr, half = x[..., :r], r // 2
+    out = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), -1) * sin
+    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], -1)
+
+
+def role_output(lin: nn.Module, rows: slice, x: torch.Tensor) -> torch.Tensor:
+    """Output columns ``rows`` of ``lin`` on ``x``, computing those rows only (a role of a fused Linear);
+    the module itself when ``rows`` are all of its outputs."""
+    if rows.start == 0 and rows.stop == out_features(lin):
+        return lin(x)
+    return F.linear(x, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
 
 
 @dataclass(frozen=True)
@@ -190,6 +210,10 @@ class ModelAdapter:
 
     def set_proj(self, i: int, role: str, module: nn.Module) -> None:
         self.fam.set_proj(self._owner(i, role), role, module)
+
+    def set_head_counts(self, i: int, n_heads: int, n_kv_heads: int) -> None:
+        """After slicing layer ``i``'s q/k/v rows: tell its attention the new head counts (family-specific)."""
+        self.fam.set_head_counts(self._owner(i, "q"), n_heads, n_kv_heads)
 
     def role_rows(self, i: int, role: str) -> tuple[nn.Module, slice]:
         """``(linear, rows)``: the Linear holding ``role`` in layer ``i`` and its rows that are ``role``'s."""

@@ -118,10 +118,14 @@ class _Encoder:
             return {"$dtype": str(v).removeprefix("torch.")}
         if isinstance(v, torch.device):
             return {"$device": str(v)}
-        if isinstance(v, PretrainedConfig):
-            if v is self.config or v.to_dict() == self.config.to_dict():
-                return {"$config": None}
-            raise CheckpointError(f"{where}: a config other than the model's cannot be stored")
+        if isinstance(v, PretrainedConfig):  # the model's config, or a copy of it with some fields changed
+            if type(v) is not type(self.config):
+                raise CheckpointError(f"{where}: a config other than the model's (or a copy of it) cannot be stored")
+            base, mine = self.config.to_dict(), v.to_dict()  # the copy may predate fields added to the model's since
+            diff = {k: x for k, x in mine.items() if k not in base or base[k] != x}
+            if diff and json.loads(json.dumps(diff)) != diff:
+                raise CheckpointError(f"{where}: config fields {sorted(diff)} differ from the model's and are not JSON")
+            return {"$config": diff or None}
         if isinstance(v, weakref.ref):
             return {"$weakref": None}  # a runtime cache's reference: dead after a reload, as after construction
         if isinstance(v, nn.Module):
@@ -171,8 +175,13 @@ class _Decoder:
             return getattr(torch, arg)
         if tag == "$device":
             return torch.device(arg)
-        if tag == "$config":
-            return self.config
+        if tag == "$config":  # None: the model's config; a dict: a copy with these fields changed
+            if not arg:
+                return self.config
+            c = copy.copy(self.config)
+            for k, x in arg.items():
+                setattr(c, k, x)
+            return c
         if tag == "$weakref":
             return weakref.ref(_Gone())  # already dead
         if tag == "$module":

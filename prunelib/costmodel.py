@@ -220,6 +220,11 @@ def gemms(
             w_attn = _weights_read(ls.attn_tokens, tokens)
             width = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "o": ls.hidden}
             for label, roles in linears["attention_in"]:  # q alone runs on the routed tokens only
+                if "q" in roles and len(roles) > 1 and ls.attn_tokens < 1:  # q's rows of a fused Linear apart
+                    out += proj(label + "[q]", tokens * ls.attn_tokens, width["q"], ls.hidden, w_attn)
+                    roles = tuple(r for r in roles if r != "q")
+                    out += proj(label + "[" + "".join(roles) + "]", tokens, sum(width[r] for r in roles), ls.hidden)
+                    continue
                 routed = roles == ("q",)
                 out += proj(label, tokens * ls.attn_tokens if routed else tokens, sum(width[r] for r in roles),
                             ls.hidden, w_attn if routed else 1.0)

@@ -17,6 +17,20 @@ def logits(model, ids=IDS, **kw):
         return model(ids, **kw).logits
 
 
+def test_routed_layers_read_fused_roles_and_partial_rotary(cal):
+    """Phi-3 (fused qkv_proj, half of each head rotated): a routed layer computes q, k, v from their rows of
+    qkv_proj and rotates the leading half only; with every token routed it gives the model's logits."""
+    from conftest import tiny_family_model
+
+    model = tiny_family_model("phi3", partial_rotary_factor=0.5)
+    routed = dd.attach(model, dd.train_routers(model, cal, 0.0, "layer"))
+    assert isinstance(routed.model.layers[1], dd.RoutedDecoderLayer)
+    assert routed.model.layers[1].rows["k"] == ("qkv_proj", 64, 96)  # 4 query heads of 16, then 2 KV heads
+    torch.testing.assert_close(logits(routed), logits(model), rtol=0, atol=1e-5)
+    skipping, _ = pruning.prune(model, "dyn_depth_router", 0.25, calibration=cal)
+    assert not torch.allclose(logits(skipping), logits(model), atol=1e-3)
+
+
 def test_zero_sparsity_equals_dense(tiny_model, cal):
     for variant in dd.VARIANTS:
         routed = dd.attach(tiny_model, dd.train_routers(tiny_model, cal, 0.0, variant))

@@ -54,8 +54,14 @@ def test_zero_sparsity_equals_dense(tiny_model, method):
     assert tiny_model.model.layers[1].__class__.__name__ == "LlamaDecoderLayer"  # the input model is untouched
 
 
-def test_kept_tokens_are_the_top_attention_of_the_last_token(tiny_model):
-    """The kept set is the top-K of layer l-1's eager attention row of the last token (+ first and last)."""
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_kept_tokens_are_the_top_attention_of_the_last_token(tiny_model, family):
+    """The kept set is the top-K of layer l-1's eager attention row of the last token (+ first and last); on
+    Phi-3 (fused qkv_proj, a partial rotary embedding: half of each head rotated) as on Llama."""
+    from conftest import tiny_family_model
+
+    if family == "phi3":
+        tiny_model = tiny_family_model("phi3", partial_rotary_factor=0.5)
     pruned, _ = pruning.prune(tiny_model, "token_prune_attn", 0.5, layer=2)
     logits(pruned)
     eager = copy.deepcopy(tiny_model)

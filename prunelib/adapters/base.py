@@ -159,6 +159,13 @@ class FamilyAdapter:
         self.proj(sub, role)
         setattr(sub, self.linear_of[role], module)
 
+    def set_head_counts(self, sub: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+        """Tell attention sublayer ``sub`` its head counts after its q/k/v rows were sliced.
+
+        Families whose attention reads the counts from its projections' shapes (views with -1
+        heads: Llama, Qwen2, Mistral) need nothing; a fused family overrides this.
+        """
+
     def row_sizes(self, sub: nn.Module, fused: str) -> dict:
         """Rows of each role stacked in the fused Linear ``fused`` of sublayer ``sub``."""
         raise LayoutError(f"{self.family} declares no fused Linear {fused!r}")

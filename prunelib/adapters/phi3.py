@@ -3,7 +3,11 @@
 Row blocks: ``qkv_proj`` holds [q heads | k heads | v heads]; the attention reads its query
 rows from ``config.num_attention_heads`` and its KV rows from the module's
 ``num_key_value_heads``. ``gate_up_proj`` holds [gate | up], halves of equal size.
+After head slicing an attention layer gets its own copy of the config with its head counts
+(the model's config, shared by every layer, keeps the dense ones).
 """
+import copy
+
 from .base import FamilyAdapter, out_features, register_family
 
 
@@ -13,6 +17,12 @@ class Phi3Adapter(FamilyAdapter):
     linear_of = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
                  "gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
     fused = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+
+    def set_head_counts(self, sub, n_heads, n_kv_heads):
+        sub.num_key_value_heads = n_kv_heads
+        if (sub.config.num_attention_heads, sub.config.num_key_value_heads) != (n_heads, n_kv_heads):
+            sub.config = copy.copy(sub.config)  # qkv_proj's query rows end where this layer's config says
+            sub.config.num_attention_heads, sub.config.num_key_value_heads = n_heads, n_kv_heads
 
     def row_sizes(self, sub, fused):
         total = out_features(getattr(sub, fused))

@@ -81,10 +81,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from ..adapter import ModelAdapter
+from ..adapter import ModelAdapter, role_output, rope
 from ..adapters import ATTN_ROLES, FamilyAdapter
+from ..adapters.base import out_features
 from ..adapters.llama import LlamaAdapter
 from ..models import fingerprint
 from .registry import register
@@ -178,14 +179,19 @@ class RoutedDecoderLayer(nn.Module):
 
     Keeps the wrapped layer's norms, attention and MLP under the names its family adapter
     (``family``, a class of :mod:`prunelib.adapters`; default Llama) gives them, so the adapter
-    still recognises it; the routed attention calls the q/k/v/o projections by their roles.
+    still recognises it; the routed attention computes the q/k/v/o projections by their roles:
+    ``rows[role]`` = (Linear name, first, last + 1 output row), a block of a fused Linear
+    (Phi-3's ``qkv_proj``) where the family fuses them, so q runs on the routed tokens only.
     """
 
     def __init__(self, layer: nn.Module, router: nn.Module, variant: str, skip: float, threshold: float,
-                 family: type[FamilyAdapter] = LlamaAdapter):
+                 family: type[FamilyAdapter] = LlamaAdapter, rows: dict | None = None):
         super().__init__()
         self.names = (family.attn_name, family.mlp_name, family.input_norm_name, family.post_norm_name)
-        self.projs = tuple(family.linear_of[r] for r in ATTN_ROLES)  # q, k, v, o: separate (fused families refused)
+        if rows is None:  # separate q/k/v/o Linears: each role is all of its Linear's rows
+            attn = getattr(layer, family.attn_name)
+            rows = {r: (family.linear_of[r], 0, out_features(getattr(attn, family.linear_of[r]))) for r in ATTN_ROLES}
+        self.rows = rows
         for name in self.names:
             setattr(self, name, getattr(layer, name))
         self.router, self.variant, self.skip, self.threshold = router, variant, skip, float(threshold)
@@ -252,16 +258,19 @@ class RoutedDecoderLayer(nn.Module):
         b, s = picked[0]
         return mid.index_put((b, s), mid[b, s] + mlp(x[b, s]))
 
+    def _proj(self, attn: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor:
+        name, start, stop = self.rows[role]
+        return role_output(getattr(attn, name), slice(start, stop), x)
+
     def _routed_layer(self, h, x, run, attention_mask, past, past_key_values, position_embeddings):
         """Keys/values for every token, the rest of the layer for the routed tokens only."""
         attn, mlp, _, norm_post = (getattr(self, n) for n in self.names)
-        q_proj, k_proj, v_proj, o_proj = (getattr(attn, n) for n in self.projs)
         B, S, _ = h.shape
         hd = attn.head_dim
         cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
-        k = k_proj(x).view(B, S, -1, hd).transpose(1, 2)
-        v = v_proj(x).view(B, S, -1, hd).transpose(1, 2)
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        k = self._proj(attn, "k", x).view(B, S, -1, hd).transpose(1, 2)
+        v = self._proj(attn, "v", x).view(B, S, -1, hd).transpose(1, 2)
+        k = rope(k, cos[:, None], sin[:, None])
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
         picked = _gather_index(run)
@@ -273,8 +282,8 @@ class RoutedDecoderLayer(nn.Module):
         row = (run.any(1).cumsum(0) - 1)[b]
         slot = (run.cumsum(1) - 1)[b, s]
         K = max(counts)
-        q = q_proj(x[b, s]).view(b.numel(), -1, hd)
-        q = q * cos[b, s, None] + rotate_half(q) * sin[b, s, None]
+        q = self._proj(attn, "q", x[b, s]).view(b.numel(), -1, hd)
+        q = rope(q, cos[b, s, None], sin[b, s, None])
         q_pad = q.new_zeros(rows.numel(), K, *q.shape[1:])
         q_pad[row, slot] = q
         mask = _full_mask(attention_mask, B, S, k.shape[2], past, h.device, attn.config._attn_implementation, h.dtype)
@@ -283,7 +292,7 @@ class RoutedDecoderLayer(nn.Module):
         mask_pad[row, :, slot] = mask[b, :, s]
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         out, _ = interface(attn, q_pad.transpose(1, 2), k[rows], v[rows], mask_pad, dropout=0.0, scaling=attn.scaling)
-        out = o_proj(out.reshape(rows.numel(), K, -1)[row, slot])
+        out = self._proj(attn, "o", out.reshape(rows.numel(), K, -1)[row, slot])
         mid = h[b, s] + out
         return h.index_put((b, s), mid + mlp(norm_post(mid)))
 
@@ -483,9 +492,14 @@ def attach(model, routers: Routers):
             router = RandomRouter(routers.seed * 100_003 + i)
         else:
             router = LinearRouter(routers.weight[j].to(dev), routers.bias[j].to(dev))
+        rows = {r: (na.linear_name(r), *_bounds(na.role_rows(i, r)[1])) for r in ATTN_ROLES}
         na.layers[i] = RoutedDecoderLayer(na.layers[i], router, routers.variant, routers.skip,
-                                          float(routers.threshold[j]), type(na.fam))
+                                          float(routers.threshold[j]), type(na.fam), rows)
     return new
+
+
+def _bounds(rows: slice) -> tuple[int, int]:
+    return rows.start, rows.stop
 
 
 def _routed(model) -> list[RoutedDecoderLayer]:
@@ -556,21 +570,19 @@ def _method(var: str, random: bool):
     return fn
 
 
-#: a routed layer runs its q/k/v/o projections on gathered tokens (RoutedLayer._attention)
-_LAYER_ROLES = ("q", "k", "v", "o")
 LAYER_UNIT, MLP_UNIT = "token-layer pairs", "token-MLP pairs"
 register("dyn_depth_router", "dynamic_depth",
          "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; tokens scoring above the "
          "calibrated threshold run the layer (causal)", unit=LAYER_UNIT, baseline="dyn_depth_random",
-         needs_calibration=True, max_sparsity=_max_sparsity, separate=_LAYER_ROLES)(_method("layer", random=False))
+         needs_calibration=True, max_sparsity=_max_sparsity)(_method("layer", random=False))
 register("dyn_depth_router_mlp", "dynamic_depth",
          "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; tokens scoring above the "
          "calibrated threshold run the MLP (causal)", unit=MLP_UNIT, baseline="dyn_depth_random_mlp",
          needs_calibration=True, max_sparsity=_max_sparsity)(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
          "random baseline: the same skip rate of whole layers, each token's route hashed from (seed, layer, position)",
-         unit=LAYER_UNIT, baseline=None, needs_calibration=False, max_sparsity=_max_sparsity,
-         separate=_LAYER_ROLES)(_method("layer", random=True))
+         unit=LAYER_UNIT, baseline=None, needs_calibration=False, max_sparsity=_max_sparsity)(
+    _method("layer", random=True))
 register("dyn_depth_random_mlp", "dynamic_depth",
          "random baseline of the MLP router: the same skip rate of MLP sublayers, each token's route hashed from "
          "(seed, layer, position)", unit=MLP_UNIT, baseline=None, needs_calibration=False,

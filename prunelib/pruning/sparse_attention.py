@@ -81,9 +81,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from ..adapter import ModelAdapter
+from ..adapter import ModelAdapter, rope
 from .registry import register
 
 METHODS = ("block", "window", "random")
@@ -475,7 +475,8 @@ class SparseAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         B, S, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states)
-        q, k = _rope(q, k, *position_embeddings)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [B, 1, S, rotary dims]: every head
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         layer = _cache_layer(past_key_values, self.layer_idx)
         before = _keys_ptr(layer)
         if past_key_values is not None:
@@ -612,16 +613,6 @@ class SparseAttention(nn.Module):
         kept_slots = torch.where(dense, pos + 1, pages_kept(n_vis, self.density) * page)
         self._count("decode", int(kept_slots.sum()) * B * Hkv, int((pos + 1).sum()) * B * Hkv, self.method == "block")
         return out.reshape(B, Hkv, G, Sq, d).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, d)
-
-
-def _rope(q, k, cos, sin):
-    """Rotary embedding of q and k; a partial one (``cos`` narrower than a head, Phi-3's
-    ``partial_rotary_factor``) rotates the leading columns and passes the others through."""
-    r = cos.shape[-1]
-    if r == q.shape[-1]:
-        return apply_rotary_pos_emb(q, k, cos, sin)
-    qr, kr = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin)
-    return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
 
 
 def _cache_layer(cache, idx: int):

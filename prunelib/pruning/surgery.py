@@ -76,12 +76,11 @@ def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module
     """A copy keeping, in layer ``i``, the KV heads ``keep_kv[i]`` and all query heads of their groups.
 
     GQA-aware: query heads are removed group by group, so the query/KV ratio (and
-    ``num_key_value_groups``) stays valid. A family fusing q/k/v is refused (Phi-3's attention
-    reads its query head count from the config all layers share).
+    ``num_key_value_groups``) stays valid. Where a family fuses q/k/v (Phi-3's ``qkv_proj``) the
+    kept rows of each role are sliced together and the layer is told its head counts.
     """
     new = copy.deepcopy(model)
     a = ModelAdapter(new)
-    a.require_separate(("q", "k", "v"), "slicing attention heads")
     hd = a.head_dim
     for i, kv in keep_kv.items():
         kv = torch.as_tensor(kv, dtype=torch.long).sort().values
@@ -96,6 +95,7 @@ def slice_heads(model: nn.Module, keep_kv: dict[int, torch.Tensor]) -> nn.Module
         kv_rows = (kv[:, None] * hd + torch.arange(hd)).reshape(-1)
         _slice_roles(a, i, {"q": q_rows, "k": kv_rows, "v": kv_rows})
         a.set_proj(i, "o", _slice_linear(a.proj(i, "o"), q_rows, 1))
+        a.set_head_counts(i, q_heads.numel(), kv.numel())
     return new
 
 

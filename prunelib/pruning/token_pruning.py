@@ -79,18 +79,13 @@ import math
 import torch
 from transformers import DynamicCache
 
-from ..adapter import ModelAdapter
+from ..adapter import ModelAdapter, rope
 from .registry import register
 
 
 def keep_count(n: int, sparsity: float) -> int:
     """Tokens kept out of ``n`` real ones: ceil((1 - s) n), at least 2 (first and last), at most n."""
     return min(n, max(2, n - math.floor(sparsity * n + 1e-9)))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
@@ -235,7 +230,7 @@ class TokenPruner:
             self.table = torch.cat([self.table, torch.rand(chunk, generator=g)])
         return self.table[:n].to(device)
 
-    def _attention(self, q_k, rope, ctx, last) -> torch.Tensor:
+    def _attention(self, q_k, rotary, ctx, last) -> torch.Tensor:
         """softmax(q_last K^T / sqrt(d)) of layer l - 1 over the prompt, averaged over heads: [B, S].
 
         q_last is the last prompt token's query; only prompt tokens are keys (causal).
@@ -246,10 +241,10 @@ class TokenPruner:
         B, S = ctx.shape
         d = self.head_dim
         b = torch.arange(B, device=ctx.device)
-        cos, sin = (t.expand(B, -1, -1).float() for t in rope)
+        cos, sin = (t.expand(B, -1, -1).float() for t in rotary)
         q_last = q[b, last].float().view(B, -1, d)  # [B, Hq, d]: M = 1 per row
-        q_last = _rotate(q_last, cos[b, last][:, None], sin[b, last][:, None])
-        keys = _rotate(k.float().view(B, S, -1, d), cos[:, :, None], sin[:, :, None])  # [B, S, Hkv, d]
+        q_last = rope(q_last, cos[b, last][:, None], sin[b, last][:, None])
+        keys = rope(k.float().view(B, S, -1, d), cos[:, :, None], sin[:, :, None])  # [B, S, Hkv, d]
         n_kv = keys.shape[2]
         q_last = q_last.view(B, n_kv, -1, d)
         logits = torch.einsum("bkgd,bskd->bkgs", q_last, keys) * self.scaling

@@ -178,7 +178,7 @@ def _width(criterion: str):
     return lambda model, sparsity, ctx: width_prune(model, sparsity, ctx, criterion)
 
 
-_WIDTH = dict(max_sparsity=_max_width, options={"round_to": (8, 64)}, separate=("q", "k", "v", "gate", "up"))
+_WIDTH = dict(max_sparsity=_max_width, options={"round_to": (8, 64)})
 register("width_magnitude", "static_width", "L2 norm of each head group's / channel's weights",
          baseline="width_random", needs_calibration=False, **_WIDTH)(_width("magnitude"))
 register("width_wanda_sp", "static_width", "sum over consumer columns of |W| * ||X|| on calibration data (Wanda-sp)",
