@@ -229,6 +229,11 @@ def parameters(**p) -> None:
         elif name == "quality_preset":
             if v and v not in quality.PRESETS:
                 fail(name, v, f"one of {sorted(quality.PRESETS)} or None")
+        elif name == "timing_mode":
+            from .timing import MODES
+
+            if v is not None and v not in MODES:
+                fail(name, v, f"None (the device's default) or one of {list(MODES)}")
         elif name == "hardware_spec":
             if v != "cpu" and v not in hardware.KNOWN:
                 fail(name, v, f"'cpu' or one of {sorted(hardware.KNOWN)}")

@@ -223,6 +223,8 @@ PARAMS = [
     (dict(model=3), r"model=3 is not allowed: expected a model name or path"),
     (dict(long_context_docs=-1), r"long_context_docs=-1 is not allowed"),
     (dict(bands=[[5, 1]]), r"bands=\[\[5, 1\]\] is not allowed"),
+    (dict(timing_mode="cuda_graph"), r"timing_mode='cuda_graph' is not allowed: expected None \(the device's default\) "
+                                     r"or one of \['eager', 'compiled', 'graph'\]"),
 ]
 
 
