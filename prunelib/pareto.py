@@ -167,3 +167,38 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
                             ci=f"[{best.ci_low:.2f}, {best.ci_high:.2f}]", loss=best.loss,
                             loss_ci=f"[{best.loss_low:.1f}, {best.loss_high:.1f}]"))
     return pd.DataFrame(out)
+
+
+def main(argv=None):
+    """``python -m prunelib.pareto``: every shape's frontier and best-per-band table, from the store."""
+    import argparse
+
+    from .models import EMBEDDED
+    from .store import ResultsStore
+
+    p = argparse.ArgumentParser(description="the acceleration-quality frontier and the best method per quality band "
+                                            "(ties named), read from the results store")
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--x", default="loss", choices=sorted(X_METRICS), help="quality axis (bands need 'loss')")
+    p.add_argument("--domain", default="ptb", choices=DOMAINS, help="held-out text of the fidelity axes")
+    p.add_argument("--fine", action="store_true", help=f"the fine bands {FINE_BANDS} instead of the paper's {PAPER_BANDS}")
+    a = p.parse_args(argv)
+    df = ResultsStore().load()
+    pts = points(df[df.model == a.model], a.x, a.domain)
+    if pts.empty:
+        print(f"no timed model of {a.model!r} has a quality row yet: run python -m prunelib.experiment first")
+        return
+    cols = ["phase", "batch", "length", "timing_mode", "method", "sparsity", "speedup", "ci_low", "ci_high", "bound",
+            "loss", "loss_low", "loss_high"]
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500,
+                           "display.max_colwidth", 90):
+        print("frontier (points no other point beats on both CIs):")
+        print(frontier(pts)[cols].round(3).to_string(index=False))
+        if a.x == "loss":
+            t = best_per_band(pts, FINE_BANDS if a.fine else PAPER_BANDS)
+            print("\nbest per quality-loss band (winners: the fastest and every point whose speedup CI overlaps it):")
+            print(t.drop(columns=[c for c in ("device", "label") if c in t]).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
