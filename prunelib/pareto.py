@@ -112,7 +112,10 @@ def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inn
         return empty
     out["cell"] = out.cell.fillna(out.pop("cell_quality"))
     out["x_metric"], out["domain"] = X_METRICS[x], domain if x != "loss" else ""
-    out["label"] = [sparsity_label(c, s) for c, s in zip(out.cell, out.sparsity)]
+    from .pruning import REGISTRY
+
+    units = [REGISTRY[m].unit if m in REGISTRY else None for m in out.method]
+    out["label"] = [sparsity_label(c, s, u) for c, s, u in zip(out.cell, out.sparsity, units)]
     for col in COLUMNS:
         if col not in out:
             out[col] = None

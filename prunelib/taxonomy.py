@@ -38,8 +38,9 @@ CELLS = {c.name: c for c in (
 )}
 
 
-def sparsity_label(cell: str, sparsity: float) -> str:
-    """What ``sparsity`` of ``cell`` removes, in words short enough for a table cell or a legend."""
+def sparsity_label(cell: str, sparsity: float, unit: str | None = None) -> str:
+    """What ``sparsity`` of ``cell`` removes, in words short enough for a table cell or a legend; ``unit``:
+    the method's own unit where it is finer than its cell's (attention sublayers, token-MLP pairs)."""
     s = float(sparsity)
     if cell == "dense" or s == 0:
         return "dense"
@@ -49,5 +50,5 @@ def sparsity_label(cell: str, sparsity: float) -> str:
         return f"s={s:g}: 2:4 on {2 * s:.0%} of the layers"  # round(2 s L) of the L layers
     if cell == "static_k_lowrank":
         return f"s={s:g}: {s:.0%} of the projections' parameters removed"
-    unit = CELLS[cell].unit.split(" (")[0] if cell in CELLS else "the unit"
+    unit = (unit or (CELLS[cell].unit if cell in CELLS else "the unit")).split(" (")[0]
     return f"s={s:g}: {s:.0%} of {unit}"

@@ -68,6 +68,13 @@ def test_points_join_speed_and_loss_of_the_same_seed_and_options():
     assert pareto.points(pd.DataFrame()).empty
 
 
+def test_labels_name_the_methods_own_unit():
+    df = pd.DataFrame(rows_for("shortgpt_attn") + rows_for("dyn_depth_router_mlp"))
+    labels = dict(zip(*pareto.points(df)[["method", "label"]].values.T))
+    assert labels == {"shortgpt_attn": "s=0.25: 25% of attention sublayers",
+                      "dyn_depth_router_mlp": "s=0.25: 25% of token-MLP pairs"}
+
+
 def test_summary_and_points_agree_after_a_seed_rerun():
     df = pd.DataFrame(rows_for(loss=20.0) + rows_for(seed=1, loss=35.0, value=1.1, ci_low=1.0, ci_high=1.2))
     p = pareto.points(df).set_index("seed")
