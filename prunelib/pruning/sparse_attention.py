@@ -572,8 +572,9 @@ class SparseAttention(nn.Module):
             raise ValueError(f"sparse attention: {n.numel()} prompt lengths were set for a batch of {B} rows")
         mask = None if attention_mask is None else attention_mask.expand(B, -1, -1, -1)
         allowed = _allowed(mask, B, S, T)
-        # a real token sees itself; padding (right of a row's tokens) runs no rule and is not counted
-        real = [S] * B if allowed is None else allowed[:, torch.arange(S), off + torch.arange(S)].sum(1).tolist()
+        # a real token sees itself; right padding (after a row's last real token) runs no rule and is not counted
+        ar = torch.arange(S, device=q.device)
+        real = [S] * B if allowed is None else torch.where(allowed[:, ar, off + ar], ar + 1, 0).amax(1).tolist()
         out = torch.zeros(B, S, H, d, dtype=q.dtype, device=q.device)
         for b, end in enumerate(n.tolist()):  # rows one by one: each has its own prompt
             r = int(real[b])
