@@ -16,7 +16,8 @@ Point q *beats* point p when q is no worse than p on both axes (speedup and qual
 cost, point estimates) and *significantly* better on at least one: its speedup CI lies
 wholly above p's, or its quality-cost CI lies wholly below p's. A point that only looks
 better (overlapping CIs on both axes) beats nothing, so ties stay on the frontier; the
-frontier keeps every point that no other point beats.
+frontier keeps every point that no other point beats, nor the dense model itself (1.0x at
+zero loss): a point significantly slower than dense is never on it.
 """
 from __future__ import annotations
 
@@ -133,13 +134,22 @@ def beats(q, p) -> bool:
     return bool(no_worse and (q["ci_low"] > p["ci_high"] or q["loss_high"] < p["loss_low"]))
 
 
+DENSE = {"speedup": 1.0, "ci_low": 1.0, "ci_high": 1.0, "loss": 0.0, "loss_low": 0.0, "loss_high": 0.0}
+
+
+def vs_dense(p) -> str:
+    """'faster' or 'slower' than the dense model where the speedup CI excludes 1.0, else 'tie'."""
+    return "faster" if p["ci_low"] > 1 else "slower" if p["ci_high"] < 1 else "tie"
+
+
 def frontier(pts: pd.DataFrame) -> pd.DataFrame:
-    """The points that no other point (of the same phase, batch, length, device, timing mode) beats, by loss."""
+    """The points that neither another point (of the same phase, batch, length, device, timing mode) nor the
+    dense model beats, by loss."""
     keep = []
     for _, group in pts.groupby([c for c in SHAPE if c in pts], dropna=False):
         rows = group.to_dict("records")
         for idx, p in zip(group.index, rows):
-            if not any(beats(q, p) for q in rows if q is not p):
+            if not any(beats(q, p) for q in rows + [DENSE] if q is not p):
                 keep.append(idx)
     return pts.loc[keep].sort_values(["phase", "batch", "length", "loss"])
 
@@ -152,7 +162,8 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
     """Per shape and quality band [lo, hi] (point estimates): the fastest point and every point tied with it.
 
     A point is tied with the band's fastest when their speedup CIs overlap: the data cannot
-    tell them apart, so the row names them all (``winners``) and says ``tie``.
+    tell them apart, so the row names them all (``winners``) and says ``tie``. ``vs_dense``
+    says whether the fastest is significantly faster or slower than not pruning at all.
     """
     out = []
     shape = [c for c in SHAPE if c in pts]
@@ -166,7 +177,7 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
             best = inband.iloc[0]
             tied = inband[inband.ci_high >= best.ci_low]
             out.append(dict(row, winners=", ".join(_name(r) for r in tied.itertuples()), tie=len(tied) > 1,
-                            fastest=_name(best), cell=best.get("cell"), label=best.get("label"), speedup=best.speedup,
+                            fastest=_name(best), vs_dense=vs_dense(best), cell=best.get("cell"), label=best.get("label"), speedup=best.speedup,
                             ci=f"[{best.ci_low:.2f}, {best.ci_high:.2f}]", loss=best.loss,
                             loss_ci=f"[{best.loss_low:.1f}, {best.loss_high:.1f}]"))
     return pd.DataFrame(out)

@@ -33,6 +33,16 @@ def test_frontier_respects_both_uncertainties():
     assert not pareto.beats(rec["b"], rec["a"]) and pareto.beats(rec["b"], rec["c"])
 
 
+def test_points_slower_than_dense_leave_the_frontier():
+    df = pts([
+        dict(method="slow", sparsity=0.25, speedup=0.6, ci_low=0.55, ci_high=0.65, loss=0.5, half=3),
+        dict(method="even", sparsity=0.25, speedup=0.98, ci_low=0.9, ci_high=1.1, loss=2.0, half=3),
+        dict(method="fast", sparsity=0.25, speedup=1.3, ci_low=1.2, ci_high=1.4, loss=10.0),
+    ])
+    assert set(pareto.frontier(df).method) == {"even", "fast"}  # dense (1.0x, no loss) beats 'slow'
+    assert pareto.best_per_band(df, [(0, 4), (5, 16)]).vs_dense.tolist() == ["tie", "faster"]
+
+
 def test_best_per_band_names_every_tied_method():
     df = pts([
         dict(method="a", sparsity=0.1, speedup=1.2, ci_low=1.1, ci_high=1.3, loss=2.0),
@@ -113,12 +123,11 @@ point = st.fixed_dictionaries(dict(
 def test_frontier_properties(raw):
     df = pts([dict(r, ci_low=r["speedup"] - r["spread"], ci_high=r["speedup"] + r["spread"]) for r in raw])
     f = pareto.frontier(df)
-    assert len(f) >= 1  # beating is a strict dominance: some point is never beaten
     recs = df.to_dict("records")
-    for idx in df.index.difference(f.index):  # every dropped point is beaten by someone
-        assert any(pareto.beats(q, recs[idx]) for q in recs)
+    for idx in df.index.difference(f.index):  # every dropped point is beaten by someone, or by dense
+        assert any(pareto.beats(q, recs[idx]) for q in recs + [pareto.DENSE])
     for idx in f.index:  # no kept point is beaten, and no beat goes against a point estimate
-        assert not any(pareto.beats(q, recs[idx]) for q in recs)
+        assert not any(pareto.beats(q, recs[idx]) for q in recs + [pareto.DENSE])
     for q in recs:
         for p in recs:
             if pareto.beats(q, p):
