@@ -39,7 +39,7 @@ pruned (early-exited) state; perplexity measures the decode path, not prompt pru
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -77,6 +77,7 @@ class ServingHFLM(HFLM):
     """lm-eval's HFLM that tells the model where each scored request's context ends (see the module docstring)."""
 
     _prompts: dict | None = None  # input tokens -> prompt length, for the requests being scored
+    _prompt_aware = False  # whether the model has modules that take prompt lengths
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if self.backend != "causal" or not dynamic_modules(self.model):
@@ -87,6 +88,7 @@ class ServingHFLM(HFLM):
             n = len(inp) - len(continuation) + 1
             prompts[inp] = min(n, prompts.get(inp, n))
         self._prompts = prompts
+        self._prompt_aware = bool(serving_modules(self.model))  # found once per request set, not per batch
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
@@ -107,9 +109,7 @@ class ServingHFLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         real, prompt = zip(*(self._lengths(r) for r in inps.tolist()))
         mask = torch.arange(inps.shape[1], device=inps.device)[None] < torch.tensor(real, device=inps.device)[:, None]
+        prompts = prompt_lengths(self.model, prompt) if self._prompt_aware else nullcontext()
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            if serving_modules(self.model):
-                with prompt_lengths(self.model, prompt):
-                    return self.model(inps, attention_mask=mask.long()).logits
+                                             enabled=self.mixed_precision_dtype is not None), prompts:
             return self.model(inps, attention_mask=mask.long()).logits

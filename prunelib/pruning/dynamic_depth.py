@@ -492,14 +492,11 @@ def attach(model, routers: Routers):
             router = RandomRouter(routers.seed * 100_003 + i)
         else:
             router = LinearRouter(routers.weight[j].to(dev), routers.bias[j].to(dev))
-        rows = {r: (na.linear_name(r), *_bounds(na.role_rows(i, r)[1])) for r in ATTN_ROLES}
+        spans = {r: na.role_rows(i, r)[1] for r in ATTN_ROLES}
+        rows = {r: (na.linear_name(r), sl.start, sl.stop) for r, sl in spans.items()}
         na.layers[i] = RoutedDecoderLayer(na.layers[i], router, routers.variant, routers.skip,
                                           float(routers.threshold[j]), type(na.fam), rows)
     return new
-
-
-def _bounds(rows: slice) -> tuple[int, int]:
-    return rows.start, rows.stop
 
 
 def _routed(model) -> list[RoutedDecoderLayer]:
