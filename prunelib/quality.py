@@ -54,16 +54,18 @@ class Preset:
 PRESETS = {
     "full": Preset(("wikitext", "lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande",
                     "boolq", "openbookqa", "blimp"), None, "every task, every document"),
-    # Chosen for the most precision per second under paired statistics (issue 13), on the embedded model: ShortGPT 25%
-    # against dense on the first 150 documents of each candidate gave the per-document sd of the paired relative drop
-    # (delta method: arc_easy 89, piqa 59, lambada_openai 96 points; their paired bootstrap half-width there was 7.7
-    # points, as that sd predicts, against 10.6 unpaired) and the README's 2-core costs per document (0.111, 0.076,
-    # 0.070 s). HellaSwag (0.34 s a document) is too dear; by the README's dense scores ARC-c, OpenBookQA and
-    # WinoGrande sit near chance and BoolQ below its majority class; BLiMP's per-paradigm set-up outweighs its
-    # documents. These counts, near the optimal split (n ~ sd / sqrt(cost)), predict a paired 95% half-width of
-    # 5.4 points for ShortGPT 25% with about 80 s of documents per model on 2 quiet cores (4 tasks x 60: 11-12).
-    "quick": Preset(("lambada_openai", "arc_easy", "piqa"), {"lambada_openai": 500, "arc_easy": 250, "piqa": 200},
-                    "3 tasks, their first 500 / 250 / 200 documents (chosen for paired precision per second; "
+    # Chosen for the most precision per second under paired statistics (issue 13), on the embedded model. First,
+    # ShortGPT 25% against dense on 150 documents of each candidate task gave per-document sds of the paired relative
+    # drop (arc_easy 89, piqa 59, lambada_openai 96 points): HellaSwag (0.34 s a document) is too dear; by the
+    # README's dense scores ARC-c, OpenBookQA and WinoGrande sit near chance and BoolQ below its majority class;
+    # BLiMP's per-paradigm set-up outweighs its documents. 500 / 250 / 200 documents of the three then cost 116-184 s
+    # per model on 2 quiet cores (not the 80 s predicted), with paired half-widths of 2.7-6.2 points over 30 methods.
+    # These counts come from those 30 methods' stored per-document outcomes: lm-eval's limit takes the first n
+    # documents, so `python -m prunelib.quality --what-if lambada_openai=200,arc_easy=160,piqa=170` computes the
+    # paired CI every stored method would get on fewer (largest half-width 7.4, mean 6.1, for about 74 s of documents
+    # at the measured 0.12 / 0.18 / 0.125 s a document plus ~2 s of set-up per task).
+    "quick": Preset(("lambada_openai", "arc_easy", "piqa"), {"lambada_openai": 200, "arc_easy": 160, "piqa": 170},
+                    "3 tasks, their first 200 / 160 / 170 documents (chosen for paired precision per second; "
                     "WikiText-2 perplexity is too slow on 2 CPU cores for it)"),
 }
 
@@ -387,6 +389,73 @@ def paired_bootstrap(pairs: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, l
             "undefined": int(np.isnan(overall).sum())}
 
 
+def _head(sidecar: dict, n: int) -> dict:
+    """A sidecar's first ``n`` documents (sidecars are sorted by doc id, as lm-eval's ``limit`` takes them)."""
+    return {**sidecar, "doc_ids": sidecar["doc_ids"][:n], "doc_hashes": sidecar["doc_hashes"][:n],
+            "outcomes": {m: v[:n] for m, v in sidecar["outcomes"].items()}}
+
+
+def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | None = None,
+            iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> pd.DataFrame:
+    """The paired loss and 95% CI every stored pruned model would get on the first ``limits[task]`` documents.
+
+    lm-eval's ``limit`` takes a task's first n documents, so a score stored with n or more documents
+    (its per-document outcomes in the sidecar) holds the outcomes of any smaller limit: this is how a
+    preset's document counts are chosen from measured variance, without scoring again. ``seconds`` is
+    the stored scoring time scaled by the documents kept (set-up of ~2 s per task not subtracted).
+    Each pruned model is paired with the dense model of the same name and dtype.
+    """
+    bad = [t for t in limits if t not in CHOSEN_METRIC]
+    if bad:
+        raise checks.InputError(f"what_if: tasks {bad} have no chosen accuracy; allowed: {sorted(CHOSEN_METRIC)}")
+    for t, n in limits.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise checks.InputError(f"what_if: {t}={n!r} must be a whole number of documents >= 1")
+    store = store or ResultsStore()
+    df = store.load()
+    df = df[(df.phase == "quality") & df.metric.isin([f"{t}/{CHOSEN_METRIC[t]}" for t in limits])]
+    if model is not None:
+        df = df[df.model == model]
+    folder = samples.folder(store.path)
+    best = {}  # (model, dtype, fingerprint, task) -> the stored score with the most documents, latest on ties
+    for r in df.itertuples():
+        e, lim = r.extra, r.extra.get("limit")
+        task = e.get("task")
+        if isinstance(lim, int) and lim < limits[task] or not (isinstance(lim, int) or lim is None):
+            continue
+        k = (r.model, r.dtype, e.get("fingerprint"), task)
+        size = float("inf") if lim is None else lim
+        if k not in best or size >= best[k][0]:
+            best[k] = (size, r)
+    models = {}
+    for (name, dtype, fp, task), (size, r) in best.items():
+        models.setdefault((name, dtype, fp), {})[task] = r
+    dense = {(n, d): rows for (n, d, _), rows in models.items() if all(r.method == "dense" for r in rows.values())}
+    out = []
+    for (name, dtype, fp), rows in models.items():
+        dn = dense.get((name, dtype))
+        first = next(iter(rows.values()))
+        if first.method == "dense" or dn is None or set(rows) != set(limits) or set(dn) != set(limits):
+            continue
+        pairs, secs = {}, 0.0
+        for t, n in limits.items():
+            sd, sp = samples.read(folder, dn[t].config_hash), samples.read(folder, rows[t].config_hash)
+            if sd is None or sp is None or min(len(sd["doc_ids"]), len(sp["doc_ids"])) < n:
+                break
+            pairs[t] = _aligned(t, _head(sd, n), _head(sp, n))
+            secs += (rows[t].extra.get("seconds") or float("nan")) * n / len(sp["doc_ids"])
+        else:
+            boot = paired_bootstrap(pairs, iters=iters, seed=seed)
+            loss = float(np.mean([100 * (d.mean() - p.mean()) / d.mean() for d, p in pairs.values()]))
+            lo, hi = boot["ci"]
+            out.append(dict(model=name, method=first.method, sparsity=first.sparsity, loss_pct=loss, ci_low=lo,
+                            ci_high=hi, half_width=(hi - lo) / 2, seconds=secs))
+    if not out:
+        raise ValueError(f"what_if: no stored pruned model has per-document outcomes of at least {limits} "
+                         f"documents beside a dense model's; score one with a larger limit first")
+    return pd.DataFrame(out).sort_values("half_width", ascending=False).reset_index(drop=True)
+
+
 def scores(df: pd.DataFrame, tasks=None) -> pd.DataFrame:
     """One line per task and metric of :func:`evaluate`'s rows (BLiMP as its group only): value, stderr, n, seconds."""
     t = df.assign(task=df.metric.str.split("/").str[0], score=df.metric.str.split("/").str[1])
@@ -418,7 +487,20 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--what-if", default=None, metavar="TASK=N,...",
+                   help="no scoring: the paired CI every stored pruned model would get on its first N documents")
     a = p.parse_args(argv)
+    if a.what_if:
+        try:
+            limits = {t: int(n) for t, n in (kv.split("=") for kv in a.what_if.split(","))}
+            t = what_if(limits, model=a.model)
+        except ValueError as err:  # a malformed TASK=N, an unknown task, nothing stored
+            p.error(f"--what-if {a.what_if}: {err}")
+        with pd.option_context("display.width", 200, "display.max_rows", 200):
+            print(t.round(2).to_string(index=False))
+        print(f"{len(t)} models: paired 95% half-width max {t.half_width.max():.2f}, mean {t.half_width.mean():.2f} "
+              f"points; seconds (stored, scaled to the documents kept) median {t.seconds.median():.0f}")
+        return
     tasks = a.tasks.split(",") if a.tasks else list(PRESETS[a.preset].tasks)
     try:  # bad names, limits, batch sizes or devices fail here, before the model loads
         _check_limit(a.limit)

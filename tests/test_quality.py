@@ -272,3 +272,35 @@ def test_per_task_limits(tiny_lm, tmp_path):
         quality.evaluate(*tiny_lm, ["arc_easy", "piqa"], limit={"arc_easy": 3}, store=store)
     with pytest.raises(ValueError, match="got limit=0"):
         quality.evaluate(*tiny_lm, ["arc_easy"], limit={"arc_easy": 0}, store=store)
+
+
+def test_what_if_equals_scoring_the_first_documents(tiny_lm, tmp_path):
+    """The paired CI a smaller limit would give, from outcomes stored at a larger one, is the CI of scoring
+    with that limit: lm-eval's limit takes the first documents, and the sidecar keeps them in order."""
+    import copy
+
+    model, tok = tiny_lm
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.model.layers[1].mlp.down_proj.weight.mul_(0.0)  # a different model, scored on the same documents
+    store = ResultsStore(tmp_path / "r.jsonl")
+    tasks = ["arc_easy", "piqa"]
+
+    def score(m, method, limit):
+        return quality.evaluate(m, tok, tasks, limit=limit, store=store, model_name="tiny", method=method,
+                                sparsity=0.0 if method == "dense" else 0.5)
+
+    big_d, big_p = score(model, "dense", 10), score(pruned, "mlp_zero", 10)
+    got = quality.what_if({"arc_easy": 6, "piqa": 6}, store, model="tiny")
+    assert got[["method", "sparsity"]].values.tolist() == [["mlp_zero", 0.5]]
+    small = quality.quality_loss(score(model, "dense", 6), score(pruned, "mlp_zero", 6), store=store)
+    row = got.iloc[0]
+    assert (row.loss_pct, row.ci_low, row.ci_high) == pytest.approx((small["loss_pct"], small["ci_low"], small["ci_high"]))
+    whole = quality.quality_loss(big_d, big_p, store=store)
+    assert quality.what_if({"arc_easy": 10, "piqa": 10}, store).ci_low.item() == pytest.approx(whole["ci_low"])
+    with pytest.raises(ValueError, match=r"no stored pruned model has per-document outcomes of at least"):
+        quality.what_if({"arc_easy": 11, "piqa": 6}, store)
+    with pytest.raises(ValueError, match=r"tasks \['wikitext'\] have no chosen accuracy"):
+        quality.what_if({"wikitext": 5}, store)
+    with pytest.raises(ValueError, match=r"arc_easy=0 must be a whole number"):
+        quality.what_if({"arc_easy": 0}, store)
