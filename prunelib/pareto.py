@@ -22,6 +22,7 @@ zero loss): a point significantly slower than dense is never on it.
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
@@ -158,8 +159,21 @@ def _name(r) -> str:
     return f"{r.method} s={r.sparsity:g}"
 
 
+def band_edges(bands) -> list[tuple[float, float]]:
+    """Each band's ``[start, stop)`` in loss %: bands are named in whole percents (the paper's 0-4, 5-16, 17-26), so
+    band [lo, hi] holds the losses with lo <= loss < hi + 1, up to where the next band starts (16.3% is in 5-16,
+    not in the gap before 17); the first starts at -inf (a pruned model that scores above dense lost nothing)."""
+    bands = [(float(lo), float(hi)) for lo, hi in bands]
+    if any(hi < lo for lo, hi in bands) or any(b[0] < a[0] for a, b in zip(bands, bands[1:])):
+        raise ValueError(f"bands must be [low, high] pairs with low <= high, in increasing order; got {bands}")
+    starts = [-math.inf] + [lo for lo, _ in bands[1:]]
+    stops = [min(hi + 1, nxt) for (_, hi), nxt in zip(bands, [lo for lo, _ in bands[1:]] + [math.inf])]
+    return list(zip(starts, stops))
+
+
 def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
-    """Per shape and quality band [lo, hi] (point estimates): the fastest point and every point tied with it.
+    """Per shape and quality band [lo, hi] (point estimates, see :func:`band_edges`): the fastest point and every
+    point tied with it.
 
     A point is tied with the band's fastest when their speedup CIs overlap: the data cannot
     tell them apart, so the row names them all (``winners``) and says ``tie``. ``vs_dense``
@@ -168,8 +182,8 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
     out = []
     shape = [c for c in SHAPE if c in pts]
     for key, group in pts.groupby(shape, dropna=False):
-        for lo, hi in bands:
-            inband = group[(group.loss >= lo) & (group.loss <= hi)].sort_values("speedup", ascending=False)
+        for (lo, hi), (start, stop) in zip(bands, band_edges(bands)):
+            inband = group[(group.loss >= start) & (group.loss < stop)].sort_values("speedup", ascending=False)
             row = dict(zip(shape, key), band=f"{lo}-{hi}%")
             if not len(inband):
                 out.append(dict(row, winners="(none measured)", tie=False))

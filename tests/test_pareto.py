@@ -1,3 +1,5 @@
+import math
+
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -146,3 +148,15 @@ def test_cli_prints_the_frontier_and_the_band_table(capsys):
     assert "0-4%" in out and "shortgpt s=0.25" in out and "angular s=0.25" in out  # each wins its band
     pareto.main(["--model", "nobody"])
     assert "no timed model of 'nobody'" in capsys.readouterr().out
+
+
+def test_bands_leave_no_gap_between_whole_percents():
+    """Band 5-16 holds 16.3% (the paper names bands in whole percents); a loss below zero is in the first band;
+    one above the last band's top is in none; a band never takes a point its neighbour holds."""
+    assert pareto.band_edges(pareto.PAPER_BANDS) == [(-math.inf, 5.0), (5.0, 17.0), (17.0, 27.0)]
+    assert pareto.band_edges(pareto.FINE_BANDS)[:2] == [(-math.inf, 2.0), (2.0, 5.0)]
+    df = pts([dict(method=m, sparsity=0.1, speedup=1.2, ci_low=1.1, ci_high=1.3, loss=loss)
+              for m, loss in [("neg", -1.5), ("gap", 16.3), ("edge", 17.0), ("far", 27.0)]])
+    assert pareto.best_per_band(df).winners.tolist() == ["neg s=0.1", "gap s=0.1", "edge s=0.1"]
+    with pytest.raises(ValueError, match=r"bands must be \[low, high\] pairs"):
+        pareto.band_edges([(5, 16), (0, 4)])
