@@ -231,12 +231,20 @@ def long_context_perplexity(model_name: str = EMBEDDED, methods=(), sparsities=(
     return out.assign(ratio_to_dense=out.word_perplexity / out.word_perplexity.iloc[0])
 
 
+def _loss_key(dense_hashes, pruned_hashes, seed) -> str:
+    """The key of a quality-loss row: the score rows of both models (their config hashes) and the CI settings.
+    ``"names_scores"``: rows that record their score rows in ``extra["scores"]`` (older rows did not), so a
+    criterion can be compared with its random baseline document by document (:func:`versus_random`)."""
+    return config_hash({"kind": "loss", "dense": sorted(set(dense_hashes)), "pruned": sorted(set(pruned_hashes)),
+                        "ci": "paired_bootstrap", "iters": quality.BOOTSTRAP_ITERS, "seed": seed,
+                        "names_scores": True})
+
+
 def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0,
                 options=None):
     """The quality-loss row: value, the paired-bootstrap 95% CI (or ±1.96 se, labelled ``unpaired``, where a
     score has no per-document outcomes), the independent-error se, and what defines the pruned model."""
-    key = config_hash({"kind": "loss", "dense": sorted(set(dense_q.config_hash)), "pruned": sorted(set(q.config_hash)),
-                       "ci": "paired_bootstrap", "iters": quality.BOOTSTRAP_ITERS, "seed": seed})
+    key = _loss_key(dense_q.config_hash, q.config_hash, seed)
     if store.has(key, "quality_loss_pct"):
         return
     r = quality.quality_loss(dense_q, q, store=store, seed=seed)
@@ -251,7 +259,13 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
                              "bootstrap": r["bootstrap"], "per_task": per_task, "preset": preset, "seed": seed,
                              "options": options or {}, "realised_sparsity_scoring": realised,
                              "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"],
-                             "seconds": sum(v for v in seconds.values() if v is not None)}))
+                             "seconds": sum(v for v in seconds.values() if v is not None),
+                             "scores": {"dense": _by_task(dense_q), "pruned": _by_task(q)}}))
+
+
+def _by_task(scores: pd.DataFrame) -> dict:
+    """``{task: config hash}`` of one model's score rows."""
+    return {e["task"]: h for e, h in zip(scores.extra, scores.config_hash)}
 
 
 def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame:
@@ -289,22 +303,66 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-def versus_random(df: pd.DataFrame) -> pd.DataFrame:
+def versus_random(df: pd.DataFrame, store: ResultsStore | None = None) -> pd.DataFrame:
     """Each criterion's quality loss beside its declared random baseline (``register(baseline=...)``:
     same cell, same unit), at the same sparsity, mean and spread over the stored seeds. A criterion
-    whose baseline has no stored loss at that sparsity is left out."""
-    from . import pareto
+    whose baseline has no stored loss at that sparsity is left out.
+
+    ``diff_pct`` = criterion loss - random loss (points) with its 95% CI: a paired bootstrap over the
+    documents both answered (with the dense model's, :func:`prunelib.quality.paired_difference`)
+    for the first seed both have, where their loss rows name their scores and the outcomes are
+    stored; else the two loss CIs side by side (``ci_method="unpaired"``: overlapping CIs make a
+    tie). ``verdict``: "better" or "worse" than random when the CI leaves 0 (or the CIs
+    separate), else "tie"; "no CI" when a loss has none.
+    """
+    from . import pareto, samples
 
     loss = pareto.quality(df, "loss")
+    folder = samples.folder((store if store is not None else ResultsStore()).path)
     out = []
     for (method, s), g in loss.groupby(["method", "sparsity"]):
         base = get(method).baseline if method in REGISTRY else None
-        r = loss[(loss.method == base) & (loss.sparsity == s)].value if base else loss.value.iloc[:0]
-        if len(r):
-            out.append({"method": method, "unit": get(method).unit, "sparsity": s, "loss_pct": g.value.mean(),
-                        "seeds": len(g), "baseline": base, "random_loss_pct": r.mean(), "random_std": r.std(),
-                        "random_seeds": len(r), "beats_random": g.value.mean() < r.mean()})
+        r = loss[(loss.method == base) & (loss.sparsity == s)] if base else loss.iloc[:0]
+        if not len(r):
+            continue
+        row = {"method": method, "unit": get(method).unit, "sparsity": s, "loss_pct": g.value.mean(), "seeds": len(g),
+               "baseline": base, "random_loss_pct": r.value.mean(), "random_std": r.value.std(), "random_seeds": len(r)}
+        out.append(row | _versus(g, r, folder))
     return pd.DataFrame(out)
+
+
+def _versus(crit: pd.DataFrame, rand: pd.DataFrame, folder) -> dict:
+    """``diff_pct``, its CI, how it was computed and the verdict (see :func:`versus_random`)."""
+    from . import samples
+
+    seeds = sorted(set(crit.seed) & set(rand.seed))
+    for seed in seeds:
+        a, b = (x[x.seed == seed].iloc[-1].extra for x in (crit, rand))
+        sa, sb = a.get("scores"), b.get("scores")
+        if not (sa and sb and sa["dense"] == sb["dense"]):
+            continue
+        tasks = sorted(a.get("per_task", {}))
+        triples = {}
+        for t in tasks:
+            side = [samples.read(folder, h) for h in (sa["dense"].get(t), sa["pruned"].get(t), sb["pruned"].get(t))]
+            if None in side:
+                break
+            d, pa = quality._aligned(t, side[0], side[1])
+            triples[t] = (d, pa, quality._aligned(t, side[0], side[2])[1])
+        else:
+            r = quality.paired_difference(triples, seed=seed)
+            return {"diff_pct": r["diff"], "diff_low": r["ci"][0], "diff_high": r["ci"][1], "ci_method": "paired_bootstrap",
+                    "paired_seed": seed, "verdict": _verdict(r["ci"][0] > 0, r["ci"][1] < 0)}
+    c, q = crit.iloc[-1], rand.iloc[-1]
+    lows, highs = [x.get("ci_low") for x in (c, q)], [x.get("ci_high") for x in (c, q)]
+    if any(v is None or pd.isna(v) for v in lows + highs):
+        return {"diff_pct": crit.value.mean() - rand.value.mean(), "ci_method": "none", "verdict": "no CI"}
+    return {"diff_pct": crit.value.mean() - rand.value.mean(), "ci_method": "unpaired",
+            "verdict": _verdict(lows[0] > highs[1], highs[0] < lows[1])}
+
+
+def _verdict(worse: bool, better: bool) -> str:
+    return "worse" if worse else "better" if better else "tie"
 
 
 def _fraction(flag: str, value: str) -> float:
@@ -370,16 +428,18 @@ def main(argv=None):
     print_table(df, batches[0], lengths[0])
 
 
-def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512) -> None:
-    """The summary table, each criterion against random, and the jobs of a sweep that failed."""
+def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512, store: ResultsStore | None = None) -> None:
+    """The summary table, each criterion against random (outcomes read beside ``store``), and the jobs of a
+    sweep that failed."""
     from .sweep import failures
 
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 500,
                            "display.max_colwidth", 120):
         print(summary(df, batch, length).round(3).to_string(index=False))
-        vr = versus_random(df)
+        vr = versus_random(df, store)
         if len(vr):
-            print("\ncriterion vs random (quality loss %, mean over stored seeds):")
+            print("\ncriterion vs random (quality loss %, mean over stored seeds; diff = criterion - random, "
+                  "its CI paired over documents where stored; a verdict of 'tie' when the CI holds 0):")
             print(vr.round(2).to_string(index=False))
         f = failures(df)
         if len(f):

@@ -295,7 +295,7 @@ def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store
     tasks = tasks or [t for t in CHOSEN_METRIC if (t, CHOSEN_METRIC[t]) in d.index and (t, CHOSEN_METRIC[t]) in p.index]
     if not tasks:
         raise ValueError("no accuracy task is scored for both models; evaluate them on the same tasks first")
-    folder = samples.folder((store or ResultsStore()).path)
+    folder = samples.folder((store if store is not None else ResultsStore()).path)
     per_task, var, pairs, missing = [], 0.0, {}, []
     for t in tasks:
         k = (t, CHOSEN_METRIC[t])
@@ -365,28 +365,54 @@ def paired_bootstrap(pairs: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, l
     tasks. A resample whose dense mean is 0 has no relative drop (NaN, counted in
     ``undefined``) and is left out of the percentiles.
     """
+    drops = _resampled(pairs, iters, seed, lambda dm, pm: _drop(dm, pm[0]))
+    overall = np.mean(np.stack(list(drops.values())), axis=0)
+    return {"ci": _percentiles(overall, level), "per_task": {t: _percentiles(x, level) for t, x in drops.items()},
+            "undefined": int(np.isnan(overall).sum())}
+
+
+def paired_difference(triples: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, level: float = 0.95) -> dict:
+    """Loss of model a minus loss of model b (points), with its CI under a paired bootstrap over documents.
+
+    ``triples`` maps task -> (dense, a, b) outcomes aligned by document; each resample draws the
+    same documents for all three (as :func:`paired_bootstrap` does for two), so a criterion and
+    its random baseline are compared on what they both answered, not through two separate CIs.
+    """
+    diffs = _resampled(triples, iters, seed, lambda dm, pm: _drop(dm, pm[0]) - _drop(dm, pm[1]))
+    overall = np.mean(np.stack(list(diffs.values())), axis=0)
+    point = float(np.mean([_drop(np.mean(d), np.mean(a)) - _drop(np.mean(d), np.mean(b))
+                           for d, a, b in (map(np.asarray, v) for v in triples.values())]))
+    return {"diff": point, "ci": _percentiles(overall, level), "undefined": int(np.isnan(overall).sum())}
+
+
+def _drop(dense_mean, pruned_mean):
+    """The relative drop (%) of pruned means against dense means; NaN where the dense mean is 0."""
+    dm, pm = np.asarray(dense_mean, float), np.asarray(pruned_mean, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(dm > 0, 100 * (dm - pm) / np.where(dm > 0, dm, 1), np.nan)
+
+
+def _resampled(groups: dict, iters: int, seed: int, statistic) -> dict:
+    """Per task, ``statistic(dense means, [other models' means])`` over ``iters`` resamples of its documents,
+    the same indices for every model (``default_rng(seed).integers``, one ``[iters, n]`` draw per task, in order)."""
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     rng = np.random.default_rng(seed)
-    drops = {}
-    for task, (dn, pr) in pairs.items():
-        dn, pr = np.asarray(dn, float), np.asarray(pr, float)
-        if dn.shape != pr.shape or dn.ndim != 1 or not len(dn):
+    out = {}
+    for task, arrays in groups.items():
+        arrays = [np.asarray(x, float) for x in arrays]
+        if len({x.shape for x in arrays}) != 1 or arrays[0].ndim != 1 or not len(arrays[0]):
             raise ValueError(f"task {task!r}: dense and pruned need the same non-empty list of documents, "
-                             f"got shapes {dn.shape} and {pr.shape}")
-        idx = rng.integers(0, len(dn), size=(iters, len(dn)))
-        dm, pm = dn[idx].mean(1), pr[idx].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            drops[task] = np.where(dm > 0, 100 * (dm - pm) / np.where(dm > 0, dm, 1), np.nan)
-    overall = np.mean(np.stack(list(drops.values())), axis=0)
+                             f"got shapes {' and '.join(str(x.shape) for x in arrays)}")
+        idx = rng.integers(0, len(arrays[0]), size=(iters, len(arrays[0])))
+        out[task] = statistic(arrays[0][idx].mean(1), [x[idx].mean(1) for x in arrays[1:]])
+    return out
+
+
+def _percentiles(x, level: float) -> tuple[float, float]:
     q = [50 * (1 - level), 50 * (1 + level)]
-
-    def ci(x):
-        lo, hi = np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan, np.nan)
-        return float(lo), float(hi)
-
-    return {"ci": ci(overall), "per_task": {t: ci(x) for t, x in drops.items()},
-            "undefined": int(np.isnan(overall).sum())}
+    lo, hi = np.nanpercentile(x, q) if np.isfinite(x).any() else (np.nan, np.nan)
+    return float(lo), float(hi)
 
 
 def _head(sidecar: dict, n: int) -> dict:
@@ -411,7 +437,7 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
     for t, n in limits.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise checks.InputError(f"what_if: {t}={n!r} must be a whole number of documents >= 1")
-    store = store or ResultsStore()
+    store = store if store is not None else ResultsStore()
     df = store.load()
     df = df[(df.phase == "quality") & df.metric.isin([f"{t}/{CHOSEN_METRIC[t]}" for t in limits])]
     if model is not None:

@@ -51,7 +51,8 @@ def test_versus_random_pairs_criteria_with_their_cell_baseline():
                        for m, c, v, s in rows])
     t = experiment.versus_random(df)
     assert list(t.method) == ["shortgpt"]  # width has no random row: not compared
-    assert t.random_loss_pct[0] == 40.0 and t.random_seeds[0] == 2 and bool(t.beats_random[0])
+    assert t.random_loss_pct[0] == 40.0 and t.random_seeds[0] == 2
+    assert t.verdict[0] == "no CI" and t.diff_pct[0] == -20.0  # losses without CIs: never called better
 
 
 def test_summary_pairs_speed_with_the_loss_of_the_same_seed():
@@ -123,3 +124,41 @@ def test_versus_random_compares_each_criterion_with_its_own_unit():
     assert t.loc["shortgpt_mlp", "random_loss_pct"] == 9.0 and t.loc["shortgpt_mlp", "unit"] == "MLP sublayers"
     assert t.loc["dyn_depth_router_mlp", "random_loss_pct"] == 15.0  # the random MLP router, not the layer one
     assert t.loc["dyn_depth_router", "random_loss_pct"] == 30.0 and t.loc["shortgpt", "random_loss_pct"] == 40.0
+
+
+def test_versus_random_pairs_documents_where_the_loss_rows_name_their_scores(tmp_path):
+    """Criterion and random answered the same documents: their difference gets a paired CI (here a clear win
+    that two separate CIs would call a tie); without stored outcomes the two CIs are compared, labelled."""
+    import numpy as np
+    import pandas as pd
+
+    from prunelib import quality, samples
+
+    rng = np.random.default_rng(0)
+    dense = (rng.random(400) < 0.6).astype(float)
+    rand = dense * (rng.random(400) < 0.6)  # random loses 40% of what dense got right
+    crit = np.maximum(rand, dense * (rng.random(400) < 0.3))  # the criterion keeps those and a few more
+    store = ResultsStore(tmp_path / "results.jsonl")
+    folder = samples.folder(store.path)
+    for name, x in (("hd", dense), ("hc", crit), ("hr", rand)):
+        samples.write(folder, name, {"task": "piqa", "doc_ids": list(range(400)), "doc_hashes": ["x"] * 400,
+                                     "outcomes": {"acc": x.tolist()}})
+
+    def loss_row(method, x, pruned_hash):
+        pairs = {"piqa": (dense, x)}
+        r = quality.paired_bootstrap(pairs)
+        value = 100 * (dense.mean() - x.mean()) / dense.mean()
+        return dict(model="m", method=method, cell="static_depth", sparsity=0.25, phase="quality",
+                    metric="quality_loss_pct", value=value, ci_low=r["ci"][0], ci_high=r["ci"][1],
+                    extra={"seed": 0, "per_task": {"piqa": {}},
+                           "scores": {"dense": {"piqa": "hd"}, "pruned": {"piqa": pruned_hash}}})
+
+    df = pd.DataFrame([loss_row("shortgpt", crit, "hc"), loss_row("depth_random", rand, "hr")])
+    t = experiment.versus_random(df, store).iloc[0]
+    want = quality.paired_difference({"piqa": (dense, crit, rand)})
+    assert t.ci_method == "paired_bootstrap" and (t.diff_low, t.diff_high) == want["ci"] and t.diff_high < 0
+    assert t.diff_pct == pytest.approx(100 * (rand.mean() - crit.mean()) / dense.mean()) and t.verdict == "better"
+    assert not df.ci_high[0] < df.ci_low[1]  # the two loss CIs overlap: unpaired, this would be a tie
+    (folder / "hr.json").unlink()
+    t = experiment.versus_random(df, store).iloc[0]
+    assert t.ci_method == "unpaired" and t.verdict == "tie"

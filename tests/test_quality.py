@@ -304,3 +304,21 @@ def test_what_if_equals_scoring_the_first_documents(tiny_lm, tmp_path):
         quality.what_if({"wikitext": 5}, store)
     with pytest.raises(ValueError, match=r"arc_easy=0 must be a whole number"):
         quality.what_if({"arc_easy": 0}, store)
+
+
+def test_paired_difference_against_dense_is_the_paired_bootstrap():
+    """Comparing a model with the dense model itself gives its own paired-bootstrap CI (same draws, the
+    dense model's drop 0 in every resample); a model against itself differs by exactly 0 [0, 0]."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    d, a = (rng.random(50) < 0.7).astype(float), (rng.random(50) < 0.5).astype(float)
+    d2, a2 = (rng.random(30) < 0.6).astype(float), (rng.random(30) < 0.4).astype(float)
+    r = quality.paired_difference({"t": (d, a, d), "u": (d2, a2, d2)}, iters=500, seed=4)
+    assert r["ci"] == quality.paired_bootstrap({"t": (d, a), "u": (d2, a2)}, iters=500, seed=4)["ci"]
+    assert r["diff"] == pytest.approx(np.mean([100 * (d.mean() - a.mean()) / d.mean(),
+                                               100 * (d2.mean() - a2.mean()) / d2.mean()]))
+    same = quality.paired_difference({"t": (d, a, a)}, iters=200)
+    assert (same["diff"], *same["ci"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same non-empty list of documents"):
+        quality.paired_difference({"t": (d, a, a[:-1])})
