@@ -63,7 +63,9 @@ PRESETS = {
     # These counts come from those 30 methods' stored per-document outcomes: lm-eval's limit takes the first n
     # documents, so `python -m prunelib.quality --what-if lambada_openai=200,arc_easy=160,piqa=170` computes the
     # paired CI every stored method would get on fewer (largest half-width 7.4, mean 6.1, for about 74 s of documents
-    # at the measured 0.12 / 0.18 / 0.125 s a document plus ~2 s of set-up per task).
+    # at the measured 0.12 / 0.18 / 0.125 s a document plus ~2 s of set-up per task). Measured with them on the
+    # quiet box (2026-12-01): 67-91 s per pruned model (sparse attention 108-131 s), paired half-widths 3.0-7.5
+    # points, mean 6.1 (docs/RESULTS.md).
     "quick": Preset(("lambada_openai", "arc_easy", "piqa"), {"lambada_openai": 200, "arc_easy": 160, "piqa": 170},
                     "3 tasks, their first 200 / 160 / 170 documents (chosen for paired precision per second; "
                     "WikiText-2 perplexity is too slow on 2 CPU cores for it)"),
@@ -472,7 +474,7 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
             secs += (rows[t].extra.get("seconds") or float("nan")) * n / len(sp["doc_ids"])
         else:
             boot = paired_bootstrap(pairs, iters=iters, seed=seed)
-            loss = float(np.mean([100 * (d.mean() - p.mean()) / d.mean() for d, p in pairs.values()]))
+            loss = float(np.mean([_drop(d.mean(), p.mean()) for d, p in pairs.values()]))
             lo, hi = boot["ci"]
             out.append(dict(model=name, method=first.method, sparsity=first.sparsity, loss_pct=loss, ci_low=lo,
                             ci_high=hi, half_width=(hi - lo) / 2, seconds=secs))
@@ -518,8 +520,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.what_if:
         try:
-            limits = {t: int(n) for t, n in (kv.split("=") for kv in a.what_if.split(","))}
-            t = what_if(limits, model=a.model)
+            pairs = [kv.split("=") for kv in a.what_if.split(",")]
+            if any(len(kv) != 2 or not kv[1].strip().isdigit() for kv in pairs):
+                raise ValueError("expected TASK=N pairs separated by commas, e.g. arc_easy=160,piqa=170")
+            t = what_if({k.strip(): int(n) for k, n in pairs}, model=a.model)
         except ValueError as err:  # a malformed TASK=N, an unknown task, nothing stored
             p.error(f"--what-if {a.what_if}: {err}")
         with pd.option_context("display.width", 200, "display.max_rows", 200):

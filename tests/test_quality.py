@@ -322,3 +322,9 @@ def test_paired_difference_against_dense_is_the_paired_bootstrap():
     assert (same["diff"], *same["ci"]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same non-empty list of documents"):
         quality.paired_difference({"t": (d, a, a[:-1])})
+
+
+def test_what_if_cli_refuses_malformed_pairs(capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--what-if", "arc_easy:160"])
+    assert e.value.code == 2 and "expected TASK=N pairs" in capsys.readouterr().err
