@@ -6,17 +6,12 @@ included, five sparsities, two lengths.
 
 ``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook)
 with its strongest criterion at one sparsity, where the frontier is drawn, and is sized for
-30 minutes on 2 quiet CPU cores. The last measured demo took 40 minutes (2414 s from a clean
-store for 16 pruned models with the old 60-document quick preset, 3 to 6.5 minutes per axis
-notebook, plus a minute of long-context perplexity); since then the quick preset scores
-about 80 s of documents per model (``prunelib.quality.PRESETS``) and each model also gets
-its fidelity score (about 20 s). Estimate for this demo, 8 pruned models with 6 timing
-repetitions: per model about 80 s of scoring (dynamic methods are batched like static ones
-since the padding mask reaches them), 20 s of fidelity and 40 s of pruning and timing; about 30 s per
-notebook to start and calibrate; the baseline about 2 minutes; long-context perplexity on
-one article about a minute: 5 x 140 + 3 x 180 + 10 x 30 + 120 + 60 s, about 29 minutes. It
-has not been re-measured end to end on a quiet machine; ``demo took ... s`` is printed at
-the end. (Before: two sparsities per axis, 10 repetitions.)
+30 minutes on 2 quiet CPU cores. Measured from a clean store on 2026-12-01
+(``PRUNELIB_RESULTS=$(mktemp -d) make demo``, quiet 2-core box): 1418 s = 23.6 minutes;
+baseline 197 s, axis notebooks 107-162 s each (8 pruned models: pruning, 6 timing
+repetitions, the quick preset's ~80 s of scoring and fidelity), sparse attention 212 s
+(2048 tokens and one long-context perplexity article), Pareto 14 s. ``demo took ... s`` is
+printed at the end. (Before: 40 minutes with two sparsities per axis and 10 repetitions.)
 
 Plotly figures are rendered as HTML with plotly.js embedded once per notebook (renderer
 ``notebook``; set ``PLOTLY_RENDERER`` to override), so the executed notebooks and their
