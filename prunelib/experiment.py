@@ -333,22 +333,18 @@ def versus_random(df: pd.DataFrame, store: ResultsStore | None = None) -> pd.Dat
 
 def _versus(crit: pd.DataFrame, rand: pd.DataFrame, folder) -> dict:
     """``diff_pct``, its CI, how it was computed and the verdict (see :func:`versus_random`)."""
-    from . import samples
-
     seeds = sorted(set(crit.seed) & set(rand.seed))
     for seed in seeds:
         a, b = (x[x.seed == seed].iloc[-1].extra for x in (crit, rand))
         sa, sb = a.get("scores"), b.get("scores")
         if not (sa and sb and sa["dense"] == sb["dense"]):
             continue
-        tasks = sorted(a.get("per_task", {}))
         triples = {}
-        for t in tasks:
-            side = [samples.read(folder, h) for h in (sa["dense"].get(t), sa["pruned"].get(t), sb["pruned"].get(t))]
-            if None in side:
+        for t in sorted(a.get("per_task", {})):
+            ca, cb = (quality.stored_pair(folder, t, x["dense"].get(t), x["pruned"].get(t)) for x in (sa, sb))
+            if ca is None or cb is None:
                 break
-            d, pa = quality._aligned(t, side[0], side[1])
-            triples[t] = (d, pa, quality._aligned(t, side[0], side[2])[1])
+            triples[t] = (*ca, cb[1])
         else:
             r = quality.paired_difference(triples, seed=seed)
             return {"diff_pct": r["diff"], "diff_low": r["ci"][0], "diff_high": r["ci"][1], "ci_method": "paired_bootstrap",

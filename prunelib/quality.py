@@ -310,12 +310,11 @@ def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store
         se = 100 * math.sqrt(ps**2 + (ds * pv / dv) ** 2) / dv
         per_task.append({"task": t, "metric": CHOSEN_METRIC[t], "dense": dv, "pruned": pv, "loss_pct": drop, "stderr_pct": se})
         var += se**2
-        hashes = [d.loc[k].get("config_hash"), p.loc[k].get("config_hash")]
-        sd, sp = [samples.read(folder, h) if isinstance(h, str) else None for h in hashes]
-        if sd is None or sp is None:
+        pair = stored_pair(folder, t, d.loc[k].get("config_hash"), p.loc[k].get("config_hash"))
+        if pair is None:
             missing.append(t)
         else:
-            pairs[t] = _aligned(t, sd, sp)
+            pairs[t] = pair
     per = pd.DataFrame(per_task)
     loss, stderr = float(per.loss_pct.mean()), math.sqrt(var) / len(tasks)
     if missing:
@@ -354,6 +353,15 @@ def _aligned(task: str, sd: dict, sp: dict) -> tuple[np.ndarray, np.ndarray]:
                          f"{len(ids_d - ids_p)} only in dense and {len(ids_p - ids_d)} only in pruned")
     metric = CHOSEN_METRIC[task]
     return np.asarray(sd["outcomes"][metric], float), np.asarray(sp["outcomes"][metric], float)
+
+
+def stored_pair(folder, task: str, dense_hash, pruned_hash, n: int | None = None):
+    """The chosen metric's per-document outcomes of two stored scores, aligned by document (their first ``n``
+    documents where given); None where either has no sidecar or fewer than ``n`` documents."""
+    sd, sp = (samples.read(folder, h) if isinstance(h, str) else None for h in (dense_hash, pruned_hash))
+    if sd is None or sp is None or n is not None and min(len(sd["doc_ids"]), len(sp["doc_ids"])) < n:
+        return None
+    return _aligned(task, *((_head(x, n) for x in (sd, sp)) if n is not None else (sd, sp)))
 
 
 def paired_bootstrap(pairs: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, level: float = 0.95) -> dict:
@@ -444,40 +452,28 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
     df = df[(df.phase == "quality") & df.metric.isin([f"{t}/{CHOSEN_METRIC[t]}" for t in limits])]
     if model is not None:
         df = df[df.model == model]
+    e = df.extra
+    df = df.assign(task=[x.get("task") for x in e], fp=[x.get("fingerprint") for x in e],
+                   docs=[math.inf if x.get("limit") is None else x.get("limit") for x in e])
+    df = df[[n >= limits[t] for n, t in zip(df.docs, df.task)]]  # a fraction < 1 of the documents never qualifies
+    # per model and task, the stored score with the most documents (the latest on ties)
+    df = df.sort_values(["docs", "timestamp"]).drop_duplicates(["model", "dtype", "fp", "task"], keep="last")
+    by_model = {k: g.set_index("task") for k, g in df.groupby(["model", "dtype", "fp"]) if set(g.task) == set(limits)}
+    dense = {(m, d): g for (m, d, _), g in by_model.items() if (g.method == "dense").all()}
     folder = samples.folder(store.path)
-    best = {}  # (model, dtype, fingerprint, task) -> the stored score with the most documents, latest on ties
-    for r in df.itertuples():
-        e, lim = r.extra, r.extra.get("limit")
-        task = e.get("task")
-        if isinstance(lim, int) and lim < limits[task] or not (isinstance(lim, int) or lim is None):
-            continue
-        k = (r.model, r.dtype, e.get("fingerprint"), task)
-        size = float("inf") if lim is None else lim
-        if k not in best or size >= best[k][0]:
-            best[k] = (size, r)
-    models = {}
-    for (name, dtype, fp, task), (size, r) in best.items():
-        models.setdefault((name, dtype, fp), {})[task] = r
-    dense = {(n, d): rows for (n, d, _), rows in models.items() if all(r.method == "dense" for r in rows.values())}
     out = []
-    for (name, dtype, fp), rows in models.items():
+    for (name, dtype, _), g in by_model.items():
         dn = dense.get((name, dtype))
-        first = next(iter(rows.values()))
-        if first.method == "dense" or dn is None or set(rows) != set(limits) or set(dn) != set(limits):
+        if dn is None or (g.method == "dense").all():
             continue
-        pairs, secs = {}, 0.0
-        for t, n in limits.items():
-            sd, sp = samples.read(folder, dn[t].config_hash), samples.read(folder, rows[t].config_hash)
-            if sd is None or sp is None or min(len(sd["doc_ids"]), len(sp["doc_ids"])) < n:
-                break
-            pairs[t] = _aligned(t, _head(sd, n), _head(sp, n))
-            secs += (rows[t].extra.get("seconds") or float("nan")) * n / len(sp["doc_ids"])
-        else:
-            boot = paired_bootstrap(pairs, iters=iters, seed=seed)
-            loss = float(np.mean([_drop(d.mean(), p.mean()) for d, p in pairs.values()]))
-            lo, hi = boot["ci"]
-            out.append(dict(model=name, method=first.method, sparsity=first.sparsity, loss_pct=loss, ci_low=lo,
-                            ci_high=hi, half_width=(hi - lo) / 2, seconds=secs))
+        pairs = {t: stored_pair(folder, t, dn.config_hash[t], g.config_hash[t], n) for t, n in limits.items()}
+        if None in pairs.values():
+            continue
+        lo, hi = paired_bootstrap(pairs, iters=iters, seed=seed)["ci"]
+        seconds = sum((g.extra[t].get("seconds") or math.nan) * n / g.n[t] for t, n in limits.items())
+        out.append(dict(model=name, method=g.method.iloc[0], sparsity=g.sparsity.iloc[0],
+                        loss_pct=float(np.mean([_drop(d.mean(), p.mean()) for d, p in pairs.values()])),
+                        ci_low=lo, ci_high=hi, half_width=(hi - lo) / 2, seconds=seconds))
     if not out:
         raise ValueError(f"what_if: no stored pruned model has per-document outcomes of at least {limits} "
                          f"documents beside a dense model's; score one with a larger limit first")
