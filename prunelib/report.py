@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import REPO_ROOT
+from prunelib.core.config import REPO_ROOT
 
 LOG_ENV = "PRUNELIB_LOG"  # set by prunelib.demo to <executed notebook>.log before the kernel starts
 

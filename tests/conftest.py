@@ -46,7 +46,7 @@ def tiny_model():
 
 def synthetic_calibration(n: int = 6, length: int = 16):
     """Seeded random token windows standing in for calibration text in tiny-model tests."""
-    from prunelib.calibration import CalibrationSet
+    from prunelib.model.calibration import CalibrationSet
 
     return CalibrationSet(torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(1)), "synthetic",
                           None, 1)
@@ -60,7 +60,7 @@ def cal():
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (cached safetensors copy; made by make setup)."""
-    from prunelib.models import load_model
+    from prunelib.model.models import load_model
 
     return load_model()
 

@@ -11,10 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from prunelib import bench, checks, experiment, quality, timing
+from prunelib import bench, experiment
+from prunelib.run import checks
+from prunelib import quality
+from prunelib.measure import timing
 from prunelib import pruning
-from prunelib.config import results_dir
-from prunelib.store import ResultsStore
+from prunelib.core.config import results_dir
+from prunelib.core.store import ResultsStore
 from tests.conftest import tiny_config
 
 
@@ -160,7 +163,7 @@ def test_run_refuses_before_loading(kw, match):
     (dict(lengths=[600]), r"lengths=600 is not allowed: expected lengths <= 511 \(max_position_embeddings 512"),
 ])
 def test_run_refuses_what_the_model_rules_out_before_measuring(tmp_path, kw, match):
-    from prunelib.models import save_pruned
+    from prunelib.model.models import save_pruned
     from transformers import AutoModelForCausalLM
 
     save_pruned(AutoModelForCausalLM.from_config(tiny_config()), tmp_path / "tiny")
@@ -238,8 +241,8 @@ def test_notebook_parameters_refused(kw, match):
 @pytest.mark.parametrize("rel", ["arc_easy/test.json", "lambada_openai/lambada_test.jsonl",
                                  "hellaswag/data-00000-of-00001.arrow"])
 def test_truncated_data_file_is_named_with_its_path(tmp_path, rel):
-    from prunelib import evaltasks
-    from prunelib.config import data_dir
+    from prunelib.core import evaltasks
+    from prunelib.core.config import data_dir
 
     src = data_dir() / rel
     if not src.exists():

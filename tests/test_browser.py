@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from prunelib.store import ResultsStore
+from prunelib.core.store import ResultsStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,

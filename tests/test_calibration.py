@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from prunelib import calibration, evaltasks
-from prunelib.config import data_dir
+from prunelib.model import calibration
+from prunelib.core import evaltasks
+from prunelib.core.config import data_dir
 
 pytestmark = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunelib import costmodel, hardware, timing
-from prunelib.costmodel import ModelShape
+from prunelib.cost import costmodel, hardware
+from prunelib.measure import timing
+from prunelib.cost.costmodel import ModelShape
 from prunelib.pruning.surgery import remove_layers, slice_heads, slice_mlp
 
 HW = hardware.HardwareSpec("test", {"float32": 1e12, "bfloat16": 4e12, "float16": 4e12}, 1e11)
@@ -70,7 +71,7 @@ def test_shipped_big_configs_cost_as_expected():
 
     from transformers import AutoConfig
 
-    from prunelib.models import CONFIG_DIR
+    from prunelib.model.models import CONFIG_DIR
 
     fields = json.loads((CONFIG_DIR / "llama-3.1-8b.json").read_text())
     fields.pop("_source")
@@ -136,7 +137,7 @@ def test_cpu_microbenchmark_is_cached(tmp_path, monkeypatch):
 
 # --- the fields of the other cells: low rank, 2:4, shortcuts, dynamic fractions ----------
 def _layer(**kw):
-    from prunelib.adapter import LayerShape
+    from prunelib.model.adapter import LayerShape
 
     return LayerShape(hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, **kw)
 
@@ -187,7 +188,7 @@ def test_dynamic_fractions_scale_m_and_attention():
 
 
 def test_shape_overrides_reach_the_cost_model(tiny_model):
-    from prunelib.adapter import LayoutError, ModelAdapter
+    from prunelib.model.adapter import LayoutError, ModelAdapter
 
     tiny_model.model.layers[1].mlp.shape_overrides = lambda: {"mlp_tokens": 0.5}
     assert ModelAdapter(tiny_model).layer_shape(1).mlp_tokens == 0.5
@@ -226,7 +227,7 @@ def counted_sdpa_flops(model, phase, length, batch=1):
     """FlopCounterMode's total over one prefill (logits of the last position) or one decode step after one."""
     from transformers import DynamicCache
 
-    from prunelib.adapter import ModelAdapter
+    from prunelib.model.adapter import ModelAdapter
 
     ids = torch.randint(0, 256, (batch, length + 1), generator=torch.Generator().manual_seed(0))
     ModelAdapter(model).reset_stats()

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from prunelib import hardware, pruning, timing
-from prunelib.adapter import ModelAdapter
-from prunelib.models import parameter_count
+from prunelib.cost import hardware
+from prunelib import pruning
+from prunelib.measure import timing
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.models import parameter_count
 from prunelib.pruning import registry
 from prunelib.pruning.surgery import remove_sublayers
 

@@ -5,8 +5,9 @@ from transformers.masking_utils import create_causal_mask
 
 from conftest import tiny_config
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
+from prunelib.model.adapter import ModelAdapter
 from prunelib.pruning import dynamic_depth as dd
+from prunelib.pruning import routed_layer
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 METHODS = ["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random"]
@@ -79,7 +80,7 @@ def test_gather_scatter_equals_masked_reference(impl, step, variant):
                 layer(h0, **_layer_inputs(model, h0, am[:, :past], cache))
         h = torch.randn(B, S, 64, generator=g)
         kw_r, kw_d = (_layer_inputs(model, h, am, c) for c in caches)
-        valid = dd._valid_tokens(kw_r["attention_mask"], B, S, past, h.device)
+        valid = routed_layer._valid_tokens(kw_r["attention_mask"], B, S, past, h.device)
         seen = []
         hook = router.register_forward_hook(lambda mod, args, out: seen.append(args[0]))  # the router input
         out = routed(h, **kw_r)
@@ -268,7 +269,7 @@ def test_flops_match_torch_flop_counter(cal, case, phase, length):
     """The cost model, fed the routing the model realised, counts what FlopCounterMode counts (within 1%)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from prunelib import costmodel, hardware
+    from prunelib.cost import costmodel, hardware
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(max_position_embeddings=4096),
@@ -338,7 +339,7 @@ def test_bad_input(tiny_model, cal):
 
 @pytest.mark.slow
 def test_router_beats_random_on_embedded_model(embedded):
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     cal = calibration_batch(tok, n=4, length=128)

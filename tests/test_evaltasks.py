@@ -1,4 +1,4 @@
-"""Tests for prunelib.evaltasks: offline lm-eval tasks built from the data kit.
+"""Tests for prunelib.core.evaltasks: offline lm-eval tasks built from the data kit.
 
 Fast tests load every task from local files and spot-check prompts against
 strings built by hand from the raw files. The slow test checks that
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from prunelib import evaltasks as et
-from prunelib.config import data_dir
+from prunelib.core import evaltasks as et
+from prunelib.core.config import data_dir
 
 DATA = data_dir()
 pytestmark = pytest.mark.skipif(not (DATA / "SOURCES.md").is_file(), reason=f"offline data kit not found at {DATA}")

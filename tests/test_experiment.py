@@ -1,8 +1,8 @@
 import pytest
 
 from prunelib import experiment
-from prunelib.config import data_dir
-from prunelib.store import ResultsStore
+from prunelib.core.config import data_dir
+from prunelib.core.store import ResultsStore
 
 
 def test_speed_rows_stored_once(tiny_model, tmp_path):
@@ -132,7 +132,8 @@ def test_versus_random_pairs_documents_where_the_loss_rows_name_their_scores(tmp
     import numpy as np
     import pandas as pd
 
-    from prunelib import quality, samples
+    from prunelib import quality
+    from prunelib.measure import samples
 
     rng = np.random.default_rng(0)
     dense = (rng.random(400) < 0.6).astype(float)

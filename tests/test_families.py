@@ -11,11 +11,12 @@ import torch
 from transformers import DynamicCache
 
 from conftest import FAMILIES, synthetic_calibration, tiny_family_model
-from prunelib import costmodel, pruning
-from prunelib.adapter import LayoutError, ModelAdapter
-from prunelib.models import load_pruned, save_pruned
+from prunelib.cost import costmodel
+from prunelib import pruning
+from prunelib.model.adapter import LayoutError, ModelAdapter
+from prunelib.model.models import load_pruned, save_pruned
 from prunelib.pruning.lowrank import factorize
-from prunelib.servinglm import prompt_lengths
+from prunelib.measure.servinglm import prompt_lengths
 from test_costmodel import counted_sdpa_flops
 
 #: the fast run: every method on the fused Phi-3 layout; llama, qwen2 and mistral (one layout) are slow

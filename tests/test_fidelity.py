@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from prunelib import fidelity
-from prunelib.config import data_dir
-from prunelib.store import ResultsStore
+from prunelib import fidelity as fidelity_cli
+from prunelib.measure import fidelity
+from prunelib.core.config import data_dir
+from prunelib.core.store import ResultsStore
 from test_quality import tiny_lm  # noqa: F401  (the fixture: a 2-layer random Llama with the embedded tokenizer)
 
 needs_data = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
@@ -88,17 +89,17 @@ def test_closing_table_and_spearman_from_the_store(capsys):
                                  ci_high=v * 1.1, config_hash=f"f{method}{s}{domain}",
                                  extra={"seed": 0, "domain": domain, "seconds": 8.0}))
     ResultsStore().append(rows)
-    t = fidelity.closing_table(ResultsStore().load())
+    t = fidelity_cli.closing_table(ResultsStore().load())
     assert sorted(t.method) == ["last_n", "shortgpt", "slicegpt", "width_flap"]
     w = t[t.method == "width_flap"].iloc[0]
     assert w.sparsity == 0.1 and w.loss_pct == 3.0 and w.kl_ptb == 0.3 and w.fidelity_s == 16.0 and w.quality_s == 60
-    rho, n = fidelity.spearman(t)
+    rho, n = fidelity_cli.spearman(t)
     assert n == 4 and rho == pytest.approx(1.0)  # the ranks agree: 3 < 15 < 22 < 40 and 0.3 < 0.9 < 1.1 < 1.8
-    fidelity.main(["--model", "m", "--table"])
+    fidelity_cli.main(["--model", "m", "--table"])
     out = capsys.readouterr().out
     assert "Spearman(kl_ptb, quick-suite loss) = 1.000 over 4 methods" in out and "[17.0, 27.0]" in out
     with pytest.raises(SystemExit):
-        fidelity.main(["--measure", "nope"])
+        fidelity_cli.main(["--measure", "nope"])
     assert "unknown methods ['nope']" in capsys.readouterr().err
 
 
@@ -106,7 +107,7 @@ def test_closing_table_and_spearman_from_the_store(capsys):
                                              ("dyn_depth_router", 0.25)])
 def test_served_equals_prefill_then_cached_decode_for_dynamic_methods(method, sparsity):
     """Fidelity scores a dynamic model as it serves: a prompt prefill, then one decode step per token."""
-    pytest.importorskip("prunelib.servinglm")
+    pytest.importorskip("prunelib.measure.servinglm")
     from conftest import synthetic_calibration, tiny_config
     from transformers import AutoModelForCausalLM
 
@@ -129,6 +130,6 @@ def test_closing_table_with_fidelity_only():
     ResultsStore().append(dict(model="m", method="shortgpt", cell="static_depth", sparsity=0.25, phase="quality",
                                metric="fidelity_kl", value=1.0, ci_low=0.9, ci_high=1.1, config_hash="k",
                                extra={"seed": 0, "domain": "ptb", "seconds": 9.0}))
-    t = fidelity.closing_table(ResultsStore().load())
+    t = fidelity_cli.closing_table(ResultsStore().load())
     assert list(t.method) == ["shortgpt"] and t.kl_ptb[0] == 1.0 and "loss_pct" not in t
-    assert np.isnan(fidelity.spearman(t)[0])
+    assert np.isnan(fidelity_cli.spearman(t)[0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prunelib import gpucheck
-from prunelib.models import parameter_count, random_config, random_configs
+from prunelib.model.models import parameter_count, random_config, random_configs
 
 
 def test_smoke_runs_every_cell_and_turns_failures_into_rows(tmp_path, capsys):

@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from prunelib import hardware
-from prunelib.hardware import HardwareSpec, match_gpu
+from prunelib.cost import hardware
+from prunelib.cost.hardware import HardwareSpec, match_gpu
 
 
 @pytest.mark.parametrize("name,key", [

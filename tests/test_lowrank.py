@@ -3,9 +3,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from prunelib import hardware, pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.models import parameter_count
+from prunelib.cost import hardware
+from prunelib import pruning
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.models import parameter_count
 from prunelib.pruning import lowrank
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -162,7 +163,7 @@ def test_cache_and_generate(tiny_model, cal, method):
 @pytest.mark.slow
 def test_svdllm_on_embedded_model(embedded):
     """Real activations are far from isotropic: whitening cuts the calibration output error a lot."""
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     cal = calibration_batch(tok, n=2, length=128)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prunelib import models
-from prunelib.adapter import LayoutError, ModelAdapter
+from prunelib.model import models
+from prunelib.model.adapter import LayoutError, ModelAdapter
 
 
 def test_embedded_model_is_smollm2(embedded):

@@ -5,7 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunelib import experiment, pareto
+from prunelib import experiment
+from prunelib import pareto as pareto_cli
+from prunelib.results import pareto
 
 
 def pts(rows):
@@ -137,16 +139,16 @@ def test_frontier_properties(raw):
 
 
 def test_cli_prints_the_frontier_and_the_band_table(capsys):
-    from prunelib.store import ResultsStore
+    from prunelib.core.store import ResultsStore
 
     store = ResultsStore()
     for i, r in enumerate(rows_for("shortgpt", loss=3.0) + rows_for("angular", loss=10.0)):
         store.append(r | {"config_hash": f"h{i}"})
-    pareto.main(["--model", "m"])
+    pareto_cli.main(["--model", "m"])
     out = capsys.readouterr().out
     assert "frontier" in out and "shortgpt" in out and "angular" in out
     assert "0-4%" in out and "shortgpt s=0.25" in out and "angular s=0.25" in out  # each wins its band
-    pareto.main(["--model", "nobody"])
+    pareto_cli.main(["--model", "nobody"])
     assert "no timed model of 'nobody'" in capsys.readouterr().out
 
 

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.checkpoint import STRUCTURE_FILE, CheckpointError
-from prunelib.models import load_model, load_pruned, parameter_count, save_pruned
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.checkpoint import STRUCTURE_FILE, CheckpointError
+from prunelib.model.models import load_model, load_pruned, parameter_count, save_pruned
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 SPARSITY = {"static_k_24": 0.5}
@@ -54,7 +54,7 @@ def test_every_method_reloads_exactly_and_plain_transformers_loads_exactly_or_re
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     except ValueError as err:
         assert method not in REPRESENTABLE
-        assert "prunelib.models.load_pruned" in str(err)
+        assert "prunelib.model.models.load_pruned" in str(err)
     else:
         assert method in REPRESENTABLE
         torch.testing.assert_close(logits(plain), logits(pruned), rtol=0, atol=0)
@@ -143,7 +143,7 @@ def test_no_pickle_in_prunelib():
 @pytest.mark.slow
 def test_lm_eval_cli_refuses_a_checkpoint_it_cannot_represent(tmp_path, embedded):
     """The CLI scores a representable checkpoint and refuses a low-rank one, naming prunelib's loader."""
-    from prunelib import evaltasks
+    from prunelib.core import evaltasks
     from tests.conftest import tiny_config
 
     _, tok = embedded
@@ -163,5 +163,5 @@ def test_lm_eval_cli_refuses_a_checkpoint_it_cannot_represent(tmp_path, embedded
     assert ok.returncode == 0, ok.stderr[-2000:]
     refused = cli(tmp_path / "lowrank")
     assert refused.returncode != 0
-    assert "prunelib.models.load_pruned" in refused.stderr
+    assert "prunelib.model.models.load_pruned" in refused.stderr
     assert "MISSING" not in refused.stderr + refused.stdout

@@ -3,7 +3,8 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from prunelib import experiment, pareto, plots
+from prunelib import experiment
+from prunelib.results import pareto, plots
 
 
 def store_rows(cell="static_k_24", method="sparse24_wanda", sparsities=(0.25, 0.5), realised=False):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from prunelib import quality
-from prunelib.config import data_dir
-from prunelib.store import ResultsStore
+from prunelib.core.config import data_dir
+from prunelib.core.store import ResultsStore
 
 pytestmark = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
 
@@ -72,7 +72,7 @@ def test_blimp_scored_by_paradigm_resumes_and_equals_lm_eval_group(tiny_lm, tmp_
     """BLiMP runs in chunks of paradigms (an interrupted run keeps them); its group row equals lm-eval's own group."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from prunelib import evaltasks
+    from prunelib.core import evaltasks
 
     model, tok = tiny_lm
     store = ResultsStore(tmp_path / "r.jsonl")
@@ -99,9 +99,9 @@ def test_blimp_scored_by_paradigm_resumes_and_equals_lm_eval_group(tiny_lm, tmp_
 
 
 def test_cli_scores_and_prints_table_with_time(tiny_lm, monkeypatch, capsys):
-    import prunelib.models
+    import prunelib.model.models
 
-    monkeypatch.setattr(prunelib.models, "load_model", lambda *a, **k: tiny_lm)
+    monkeypatch.setattr(prunelib.model.models, "load_model", lambda *a, **k: tiny_lm)
     quality.main(["--tasks", "piqa,arc_easy", "--limit", "3"])
     out = capsys.readouterr().out
     stored = quality.scores(ResultsStore().load())
@@ -133,8 +133,8 @@ def test_quality_loss_definition():
 @pytest.mark.slow
 def test_stored_scores_equal_lm_eval_cli(embedded, tmp_path):
     """What prunelib stores for the embedded model equals what lm-eval's CLI prints for its saved copy."""
-    from prunelib import evaltasks
-    from prunelib.models import embedded_path
+    from prunelib.core import evaltasks
+    from prunelib.model.models import embedded_path
 
     model, tok = embedded
     tasks, limit = ["wikitext", "arc_easy", "piqa"], 3
@@ -164,7 +164,7 @@ def test_stored_scores_equal_lm_eval_cli(embedded, tmp_path):
 
 def test_sidecar_written_with_scores_and_self_pair_ci_is_zero(tiny_lm, tmp_path):
     """Each score keeps its per-document outcomes; a model against itself has a paired CI of exactly [0, 0]."""
-    from prunelib import samples
+    from prunelib.measure import samples
 
     model, tok = tiny_lm
     store = ResultsStore(tmp_path / "r.jsonl")
@@ -188,7 +188,7 @@ def test_unpaired_when_outcomes_missing_and_refusals(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match=r"different limits for 'arc_easy': 6 against 5"):
         quality.quality_loss(a, b, store=store)
     # same limit, other documents (a sidecar edited as if scored on another file)
-    from prunelib import samples
+    from prunelib.measure import samples
 
     folder = tmp_path / "samples"
     side = samples.read(folder, b.config_hash.iloc[0])

@@ -19,7 +19,7 @@ def _block(section: str) -> str:
 def test_add_a_model_family_recipe():
     from transformers import AutoModelForCausalLM
 
-    from prunelib.adapters.base import FAMILIES
+    from prunelib.model.adapters.base import FAMILIES
     from prunelib.pruning import prune
 
     assert "granite" not in FAMILIES
@@ -40,7 +40,7 @@ def test_add_a_model_family_recipe():
 
 
 def test_add_a_method_recipe(tiny_model):
-    from prunelib.checks import InputError
+    from prunelib.run.checks import InputError
     from prunelib.pruning import REGISTRY, check_contract, methods, prune
 
     try:

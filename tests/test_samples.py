@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from prunelib import samples
+from prunelib.measure import samples
 
 
 def _lm_eval_samples():
@@ -34,7 +34,7 @@ def test_write_is_atomic_and_read_back(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    from prunelib import evaltasks
+    from prunelib.core import evaltasks
 
     monkeypatch.setattr(evaltasks.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):

@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import synthetic_calibration, tiny_config
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
+from prunelib.model.adapter import ModelAdapter
 from prunelib.pruning.semistructured import Sparse24Linear, engaged_shape, kernel_info
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -172,7 +172,7 @@ def test_cuda_runs_the_sparse_kernel(tiny_model, cal):
 @pytest.mark.slow
 def test_embedded_model_wanda_beats_magnitude_beats_random(embedded):
     """On SmolLM2-135M at 2:4, held-out calibration text: Wanda < magnitude < random baseline in NLL."""
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     cal = calibration_batch(tok, n=4, length=128, seed=0)
@@ -211,7 +211,7 @@ def _as_semi_structured(lin):
 
 
 def test_parameter_count_fingerprint_and_bytes_of_sparse_tensors(tiny_model):
-    from prunelib.models import fingerprint, parameter_count, weight_bytes
+    from prunelib.model.models import fingerprint, parameter_count, weight_bytes
 
     pruned, _ = pruning.prune(tiny_model, "sparse24_magnitude", 0.5)
     n_dense, bytes_dense, fp_masked = parameter_count(pruned), weight_bytes(pruned), fingerprint(pruned)
@@ -237,7 +237,7 @@ def test_parameter_count_fingerprint_and_bytes_of_sparse_tensors(tiny_model):
 
 
 def test_kernel_record_and_engaged_shape(tiny_model):
-    from prunelib.costmodel import ModelShape
+    from prunelib.cost.costmodel import ModelShape
 
     pruned, report = pruning.prune(tiny_model, "sparse24_magnitude", 0.5)
     assert report.removed["kernel"] == "none" and "on cpu" in report.removed["kernel_fallback"]

@@ -1,11 +1,11 @@
-"""Dynamic methods are scored as they serve: prompt prefilled, continuation decoded (prunelib.servinglm)."""
+"""Dynamic methods are scored as they serve: prompt prefilled, continuation decoded (prunelib.measure.servinglm)."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.servinglm import ServingHFLM, prompt_lengths, serving_modules
+from prunelib.model.adapter import ModelAdapter
+from prunelib.measure.servinglm import ServingHFLM, prompt_lengths, serving_modules
 
 from conftest import tiny_config
 
@@ -93,7 +93,7 @@ def test_prompt_lengths_are_checked_and_reset(tiny_model):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from prunelib.models import embedded_path
+    from prunelib.model.models import embedded_path
 
     tok = AutoTokenizer.from_pretrained(embedded_path())
     tok.pad_token = tok.eos_token

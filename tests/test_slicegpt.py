@@ -4,8 +4,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import synthetic_calibration, tiny_config
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.models import parameter_count
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.models import parameter_count
 from prunelib.pruning.slicegpt import ScaleFreeRMSNorm, SlicedDecoderLayer
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -147,7 +147,7 @@ def test_kv_cache_generate_and_padding(tiny_model, cal, method):
 def test_embedded_model_keeps_quality(embedded):
     """SmolLM2-135M at 25% hidden sparsity, 1,024 calibration tokens: held-out perplexity within 8x of dense
     (measured 55.5 -> 231; a random rotation gives ~1.7e9)."""
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     held = calibration_batch(tok, n=4, length=128, seed=1)

@@ -6,8 +6,10 @@ import torch
 from transformers import DynamicCache
 
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
+from prunelib.model.adapter import ModelAdapter
 from prunelib.pruning import sparse_attention as sa
+from prunelib.pruning import sparse_kernels as sk
+from prunelib.pruning import sparse_select as ss
 
 METHODS = ["sparse_attn_block", "sparse_attn_window", "sparse_attn_random"]
 G = torch.Generator().manual_seed(0)
@@ -62,13 +64,13 @@ def test_gather_equals_masked_dense_reference(off, method, density):
     q, k, v = qkv(off=off)
     b, S = 16, q.shape[2]
     first, nq = off // b, math.ceil((off % b + S) / b)
-    idx, valid = sa.select_blocks(sa.block_scores(method, q, k, b, off, seed=1),
-                                  sa.keep_counts(first, nq, density), first)
-    torch.testing.assert_close(sa.gather_attention(q, k, v, idx, valid, b, off, 0.25),
+    idx, valid = ss.select_blocks(ss.block_scores(method, q, k, b, off, seed=1),
+                                  ss.keep_counts(first, nq, density), first)
+    torch.testing.assert_close(sk.gather_attention(q, k, v, idx, valid, b, off, 0.25),
                                masked_reference(q, k, v, idx, valid, b, off, 0.25))
     allowed = torch.ones(2, S, S + off, dtype=torch.bool).tril(off)
     allowed[1, :, :40] = False  # sequence 1 is left-padded by 40 tokens
-    out = sa.gather_attention(q, k, v, idx, valid, b, off, 0.25, allowed)
+    out = sk.gather_attention(q, k, v, idx, valid, b, off, 0.25, allowed)
     ref = masked_reference(q, k, v, idx, valid, b, off, 0.25, allowed)
     assert not out.isnan().any()
     torch.testing.assert_close(out[0], ref[0])
@@ -81,8 +83,8 @@ def test_flex_block_mask_is_the_selection():
     from torch.nn.attention.flex_attention import flex_attention
 
     q, k, v = qkv()
-    idx, valid = sa.select_blocks(sa.block_scores("block", q, k, 16, 0), sa.keep_counts(0, 13, 0.4), 0)
-    bm = sa.flex_block_mask(idx, valid, 16, 0, 200, 200, 2)
+    idx, valid = ss.select_blocks(ss.block_scores("block", q, k, 16, 0), ss.keep_counts(0, 13, 0.4), 0)
+    bm = sk.flex_block_mask(idx, valid, 16, 0, 200, 200, 2)
     keep = torch.zeros(2, 2, 13, 13, dtype=torch.bool).scatter_(-1, idx, valid)
     assert torch.equal(bm.to_dense().bool(), keep.repeat_interleave(2, 1))
     out = flex_attention(q, k, v, block_mask=bm, scale=0.25, enable_gqa=True).transpose(1, 2)  # eager reference run
@@ -92,15 +94,15 @@ def test_flex_block_mask_is_the_selection():
 @pytest.mark.cuda
 def test_flex_cuda_matches_gather():
     q, k, v = (x.cuda() for x in qkv(S=512, d=64))
-    idx, valid = sa.select_blocks(sa.block_scores("block", q, k, 64, 0), sa.keep_counts(0, 8, 0.5), 0)
-    torch.testing.assert_close(sa.flex_block_attention(q, k, v, idx, valid, 64, 0, 0.125),
-                               sa.gather_attention(q, k, v, idx, valid, 64, 0, 0.125), atol=2e-3, rtol=2e-3)
+    idx, valid = ss.select_blocks(ss.block_scores("block", q, k, 64, 0), ss.keep_counts(0, 8, 0.5), 0)
+    torch.testing.assert_close(sk.flex_block_attention(q, k, v, idx, valid, 64, 0, 0.125),
+                               sk.gather_attention(q, k, v, idx, valid, 64, 0, 0.125), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("n_blocks", [3, 8, 32, 100])
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
 def test_keep_counts_hit_the_target_density(n_blocks, density):
-    counts = sa.keep_counts(0, n_blocks, density)
+    counts = ss.keep_counts(0, n_blocks, density)
     n = torch.arange(1, n_blocks + 1)
     assert (counts <= n).all() and (counts >= n.clamp(max=2)).all()  # sink + diagonal at least
     floor = (2 * n_blocks - 1) / n.sum().item()
@@ -112,8 +114,8 @@ def test_keep_counts_hit_the_target_density(n_blocks, density):
 def test_sink_and_diagonal_always_kept(method):
     q, k, v = qkv(off=21)
     k[:, :, :16] = -q.mean((1, 2))[:, None, None] * 50  # the sink block scores worst of all
-    scores = sa.block_scores(method, q, k, 16, 21, seed=0)
-    idx, valid = sa.select_blocks(scores, sa.keep_counts(1, 13, 0.4), 1)  # 21 + 200 tokens: rows 1..13
+    scores = ss.block_scores(method, q, k, 16, 21, seed=0)
+    idx, valid = ss.select_blocks(scores, ss.keep_counts(1, 13, 0.4), 1)  # 21 + 200 tokens: rows 1..13
     rows = torch.arange(1, 14)
     assert (idx[..., 0] == rows).all()  # slot 0: the diagonal block
     assert ((idx == 0) & valid).any(-1).all()  # the sink in every row
@@ -149,8 +151,8 @@ def test_realised_density_and_shape_overrides(tiny_model):
 def test_quest_bound_and_incremental_pages(tiny_model):
     """The page bound holds for every key; page metadata kept across steps equals a fresh recompute."""
     q, k, _ = qkv(S=1, off=99)
-    lo, hi = sa.page_minmax(k, 8)
-    bound = sa.quest_scores(q, lo, hi)  # summed over the 2 query heads of each KV head
+    lo, hi = ss.page_minmax(k, 8)
+    bound = ss.quest_scores(q, lo, hi)  # summed over the 2 query heads of each KV head
     qk = (q.reshape(2, 2, 2, 16) @ k.transpose(-1, -2)).sum(2)  # [B, Hkv, T]
     per_page = torch.nn.functional.pad(qk, (0, 104 - 100), value=float("-inf")).reshape(2, 2, 13, 8).amax(-1)
     assert (bound >= per_page - 1e-5).all()
@@ -166,7 +168,7 @@ def test_quest_bound_and_incremental_pages(tiny_model):
                 cache.crop(-6)  # cropped back below the stored pages (51 -> 45 tokens): recomputed
     keys = cache.layers[1].keys
     _, stored_full, stored_lo, stored_hi = cache.layers[1].prunelib_quest  # kept on the cache, not the module
-    lo, hi = sa.page_minmax(keys[:, :, : stored_full * 4], 4)
+    lo, hi = ss.page_minmax(keys[:, :, : stored_full * 4], 4)
     assert stored_full == (keys.shape[2] - 1) // 4  # the pages before the last step's open page
     torch.testing.assert_close(stored_lo, lo)
     torch.testing.assert_close(stored_hi, hi)
@@ -183,7 +185,7 @@ def test_decode_after_prefill_and_generate(tiny_model, method):
     q, k, v = qkv(S=1, off=99)
     idx = torch.tensor([0, 5, 24])[None, None].expand(2, 2, 3)  # pages of 4; 24 is the last (current) page
     ref = masked_reference(q, k, v, idx[:, :, None], torch.ones(2, 2, 1, 3, dtype=torch.bool), 4, 99, 0.25)
-    torch.testing.assert_close(sa.page_attention(q, k, v, idx, 4, 0.25), ref)
+    torch.testing.assert_close(sk.page_attention(q, k, v, idx, 4, 0.25), ref)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -241,7 +243,7 @@ def test_short_prompt_runs_dense(tiny_model):
 @pytest.mark.slow
 def test_embedded_block_beats_random(embedded):
     """On calibration text the pooled estimate loses less than the random baseline at the same density."""
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     ids = calibration_batch(tok, n=1, length=256, seed=3).input_ids

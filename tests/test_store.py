@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from prunelib.store import CorruptRowError, CorruptRowWarning, ResultsStore, config_hash, make_row
+from prunelib.core.store import CorruptRowError, CorruptRowWarning, ResultsStore, config_hash, make_row
 
 
 def row(i, metric="ttft_s"):
@@ -70,7 +70,7 @@ def test_survives_killed_writer(tmp_path):
     path = tmp_path / "r.jsonl"
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {os.getcwd()!r})
-        from prunelib.store import ResultsStore
+        from prunelib.core.store import ResultsStore
         s = ResultsStore({str(path)!r})
         i = 0
         while True:

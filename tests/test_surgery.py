@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prunelib.adapter import ModelAdapter
-from prunelib.models import parameter_count
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.models import parameter_count
 from prunelib.pruning.surgery import remove_layers, slice_heads, slice_mlp
 
 

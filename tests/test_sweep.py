@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prunelib import sweep
-from prunelib.store import ResultsStore
+from prunelib.run import executors
+from prunelib.core.store import ResultsStore
 
 #: a plugin (imported by the driver and by every worker) with a tiny quality preset and two test methods:
 #: one that raises, one that kills its worker during the decode timing, once (a marker file beside it)
@@ -50,7 +51,7 @@ def tiny_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import tiny_config
-    from prunelib.models import embedded_path
+    from prunelib.model.models import embedded_path
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(embedded_path())
@@ -193,7 +194,7 @@ def test_a_stopped_driver_merges_finished_shards_and_drops_partial_ones(tmp_path
     folder = store.path.parent
     job = sweep.jobs(spec)[1]
     result = sweep.run_job(job, [], folder)  # finished, never merged (the driver stopped)
-    (folder / f"{sweep.SHARD}{job.id}.999.partial.jsonl").write_text('{"model": "x", "metric": "half')
+    (folder / f"{executors.SHARD}{job.id}.999.partial.jsonl").write_text('{"model": "x", "metric": "half')
     assert len(store) == 0
     sweep.run(spec, store=store, progress=False)
     df = store.load()
@@ -222,7 +223,7 @@ def test_executors_give_the_same_rows(tmp_path, tiny_dir, plugin, inprocess_rows
     spec = sweep.load_spec(write_spec(tmp_path, tiny_dir, plugin), executor=executor)
     df = sweep.run(spec, executor, workers=2, store=store_of(tmp_path, executor), progress=False)
     pd.testing.assert_frame_equal(comparable(df), base, obj=executor)
-    from prunelib import samples  # each score's per-document outcomes sit beside the store (paired statistics)
+    from prunelib.measure import samples  # each score's per-document outcomes sit beside the store (paired statistics)
 
     folder = samples.folder(store_of(tmp_path, executor).path)
     assert all(samples.read(folder, h) for h in df[df.metric == "piqa/acc"].config_hash)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunelib import timing
+from prunelib.measure import timing
 
 
 def test_latency_summary():
@@ -224,8 +224,9 @@ def test_kv_prediction_follows_depth_pruning(tiny_model):
 
 
 def test_speed_rows_store_mode_memory_and_kernel(tiny_model):
-    from prunelib import experiment, hardware, pruning
-    from prunelib.store import ResultsStore
+    from prunelib import experiment, pruning
+    from prunelib.cost import hardware
+    from prunelib.core.store import ResultsStore
 
     pruned, _ = pruning.prune(tiny_model, "sparse24_magnitude", 0.5)
     hw = hardware.HardwareSpec("test", {"float32": 1e15}, 1e15)  # a roofline no CPU can beat
@@ -243,8 +244,9 @@ def test_speed_rows_store_mode_memory_and_kernel(tiny_model):
 
 
 def test_a_bound_slower_than_the_measurement_is_flagged(tiny_model):
-    from prunelib import experiment, hardware
-    from prunelib.store import ResultsStore
+    from prunelib import experiment
+    from prunelib.cost import hardware
+    from prunelib.core.store import ResultsStore
 
     slow = hardware.HardwareSpec("datasheet-slow", {"float32": 1.0}, 1.0)  # a roofline of ages
     store = ResultsStore()

@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.calibration import CalibrationSet
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import CalibrationSet
 from prunelib.pruning import token_pruning
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -216,7 +216,7 @@ def test_bad_input(tiny_model):
 @pytest.mark.slow
 def test_attention_beats_random_on_real_text(embedded):
     """On calibration text, keeping the most-attended half loses less next-token loss than a random half."""
-    from prunelib.calibration import calibration_batch
+    from prunelib.model.calibration import calibration_batch
 
     model, tok = embedded
     ids = calibration_batch(tok, n=8, length=128, seed=7).input_ids
@@ -235,7 +235,7 @@ def test_attention_beats_random_on_real_text(embedded):
 @pytest.mark.parametrize("method", METHODS)
 def test_continuation_positions_are_never_pruned(tiny_model, method):
     """With the prompt lengths known, every continuation position is kept, and only prompt tokens compete."""
-    from prunelib.servinglm import prompt_lengths
+    from prunelib.measure.servinglm import prompt_lengths
 
     pruned, _ = pruning.prune(tiny_model, method, 0.5, layer=2)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))

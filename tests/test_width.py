@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from prunelib import pruning
-from prunelib.adapter import ModelAdapter
-from prunelib.models import parameter_count
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.models import parameter_count
 from prunelib.pruning import width
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -71,7 +71,7 @@ def test_compensation_matches_calibration_mean(tiny_model, cal):
 
 def test_magnitude_group_score_is_the_l2_norm_of_the_group_weights(tiny_model):
     """A KV-head group's magnitude is ||(its q, k, v rows, its o_proj columns)||_2, and the lowest goes first."""
-    from prunelib.adapter import ModelAdapter
+    from prunelib.model.adapter import ModelAdapter
 
     a = ModelAdapter(tiny_model)
     attn, shape = a.attn(1), a.layer_shape(1)

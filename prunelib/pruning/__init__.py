@@ -9,7 +9,7 @@ every method's declared baseline and hooks.
 import importlib
 import pkgutil
 
-from .registry import REGISTRY, Report, check_contract, get, methods, prune  # noqa: F401
+from prunelib.pruning.registry import REGISTRY, Report, check_contract, get, methods, prune  # noqa: F401
 
 for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _m.name not in ("registry", "surgery"):

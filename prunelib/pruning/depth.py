@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter import ModelAdapter
-from .registry import register
-from .surgery import remove_layers, remove_sublayers
+from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.registry import register
+from prunelib.pruning.surgery import remove_layers, remove_sublayers
 
 
 def _count(model, sparsity: float) -> int:

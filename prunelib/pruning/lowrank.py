@@ -42,8 +42,8 @@ import math
 import torch
 from torch import nn
 
-from ..adapter import ModelAdapter
-from .registry import register
+from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.registry import register
 
 
 

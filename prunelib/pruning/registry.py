@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import costmodel
-from ..adapter import ModelAdapter
-from ..checks import InputError
-from ..hardware import HardwareSpec
-from ..models import parameter_count
-from ..taxonomy import CELLS, Cell
+from prunelib.cost import costmodel
+from prunelib.model.adapter import ModelAdapter
+from prunelib.core.validate import InputError
+from prunelib.cost.hardware import HardwareSpec
+from prunelib.model.models import parameter_count
+from prunelib.cost.taxonomy import CELLS, Cell
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def methods(cell: str | None = None) -> list[str]:
 class Context:
     """What a method may use besides the model: calibration batches and a seed."""
 
-    calibration: object = None  # prunelib.calibration.CalibrationSet
+    calibration: object = None  # prunelib.model.calibration.CalibrationSet
     seed: int = 0
     options: dict = field(default_factory=dict)
 

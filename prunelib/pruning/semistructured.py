@@ -50,9 +50,9 @@ import torch
 from torch import nn
 from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-from ..adapter import ModelAdapter
-from ..calibration import layer0_inputs
-from .registry import register
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import layer0_inputs
+from prunelib.pruning.registry import register
 
 BLOCK = 128  # SparseGPT column block
 DAMP = 0.01  # SparseGPT dampening, fraction of mean(diag H)

@@ -49,9 +49,9 @@ import math
 import torch
 from torch import nn
 
-from ..adapter import ModelAdapter
-from ..calibration import layer0_inputs
-from .registry import register
+from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import layer0_inputs
+from prunelib.pruning.registry import register
 
 
 class ScaleFreeRMSNorm(nn.Module):

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..adapter import ModelAdapter, Removed
+from prunelib.model.adapter import ModelAdapter, Removed
 
 
 def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:

@@ -18,8 +18,8 @@ next to the layer and not costed. The top (1 - s) fraction is kept; the first to
 
 What is served and scored: in serving, the prompt is one prefill and pruned there; every
 generated token is a decode step that runs at full depth. A forward's whole input is the
-prompt unless :func:`prunelib.servinglm.prompt_lengths` says where each row's prompt
-ends (lm-eval scoring through :class:`prunelib.servinglm.ServingHFLM` does): then only
+prompt unless :func:`prunelib.measure.servinglm.prompt_lengths` says where each row's prompt
+ends (lm-eval scoring through :class:`prunelib.measure.servinglm.ServingHFLM` does): then only
 prompt tokens are pruned, importance comes from the last *prompt* token's query over
 the prompt's keys, and every later position (the continuation being scored) runs all
 layers, attending to the kept prompt and the continuation before it. So one full forward
@@ -28,7 +28,7 @@ position, the logits that prefill(prompt) + cached decode give (tests check it t
 and that a later token never changes an earlier served position). Positions of pruned
 prompt tokens carry early-exit states; they are never served or scored. Perplexity
 (rolling loglikelihood) has a one-token prompt in every full window: nothing is pruned
-there (see :mod:`prunelib.servinglm`).
+there (see :mod:`prunelib.measure.servinglm`).
 
 Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the
 first layer that runs the kept tokens only, 1 <= layer <= L - 1.
@@ -79,8 +79,8 @@ import math
 import torch
 from transformers import DynamicCache
 
-from ..adapter import ModelAdapter, rope
-from .registry import register
+from prunelib.model.adapter import ModelAdapter, rope
+from prunelib.pruning.registry import register
 
 
 def keep_count(n: int, sparsity: float) -> int:
@@ -136,7 +136,7 @@ class TokenPruner:
         self.kept = self.full = self.mask = self.rope = self.position_ids = self.filler = None
 
     def set_prompt_lengths(self, lengths) -> None:
-        """Per-row prompt lengths for the next forwards (see :mod:`prunelib.servinglm`); None: all input is prompt."""
+        """Per-row prompt lengths for the next forwards (see :mod:`prunelib.measure.servinglm`); None: all input is prompt."""
         self.prompt_lengths = lengths
 
     # --- per forward, at layer l -------------------------------------------
@@ -341,7 +341,7 @@ class TokenPrunedLayer:
         self.token_pruner.reset()
 
     def set_prompt_lengths(self, lengths) -> None:
-        """Where each row's prompt ends in the next forwards (:func:`prunelib.servinglm.prompt_lengths`)."""
+        """Where each row's prompt ends in the next forwards (:func:`prunelib.measure.servinglm.prompt_lengths`)."""
         self.token_pruner.set_prompt_lengths(lengths)
 
 

@@ -28,9 +28,9 @@ import math
 import torch
 from torch import nn
 
-from ..adapter import ModelAdapter
-from .registry import register
-from .surgery import slice_heads, slice_mlp
+from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.registry import register
+from prunelib.pruning.surgery import slice_heads, slice_mlp
 
 
 @torch.inference_mode()

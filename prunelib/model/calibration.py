@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import data_dir
+from prunelib.core.config import data_dir
 
 CALIBRATION_FILES = {
     "wikitext2": "wikitext2/wiki.valid.raw",
@@ -104,7 +104,7 @@ def layer0_inputs(model, calibration: CalibrationSet, batch_size: int = 4) -> li
     layer 0, so only the embeddings run. The keywords carry the mask and rotary
     embeddings; the cache is switched off.
     """
-    from .adapter import ModelAdapter
+    from prunelib.model.adapter import ModelAdapter
 
     layer0, dev, got = ModelAdapter(model).layers[0], next(model.parameters()).device, []
 
@@ -128,7 +128,7 @@ def layer0_inputs(model, calibration: CalibrationSet, batch_size: int = 4) -> li
 
 
 def _assert_disjoint_from_evaluation() -> None:
-    from .evaltasks import evaluation_files
+    from prunelib.core.evaltasks import evaluation_files
 
     clash = set(CALIBRATION_FILES.values()) & evaluation_files()
     if clash:  # a guard against a future edit of either table

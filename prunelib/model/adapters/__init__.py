@@ -6,7 +6,7 @@ Importing the package registers every family module in it (files are discovered,
 import importlib
 import pkgutil
 
-from .base import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, register_family  # noqa: F401
+from prunelib.model.adapters.base import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, register_family  # noqa: F401
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":

@@ -1,5 +1,5 @@
 """Llama: separate q/k/v/o and gate/up/down projections, no biases."""
-from .base import FamilyAdapter, register_family
+from prunelib.model.adapters.base import FamilyAdapter, register_family
 
 
 @register_family

@@ -49,7 +49,7 @@ def compact(task: str, samples: list[dict]) -> dict:
 
 def write(directory: str | os.PathLike, config_hash: str, payload: dict) -> Path:
     """Write one sidecar atomically (a temporary file renamed over the target): a whole file or none."""
-    from .evaltasks import _write_if_changed
+    from prunelib.core.evaltasks import _write_if_changed
 
     target = Path(directory) / f"{config_hash}.json"
     _write_if_changed(target, json.dumps(payload, separators=(",", ":")))

@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from .adapter import LayerShape, ModelAdapter
-from .hardware import HardwareSpec
+from prunelib.model.adapter import LayerShape, ModelAdapter
+from prunelib.cost.hardware import HardwareSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("prefill", "decode")

@@ -1,6 +1,7 @@
-"""Input checks, run before any work starts: the CLIs, the Python API and notebook parameters
-(papermill injects them) share them. Every error names the parameter, the value given and
-what is allowed, e.g. ``batches=0 is not allowed: expected integers >= 1``."""
+"""Input checks every layer shares (primitives and the model-shape checks), run before any work starts.
+Every error names the parameter, the value given and what is allowed, e.g.
+``batches=0 is not allowed: expected integers >= 1``. The run layer's checks (methods, presets,
+notebook parameters) are in :mod:`prunelib.run.checks`."""
 from __future__ import annotations
 
 import math
@@ -91,36 +92,6 @@ def sparsities(values) -> list[float]:
     return [float(v) for v in values]
 
 
-def methods(names) -> list[str]:
-    from .pruning import get, methods as registered
-
-    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__") or not list(names):
-        fail("methods", names, f"a non-empty list of method names from {registered()}")
-    for m in names:
-        if not isinstance(m, str):
-            fail("methods", m, f"method names from {registered()}")
-        get(m)  # names the registered ones
-    return list(names)
-
-
-def options(names, opts: dict) -> None:
-    """Every option must be declared by every method it goes to (``prune(..., **options)``)."""
-    from .pruning.registry import check_options
-
-    for m in names:
-        check_options(m, opts)
-
-
-def method_sparsities(names, values, model) -> None:
-    """Each (method, sparsity) within the method's range on ``model`` (its unit, and never emptying a
-    whole sublayer type)."""
-    from .pruning.registry import check_sparsity
-
-    for m in names:
-        for s in values:
-            check_sparsity(m, s, model)
-
-
 def max_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
@@ -139,7 +110,7 @@ def lengths_fit(values, config, phase_list=PHASES) -> None:
 
 
 def timing_args(base_model, phase, batch, length, reps_=None, cand_model=None) -> None:
-    """What :func:`prunelib.timing.compare` / ``measure`` need: a phase, batch and length >= 1 within the
+    """What :func:`prunelib.measure.timing.compare` / ``measure`` need: a phase, batch and length >= 1 within the
     model's positions, reps >= 2, and two models over the same vocabulary."""
     if phase not in PHASES:
         fail("phase", phase, f"one of {list(PHASES)}")
@@ -162,31 +133,6 @@ def _vocab(model) -> int:
     return int(emb.num_embeddings) if emb is not None else int(model.config.vocab_size)
 
 
-def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(512,), reps_=20, preset=None,
-             calib_n=32, calib_len=256, seed=0, options_=None) -> None:
-    """Everything of an experiment sweep that can be checked without the model (see :func:`model_args`)."""
-    from . import quality
-
-    methods(methods_)
-    options(methods_, options_ or {})
-    sparsities(sparsities_)
-    phases(phases_)
-    integers("batches", batches)
-    integers("lengths", lengths)
-    reps(reps_)
-    if preset is not None and preset not in quality.PRESETS:
-        fail("preset", preset, f"one of {sorted(quality.PRESETS)} or None (no quality)")
-    integer("calib_n", calib_n)
-    integer("calib_len", calib_len)
-    integer("seed", seed, 0)
-
-
-def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
-    """The checks that need the model: each method's sparsity range, lengths within its positions."""
-    method_sparsities(methods_, sparsities_, model)
-    lengths_fit(lengths, model.config, phases_)
-
-
 def csv(name: str, text: str, convert=str) -> list:
     """A comma-separated command-line list, each item converted; a bad item is named with its parameter."""
     out = []
@@ -198,48 +144,3 @@ def csv(name: str, text: str, convert=str) -> list:
             kind = {int: "integers", float: "numbers"}.get(convert, "values")
             fail(name, item, f"comma-separated {kind}")
     return out
-
-
-def parameters(**p) -> None:
-    """Notebook parameters (the first cell): unknown names are ignored, known ones must be valid."""
-    from . import hardware, quality
-    from .models import resolve_device, resolve_dtype
-
-    for name, v in p.items():
-        if name == "model" and not isinstance(v, str):
-            fail("model", v, "a model name or path (str)")
-        elif name == "device":
-            resolve_device(v)
-        elif name == "dtype":
-            resolve_dtype(v, p.get("device", "cpu"))
-        elif name == "methods":
-            methods(v)
-        elif name == "sparsities":
-            sparsities(v)
-        elif name in ("batches", "lengths"):
-            integers(name, v)
-        elif name == "reps":
-            reps(v)
-        elif name in ("calib_n", "calib_len"):
-            integer(name, v)
-        elif name == "limit":
-            limit(v)
-        elif name == "phases":
-            phases(v)
-        elif name == "quality_preset":
-            if v and v not in quality.PRESETS:
-                fail(name, v, f"one of {sorted(quality.PRESETS)} or None")
-        elif name == "timing_mode":
-            from .timing import MODES
-
-            if v is not None and v not in MODES:
-                fail(name, v, f"None (the device's default) or one of {list(MODES)}")
-        elif name == "hardware_spec":
-            if v != "cpu" and v not in hardware.KNOWN:
-                fail(name, v, f"'cpu' or one of {sorted(hardware.KNOWN)}")
-        elif name == "long_context_docs":
-            integer(name, v, 0, why=" (0 skips)")
-        elif name in ("bands", "fine_bands"):
-            if not isinstance(v, (list, tuple)) or not all(
-                    isinstance(b, (list, tuple)) and len(b) == 2 and b[0] <= b[1] for b in v):
-                fail(name, v, "a list of [low, high] percent pairs with low <= high")

@@ -8,7 +8,7 @@ After head slicing an attention layer gets its own copy of the config with its h
 """
 import copy
 
-from .base import FamilyAdapter, out_features, register_family
+from prunelib.model.adapters.base import FamilyAdapter, out_features, register_family
 
 
 @register_family

@@ -1,5 +1,5 @@
 """Qwen2: the Llama layout with biases on the q, k and v projections."""
-from .base import FamilyAdapter, register_family
+from prunelib.model.adapters.base import FamilyAdapter, register_family
 
 
 @register_family

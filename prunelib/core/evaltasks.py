@@ -2,7 +2,7 @@
 
 The Hugging Face Hub is not reachable where prunelib runs, so the stock lm-eval
 tasks (which call ``datasets.load_dataset("allenai/ai2_arc", ...)`` and friends)
-cannot load. This module turns the offline data kit (``prunelib.config.data_dir()``,
+cannot load. This module turns the offline data kit (``prunelib.core.config.data_dir()``,
 described in its ``SOURCES.md``) into lm-eval task YAMLs that keep the stock
 task names, prompts, targets, metrics and aggregation, and change only where
 the documents come from.
@@ -82,8 +82,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import cache_dir
-from .config import data_dir as default_data_dir
+from prunelib.core.config import cache_dir
+from prunelib.core.config import data_dir as default_data_dir
 
 __all__ = ["OFFLINE_TASKS", "BLIMP_TASKS", "prepare_tasks", "task_manager"]
 
@@ -247,7 +247,7 @@ def _expand(tasks: str | Iterable[str]) -> tuple[list[str], bool]:
     if unknown:
         raise ValueError(
             f"unknown offline task(s) {unknown}; allowed: {list(OFFLINE_TASKS)} "
-            f"or one of the 67 blimp_<paradigm> names (prunelib.evaltasks.BLIMP_TASKS)"
+            f"or one of the 67 blimp_<paradigm> names (prunelib.core.evaltasks.BLIMP_TASKS)"
         )
     leaves: list[str] = []
     for n in names:
@@ -283,7 +283,7 @@ def _folder(ddir: Path) -> Path:
 
 
 def _yaml_text(include: Path, body: dict) -> str:
-    head = "# Written by prunelib.evaltasks: the stock lm-eval task, read from local files.\n"
+    head = "# Written by prunelib.core.evaltasks: the stock lm-eval task, read from local files.\n"
     return head + yaml.safe_dump({"include": str(include), **body}, sort_keys=False, allow_unicode=True)
 
 
@@ -326,7 +326,7 @@ def prepare_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None
     Args:
         tasks: names from :data:`OFFLINE_TASKS` (``"blimp"`` = the group and its 67
             tasks) or individual ``blimp_<paradigm>`` names.
-        data_dir: the offline data kit; default ``prunelib.config.data_dir()``
+        data_dir: the offline data kit; default ``prunelib.core.config.data_dir()``
             (env ``PRUNELIB_DATA``).
 
     Returns:
@@ -408,6 +408,6 @@ def task_manager(tasks: str | Iterable[str], offline: bool = True, data_dir: str
 def evaluation_files() -> set[str]:
     """Every data-kit file (relative to the data dir) that some evaluation task reads.
 
-    Calibration must never read one of these (see :mod:`prunelib.calibration`).
+    Calibration must never read one of these (see :mod:`prunelib.model.calibration`).
     """
     return {f for spec in _SPECS.values() for f in spec.files}

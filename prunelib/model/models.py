@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ModelAdapter
-from .config import cache_dir
+from prunelib.model.adapter import ModelAdapter
+from prunelib.core.config import cache_dir
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = (EMBEDDED, "embedded", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -115,7 +115,7 @@ def embedded_path() -> Path:
 
 
 def _is_checkpoint(name) -> bool:
-    from .checkpoint import STRUCTURE_FILE
+    from prunelib.model.checkpoint import STRUCTURE_FILE
 
     folder = Path(name)
     return (folder / STRUCTURE_FILE).exists() or (folder / "prunelib_structure.pt").exists()
@@ -190,14 +190,14 @@ def save_pruned(model, path, tokenizer=None) -> Path:
     temporary name and renamed, so a failure leaves nothing behind. ``tokenizer`` is optional
     (random-weight models have none): pass one to :func:`load_model`'s caller separately.
     """
-    from . import checkpoint
+    from prunelib.model import checkpoint
 
     return checkpoint.save(model, path, tokenizer)
 
 
 def load_pruned(path):
     """The model saved by :func:`save_pruned` (on CPU, eval mode); no code is unpickled."""
-    from . import checkpoint
+    from prunelib.model import checkpoint
 
     return checkpoint.load(path)
 

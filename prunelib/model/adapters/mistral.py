@@ -1,5 +1,5 @@
 """Mistral: the Llama layout (sliding-window attention is the attention kernel's business)."""
-from .base import FamilyAdapter, register_family
+from prunelib.model.adapters.base import FamilyAdapter, register_family
 
 
 @register_family

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, family_adapter  # noqa: F401
-from .adapters.base import out_features
+from prunelib.model.adapters import ATTN_ROLES, FAMILIES, MLP_ROLES, FamilyAdapter, LayoutError, Removed, family_adapter  # noqa: F401
+from prunelib.model.adapters.base import out_features
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 #: the Llama layout's projection names: the labels of a layer's GEMMs when a LayerShape does not give its own

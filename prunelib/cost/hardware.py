@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .config import cache_dir
+from prunelib.core.config import cache_dir
 
 T = 1e12
 STALE_S = 24 * 3600.0  # a measured spec older than this is measured again
@@ -182,7 +182,7 @@ def measure_cpu(threads: int | None = None, size_mb: int = 256, gemm_n: int = 10
                                        (("float32", torch.float32), ("bfloat16", torch.bfloat16)))
     finally:
         torch.set_num_threads(old)
-    return HardwareSpec(f"cpu ({cpu_name()}, {threads} threads)", peaks, bw, "measured by prunelib.hardware.measure_cpu",
+    return HardwareSpec(f"cpu ({cpu_name()}, {threads} threads)", peaks, bw, "measured by prunelib.cost.hardware.measure_cpu",
                         _stamp(dict(extra, threads=threads, device="cpu"), seconds), measured=True)
 
 
@@ -193,7 +193,7 @@ def measure_gpu(device="cuda", size_mb: int = 1024, gemm_n: int = 8192, seconds:
     bw, peaks, extra = _microbench(dev, size_mb, gemm_n, seconds, (("float32", torch.float32),
                                    ("bfloat16", torch.bfloat16), ("float16", torch.float16)))
     sparse = torch.cuda.get_device_capability(dev) >= (8, 0)
-    return HardwareSpec(f"gpu ({name}, measured)", peaks, bw, "measured by prunelib.hardware.measure_gpu (no datasheet "
+    return HardwareSpec(f"gpu ({name}, measured)", peaks, bw, "measured by prunelib.cost.hardware.measure_gpu (no datasheet "
                         f"entry for {name!r}; known: {sorted(GPU_NAMES)})",
                         _stamp(dict(extra, device=str(dev), gpu=name), seconds), sparse24=sparse, measured=True)
 

@@ -1,6 +1,6 @@
 """The GEMM-centric taxonomy: which of M, N, K a method shrinks, statically or dynamically.
 
-Every linear layer is a GEMM ``Y[M,N] = X[M,K] @ W[K,N]`` (see :mod:`prunelib.costmodel`).
+Every linear layer is a GEMM ``Y[M,N] = X[M,K] @ W[K,N]`` (see :mod:`prunelib.cost.costmodel`).
 A cell names what is removed, the GEMM dimensions that shrink, and the unit its
 "sparsity" counts (the fraction of that unit removed). :func:`sparsity_label` says in words
 what one sparsity of a cell means, for tables and plots: 2:4 below 0.5 is 2:4 on a

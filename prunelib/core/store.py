@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import results_dir
+from prunelib.core.config import results_dir
 
 COLUMNS = ("model", "cell", "method", "sparsity", "phase", "batch", "length", "device", "dtype",
            "metric", "value", "ci_low", "ci_high", "bound", "n", "config_hash", "versions", "timestamp", "extra")
@@ -83,7 +83,7 @@ def make_row(**fields) -> dict:
 
 
 class ResultsStore:
-    """Append-only JSONL store (default ``data/results.jsonl``, see prunelib.config)."""
+    """Append-only JSONL store (default ``data/results.jsonl``, see prunelib.core.config)."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else results_dir() / "results.jsonl"

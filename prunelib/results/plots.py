@@ -5,7 +5,7 @@ pyplot's global state, so nothing here picks a backend in a user's kernel: a not
 cell that ends with one of these calls shows the figure once, a script just saves it.
 
 - :func:`pareto_figures`: every Pareto figure of a set of points (from
-  :func:`prunelib.pareto.points`), one per shape, via :func:`pareto_plotly` and
+  :func:`prunelib.results.pareto.points`), one per shape, via :func:`pareto_plotly` and
   :func:`pareto_static`; both uncertainties as error bars.
 - :func:`memory_vs_loss`: weights and peak memory relative to dense against quality cost.
 - :func:`speedup_vs_bound`, :func:`speed_vs_loss`, :func:`realised_vs_target`: the three
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import REPO_ROOT
-from .taxonomy import CELLS
+from prunelib.core.config import REPO_ROOT
+from prunelib.cost.taxonomy import CELLS
 
 
 def figures_dir() -> Path:
@@ -64,7 +64,7 @@ def pareto_plotly(pts: pd.DataFrame, front: pd.DataFrame, title: str):
     dashed line; the roofline bound of every point as an open marker; hover says what s removes."""
     import plotly.graph_objects as go
 
-    from .pareto import x_label
+    from prunelib.results.pareto import x_label
 
     fig = go.Figure()
     for method, g in pts.groupby("method"):
@@ -94,7 +94,7 @@ def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path
     layers is written beside its point."""
     import seaborn as sns
 
-    from .pareto import x_label
+    from prunelib.results.pareto import x_label
 
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
@@ -115,7 +115,7 @@ def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path
 def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
     """One Pareto figure per (phase, batch, length, timing mode) of ``pts``, each saved as
     ``figures/pareto_<phase>_B<b>_S<s>[_<mode>][_<x>].html|png``; returns the plotly figures by that key."""
-    from .pareto import X_METRICS, frontier
+    from prunelib.results.pareto import X_METRICS, frontier
 
     short = {metric: x for x, metric in X_METRICS.items()}
     figs = {}
@@ -132,7 +132,7 @@ def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
 def memory_vs_loss(pts: pd.DataFrame, path: Path | None = None):
     """Memory relative to dense against quality cost (with its CI): weight bytes (o) and the peak
     measured in decode (x, one per batch and length); None when no memory was stored."""
-    from .pareto import x_label
+    from prunelib.results.pareto import x_label
 
     weights = pts.dropna(subset=["weight_ratio"]).drop_duplicates(["method", "sparsity", "seed", "options"])
     peak = pts[pts.phase == "decode"].dropna(subset=["mem_ratio"])

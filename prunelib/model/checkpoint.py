@@ -40,7 +40,7 @@ FORMAT = 1
 STRUCTURE_FILE = "prunelib_structure.json"
 STATE_FILE = "prunelib_state.safetensors"
 WEIGHTS_FILE = "model.safetensors"
-LOADER = "prunelib.models.load_pruned"
+LOADER = "prunelib.model.models.load_pruned"
 STUB_MODEL_TYPE = f"prunelib-pruned (not a transformers model: load it with {LOADER})"
 ALLOWED_MODULES = ("prunelib.", "transformers.", "torch.")
 _INTERNAL = set(nn.Module().__dict__)  # nn.Module bookkeeping, rebuilt on load
@@ -330,7 +330,7 @@ def _contiguous(tensors: dict) -> dict:
 
 def plain_config(model: nn.Module):
     """The transformers config that represents ``model`` exactly, or None if none does."""
-    from .adapter import ModelAdapter
+    from prunelib.model.adapter import ModelAdapter
 
     a = ModelAdapter(model)
     shapes = a.layer_shapes()
@@ -410,7 +410,7 @@ def load(path) -> nn.Module:
         if (path / "prunelib_structure.pt").exists():
             raise CheckpointError(f"{path} was saved by an older prunelib as a pickle (prunelib_structure.pt), which is "
                                   "not loaded because unpickling can run code; prune and save it again")
-        raise CheckpointError(f"{path} has no {STRUCTURE_FILE}: not a checkpoint written by prunelib.models.save_pruned")
+        raise CheckpointError(f"{path} has no {STRUCTURE_FILE}: not a checkpoint written by prunelib.model.models.save_pruned")
     s = json.loads((path / STRUCTURE_FILE).read_text())
     if s.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {s.get('format')!r} is not supported (this prunelib reads {FORMAT})")

@@ -1,0 +1,131 @@
+"""Time prefill (TTFT) and decode (TPOT): one model (:func:`measure`) or two interleaved (:func:`compare`).
+
+Noisy machines: :func:`compare` runs two models as adjacent pairs in ABBA order, the speedup
+is the median of the per-pair ratios with a bootstrap 95% CI over pairs, and with a
+``target`` it adds pairs until the CI half-width reaches it or a time budget runs out.
+What is timed (workloads, modes, timers) is :mod:`prunelib.measure.workload`; the statistics are
+:mod:`prunelib.measure.stats`; memory is :mod:`prunelib.measure.memory`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from prunelib.core import validate
+
+from prunelib.measure.memory import Footprint, footprint, predicted_memory  # noqa: F401
+from prunelib.measure.stats import Comparison, Latency, bootstrap_ratio_ci, paired_ratio_ci  # noqa: F401
+from prunelib.measure.workload import (BUDGET_S, CI_TARGETS, MODES, PHASES, CpuTimer, CudaTimer, Workload,  # noqa: F401
+                                      allowed_modes, choose_mode, timer_for, _device, _tokens)
+
+
+def _sample(timer, work: Workload) -> float:
+    t = timer(work)
+    work.reset()
+    return t
+
+
+# --- measurement --------------------------------------------------------------------
+@dataclass
+class Timing:
+    phase: str
+    batch: int
+    length: int
+    device: str
+    latency: Latency
+    mode: str = "eager"
+
+
+def measure(model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3, timer=None, seed: int = 0,
+            mode: str = "eager", text: torch.Tensor | None = None, compile_backend: str = "inductor") -> Timing:
+    """TTFT (phase="prefill") or TPOT (phase="decode") of one model, raw samples kept."""
+    validate.timing_args(model, phase, batch, length, reps)  # before any work: names the bad argument
+    timer = timer or timer_for(_device(model))
+    with timer.session():
+        work = Workload(model, phase, batch, length, seed=seed, mode=mode, text=text, compile_backend=compile_backend)
+        for _ in range(warmup):
+            _sample(timer, work)
+        lat = Latency([_sample(timer, work) for _ in range(reps)])
+    return Timing(phase, batch, length, str(_device(model)), lat, mode)
+
+
+def sweep(model, phases=PHASES, batches=(1,), lengths=(512,), **kw):
+    """Timings for every (phase, batch, length) combination, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    combos = [(p, b, s) for p in phases for b in batches for s in lengths]
+    return [measure(model, p, b, s, **kw) for p, b, s in tqdm(combos, desc="timing", leave=False)]
+
+
+def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
+            timer=None, seed: int = 0, mode: str = "eager", text: torch.Tensor | None = None,
+            target: float | str | None = None, budget_s: float = BUDGET_S, max_reps: int = 5000,
+            compile_backend: str = "inductor") -> Comparison:
+    """Time two models as ABBA pairs and return the speedup of ``cand`` over ``base``.
+
+    ``reps``: pairs to run (with a ``target``: the minimum). ``target``: relative CI
+    half-width to reach, e.g. 0.03, or ``"auto"`` for :data:`CI_TARGETS` of the phase;
+    pairs are added until it is reached, ``budget_s`` seconds of timed loop have passed,
+    or ``max_reps`` pairs were run, whichever comes first (``Comparison.stop`` says which).
+    """
+    validate.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
+    if target == "auto":
+        target = CI_TARGETS[phase] if phase in CI_TARGETS else None
+    if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"target must be a relative CI half-width in (0, 1) or 'auto', got {target!r}")
+    if not isinstance(reps, int) or reps < 2:
+        raise ValueError(f"reps must be an integer >= 2, got {reps!r}")
+    timer = timer or timer_for(_device(base_model))
+    kw = dict(seed=seed, mode=mode, text=text, compile_backend=compile_backend)
+    with timer.session():
+        wa = Workload(base_model, phase, batch, length, **kw)
+        wb = Workload(cand_model, phase, batch, length, **kw)
+        for _ in range(warmup):
+            _sample(timer, wa), _sample(timer, wb)
+        ta, tb = [], []
+        t0, stop, check_at = time.perf_counter(), "fixed repetitions", reps
+        while True:
+            r = len(ta)
+            if r % 2 == 0:
+                ta.append(_sample(timer, wa)); tb.append(_sample(timer, wb))
+            else:
+                tb.append(_sample(timer, wb)); ta.append(_sample(timer, wa))
+            n = len(ta)
+            if target is None:
+                if n >= reps:
+                    break
+                continue
+            if n >= check_at:
+                sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
+                if (hi - lo) / 2 / sp <= target:
+                    stop = f"target ±{target:.0%} reached"
+                    break
+                check_at = n + max(2, n // 10)
+            if n >= reps and time.perf_counter() - t0 > budget_s:
+                stop = f"time budget {budget_s:.0f} s spent"
+                break
+            if n >= max_reps:
+                stop = f"max_reps {max_reps} reached"
+                break
+        seconds = time.perf_counter() - t0
+    sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
+    return Comparison(phase, batch, length, Latency(ta), Latency(tb), sp, lo, hi, mode, target, stop, seconds)
+
+
+def achieved_bandwidth(model, timing: Timing) -> float:
+    """Bytes the GEMMs of this step must move (cost model) divided by its median time, in bytes/s."""
+    from prunelib.cost.costmodel import ModelShape, cost
+    from prunelib.cost.hardware import HardwareSpec
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dummy = HardwareSpec("n/a", {dtype: 1.0}, 1.0)
+    c = cost(ModelShape.of(model), timing.phase, timing.batch, timing.length, dtype, dummy)
+    return c.bytes / timing.latency.median
+
+
+# --- memory -------------------------------------------------------------------------
