@@ -30,7 +30,7 @@ def test_frontier_respects_both_uncertainties():
         dict(method="e", sparsity=0.3, speedup=1.45, ci_low=1.3, ci_high=1.6, loss=10.0, half=2),  # less loss: beats d
         dict(method="f", sparsity=0.3, speedup=1.9, ci_low=1.8, ci_high=2.0, loss=12.0, half=10),  # faster, not d-worse
     ])
-    assert set(pareto.frontier(df).method) == {"a", "b", "e", "f"}
+    assert set(pareto.frontier(df).method) == {"a", "b", "e", "f", "dense"}
     rec = df.set_index("method").to_dict("index")
     assert pareto.beats(rec["e"], rec["d"])  # same speed (overlapping CIs), significantly less loss
     assert not pareto.beats(rec["f"], rec["e"])  # much faster but more loss (point estimate): never a beat
@@ -43,8 +43,36 @@ def test_points_slower_than_dense_leave_the_frontier():
         dict(method="even", sparsity=0.25, speedup=0.98, ci_low=0.9, ci_high=1.1, loss=2.0, half=3),
         dict(method="fast", sparsity=0.25, speedup=1.3, ci_low=1.2, ci_high=1.4, loss=10.0),
     ])
-    assert set(pareto.frontier(df).method) == {"even", "fast"}  # dense (1.0x, no loss) beats 'slow'
+    assert set(pareto.frontier(df).method) == {"even", "fast", "dense"}  # dense (1.0x, no loss) beats 'slow'
     assert pareto.best_per_band(df, [(0, 4), (5, 16)]).vs_dense.tolist() == ["tie", "faster"]
+
+
+def test_dense_is_a_frontier_row_of_every_shape():
+    df = pd.concat([pts([dict(method="a", sparsity=0.1, speedup=1.2, ci_low=1.1, ci_high=1.3, loss=2.0)]),
+                    pts([dict(method="a", sparsity=0.1, speedup=1.1, ci_low=1.0, ci_high=1.2, loss=2.0, length=2048)])],
+                   ignore_index=True)
+    f = pareto.frontier(df)
+    d = f[f.method == "dense"]
+    assert sorted(d.length) == [512, 2048] and (d.speedup == 1.0).all() and (d.loss == 0.0).all()
+
+
+def test_significantly_slower_than_dense_leaves_even_at_a_negative_loss():
+    df = pts([dict(method="neg", sparsity=0.1, speedup=0.8, ci_low=0.75, ci_high=0.85, loss=-1.0, half=2)])
+    assert set(pareto.frontier(df).method) == {"dense"}
+    # unless its quality is significantly better than dense's: then it is a trade-off, not beaten
+    df = pts([dict(method="better", sparsity=0.1, speedup=0.8, ci_low=0.75, ci_high=0.85, loss=-5.0, half=2)])
+    assert set(pareto.frontier(df).method) == {"better", "dense"}
+
+
+def test_the_ci_decides_against_dense_not_the_point_estimate():
+    # the same CI around 1.0 and the same significant loss: both leave (neither buys anything provable)
+    df = pts([dict(method="below", sparsity=0.1, speedup=0.99, ci_low=0.9, ci_high=1.08, loss=5.0, half=2),
+              dict(method="above", sparsity=0.1, speedup=1.01, ci_low=0.92, ci_high=1.1, loss=5.0, half=2)])
+    assert set(pareto.frontier(df).method) == {"dense"}
+    # and with a loss CI that holds 0 both stay
+    df = pts([dict(method="below", sparsity=0.1, speedup=0.99, ci_low=0.9, ci_high=1.08, loss=1.0, half=2),
+              dict(method="above", sparsity=0.1, speedup=1.01, ci_low=0.92, ci_high=1.1, loss=1.0, half=2)])
+    assert set(pareto.frontier(df).method) == {"below", "above", "dense"}
 
 
 def test_best_per_band_names_every_tied_method():
@@ -126,7 +154,8 @@ point = st.fixed_dictionaries(dict(
 @given(st.lists(point, min_size=1, max_size=12))
 def test_frontier_properties(raw):
     df = pts([dict(r, ci_low=r["speedup"] - r["spread"], ci_high=r["speedup"] + r["spread"]) for r in raw])
-    f = pareto.frontier(df)
+    f = pareto.frontier(df, dense=False)
+    assert len(pareto.frontier(df)) == len(f) + 1  # one shape: its dense point is on the frontier too
     recs = df.to_dict("records")
     for idx in df.index.difference(f.index):  # every dropped point is beaten by someone, or by dense
         assert any(pareto.beats(q, recs[idx]) for q in recs + [pareto.DENSE])

@@ -221,8 +221,10 @@ def test_paired_bootstrap_equals_a_plain_loop():
     pairs["c"][0][:] = 1.0  # keep every dense mean positive
     iters, seed = 300, 42
     got = quality.paired_bootstrap(pairs, iters=iters, seed=seed)
-    rng = np.random.default_rng(seed)
-    draws = {t: rng.integers(0, len(d), size=(iters, len(d))) for t, (d, _) in pairs.items()}
+    import zlib
+
+    draws = {t: np.random.default_rng([seed, zlib.crc32(t.encode())]).integers(0, len(d), size=(iters, len(d)))
+             for t, (d, _) in pairs.items()}  # each task its own stream
     overall = []
     for i in range(iters):
         drops = []
@@ -328,3 +330,42 @@ def test_what_if_cli_refuses_malformed_pairs(capsys):
     with pytest.raises(SystemExit) as e:
         quality.main(["--what-if", "arc_easy:160"])
     assert e.value.code == 2 and "expected TASK=N pairs" in capsys.readouterr().err
+
+
+def test_the_same_documents_give_the_same_ci_in_any_task_order():
+    import numpy as np
+
+    g = np.random.default_rng(3)
+    pairs = {t: ((g.random(40) < 0.7).astype(float), (g.random(40) < 0.5).astype(float)) for t in ("a", "b", "c")}
+    forward = quality.paired_bootstrap(pairs, iters=400, seed=1)
+    backward = quality.paired_bootstrap(dict(reversed(list(pairs.items()))), iters=400, seed=1)
+    assert forward["ci"] == pytest.approx(backward["ci"], abs=1e-12)
+    alone = quality.paired_bootstrap({"b": pairs["b"]}, iters=400, seed=1)
+    assert alone["per_task"]["b"] == pytest.approx(forward["per_task"]["b"], abs=1e-12)  # b's draws ignore a and c
+
+
+def test_what_if_ignores_scores_of_an_older_code_version(tmp_path, monkeypatch):
+    """A dynamic method's score is keyed by its code version: an older forward's score, even with more documents,
+    is not today's model (it changed a what-if loss from 37.5 to 100)."""
+    from prunelib.measure import lossstats, samples
+
+    store = ResultsStore(tmp_path / "r.jsonl")
+    folder = samples.folder(store.path)
+    n_docs = {"dense": 8, "old": 12, "new": 8}
+    outcomes = {"dense": [1.0] * 12, "old": [0.0] * 12, "new": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]}
+    rows = []
+    for who, code, method in (("dense", None, "dense"), ("old", "old-code", "dyn_depth_router"),
+                              ("new", "new-code", "dyn_depth_router")):
+        n = n_docs[who]
+        h = f"h-{who}"
+        samples.write(folder, h, {"task": "piqa", "doc_ids": list(range(n)), "doc_hashes": ["x"] * n,
+                                  "outcomes": {"acc": outcomes[who][:n]}})
+        rows.append(dict(model="m", method=method, cell="dense" if who == "dense" else "dynamic_depth",
+                         sparsity=0.0 if who == "dense" else 0.25, phase="quality", device="cpu", dtype="float32",
+                         metric="piqa/acc", value=sum(outcomes[who][:n]) / n, n=n, config_hash=h,
+                         extra=dict(task="piqa", limit=n, fingerprint="fp-dense" if who == "dense" else "fp-dyn",
+                                    code=code, seconds=1.0)))
+    store.append(rows)
+    monkeypatch.setattr(lossstats, "code_version_of", lambda methods: "new-code")
+    got = quality.what_if({"piqa": 8}, store, model="m")
+    assert got.loss_pct.tolist() == pytest.approx([25.0])  # the new code's 2 misses of 8, not the old 8 of 8

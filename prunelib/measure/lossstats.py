@@ -11,6 +11,7 @@ and is all a score without per-document outcomes gets (labelled ``unpaired``).
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,9 @@ import pandas as pd
 from prunelib.core.store import ResultsStore
 from prunelib.core.validate import InputError
 from prunelib.measure import samples
-from prunelib.measure.scoring import (BOOTSTRAP_ITERS, CHOSEN_METRIC, PERPLEXITY_METRIC, PERPLEXITY_TASK)
+from prunelib.measure.scoring import (BOOTSTRAP_ITERS, CHOSEN_METRIC, PERPLEXITY_METRIC, PERPLEXITY_TASK,
+                                      code_version_of)
+from prunelib.pruning import REGISTRY
 
 
 def _check_complete(d: pd.DataFrame, p: pd.DataFrame, tasks=None) -> None:
@@ -130,9 +133,9 @@ def paired_bootstrap(pairs: dict, iters: int = BOOTSTRAP_ITERS, seed: int = 0, l
     """Percentile CI of the relative drop (%) under a paired bootstrap over documents.
 
     ``pairs`` maps task -> (dense outcomes, pruned outcomes), aligned by document. Each
-    iteration draws, for each task in the given order and independently, ``n_task``
-    document indices with replacement (``numpy.random.default_rng(seed).integers``, one
-    ``[iters, n]`` draw per task), the *same* indices for both models; the task's drop is
+    iteration draws, for each task independently, ``n_task`` document indices with replacement
+    (one ``[iters, n]`` draw per task from its own stream, :func:`task_rng`), the *same*
+    indices for both models; the task's drop is
     100 (mean dense - mean pruned) / mean dense on them, the overall drop the mean over
     tasks. A resample whose dense mean is 0 has no relative drop (NaN, counted in
     ``undefined``) and is left out of the percentiles.
@@ -166,12 +169,13 @@ def _drop(dense_mean, pruned_mean):
 
 def _resampled(groups: dict, iters: int, seed: int, statistic) -> dict:
     """Per task, ``statistic(dense means, [other models' means])`` over ``iters`` resamples of its documents,
-    the same indices for every model (``default_rng(seed).integers``, one ``[iters, n]`` draw per task, in order)."""
+    the same indices for every model. Each task has its own stream (:func:`task_rng`), so the same documents give
+    the same CI whatever the order or set of tasks around them (quality_loss and what_if agree)."""
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
-    rng = np.random.default_rng(seed)
     out = {}
     for task, arrays in groups.items():
+        rng = task_rng(seed, task)
         arrays = [np.asarray(x, float) for x in arrays]
         if len({x.shape for x in arrays}) != 1 or arrays[0].ndim != 1 or not len(arrays[0]):
             raise ValueError(f"task {task!r}: dense and pruned need the same non-empty list of documents, "
@@ -179,6 +183,11 @@ def _resampled(groups: dict, iters: int, seed: int, statistic) -> dict:
         idx = rng.integers(0, len(arrays[0]), size=(iters, len(arrays[0])))
         out[task] = statistic(arrays[0][idx].mean(1), [x[idx].mean(1) for x in arrays[1:]])
     return out
+
+
+def task_rng(seed: int, task: str) -> np.random.Generator:
+    """The bootstrap's random stream of one task: seeded by (seed, a stable hash of the task's name)."""
+    return np.random.default_rng([int(seed), zlib.crc32(task.encode())])
 
 
 def _percentiles(x, level: float) -> tuple[float, float]:
@@ -218,6 +227,9 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
     df = df.assign(task=[x.get("task") for x in e], fp=[x.get("fingerprint") for x in e],
                    docs=[math.inf if x.get("limit") is None else x.get("limit") for x in e])
     df = df[[n >= limits[t] for n, t in zip(df.docs, df.task)]]  # a fraction < 1 of the documents never qualifies
+    # keyed like quality_loss: a dynamic method's score counts only under today's code (an older forward's is stale)
+    current = {m: (None if m == "dense" or m not in REGISTRY else code_version_of([m])) for m in set(df.method)}
+    df = df[[x.get("code") == current[m] for x, m in zip(df.extra, df.method)]]
     # per model and task, the stored score with the most documents (the latest on ties)
     df = df.sort_values(["docs", "timestamp"]).drop_duplicates(["model", "dtype", "fp", "task"], keep="last")
     by_model = {k: g.set_index("task") for k, g in df.groupby(["model", "dtype", "fp"]) if set(g.task) == set(limits)}

@@ -192,19 +192,30 @@ def code_version(model) -> str | None:
     A model's fingerprint hashes its config and weights. A static method's effect is all in
     them, but a dynamic method (routing, token pruning, sparse attention) acts in code, and its
     fingerprint does not change when that code does; so its cached scores are keyed by this
-    too: the source files of its method module and of the serving wrapper (where present).
+    too (:func:`code_version_of` its methods).
     """
+    entries = getattr(model.config, "prunelib_pruning", None) or []
+    return code_version_of([e["method"] for e in entries])
+
+
+def code_version_of(methods) -> str | None:
+    """The code version of models pruned by ``methods``: a hash of the source files of each dynamic method's module,
+    of the ``prunelib.pruning`` modules it takes its classes and functions from (a criterion, a serving module),
+    and of the serving wrapper; None when every method is static."""
     import hashlib
     import sys
     from pathlib import Path
 
     from prunelib.pruning import get
 
-    entries = getattr(model.config, "prunelib_pruning", None) or []
-    modules = sorted({get(e["method"]).fn.__module__ for e in entries if not get(e["method"]).cell.static})
-    if not modules:
+    mods = {get(m).fn.__module__ for m in methods if not get(m).cell.static}
+    if not mods:
         return None
-    files = [Path(sys.modules[m].__file__) for m in modules] + [Path(__file__).with_name("servinglm.py")]
+    deps = set(mods)
+    for m in mods:
+        deps |= {getattr(v, "__module__", None) for v in vars(sys.modules[m]).values()}
+    deps = sorted(d for d in deps if d and d.startswith("prunelib.pruning.") and d != "prunelib.pruning.registry")
+    files = [Path(sys.modules[m].__file__) for m in deps] + [Path(__file__).with_name("servinglm.py")]
     h = hashlib.sha256()
     for f in files:
         if f.is_file():

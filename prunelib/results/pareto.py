@@ -17,7 +17,7 @@ cost, point estimates) and *significantly* better on at least one: its speedup C
 wholly above p's, or its quality-cost CI lies wholly below p's. A point that only looks
 better (overlapping CIs on both axes) beats nothing, so ties stay on the frontier; the
 frontier keeps every point that no other point beats, nor the dense model itself (1.0x at
-zero loss): a point significantly slower than dense is never on it.
+zero loss, judged by the CIs: see :func:`beats`), and the dense point itself is on it.
 """
 from __future__ import annotations
 
@@ -130,12 +130,22 @@ def points(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFra
 
 
 def beats(q, p) -> bool:
-    """q is no worse than p on both axes and significantly better on one (its CI separates from p's)."""
+    """q is no worse than p on both axes and significantly better on one (its CI separates from p's).
+
+    Against the dense model (q is :data:`DENSE`) the CIs decide, never a point estimate against 1.0 or 0:
+    dense beats p unless p is significantly faster than dense or significantly better on quality, when p is
+    significantly slower or significantly worse (so 0.99x and 1.01x with the same CI fare alike, and a point
+    significantly slower than dense leaves even when its loss estimate is negative).
+    """
+    if q is DENSE or q.get("method") == "dense":
+        p_faster, p_better = p["ci_low"] > 1, p["loss_high"] < 0
+        return bool(not p_faster and not p_better and (p["ci_high"] < 1 or p["loss_low"] > 0))
     no_worse = q["speedup"] >= p["speedup"] and q["loss"] <= p["loss"]
     return bool(no_worse and (q["ci_low"] > p["ci_high"] or q["loss_high"] < p["loss_low"]))
 
 
-DENSE = {"speedup": 1.0, "ci_low": 1.0, "ci_high": 1.0, "loss": 0.0, "loss_low": 0.0, "loss_high": 0.0}
+DENSE = {"method": "dense", "sparsity": 0.0, "cell": "dense", "label": "dense", "speedup": 1.0, "ci_low": 1.0,
+         "ci_high": 1.0, "bound": 1.0, "loss": 0.0, "loss_low": 0.0, "loss_high": 0.0}
 
 
 def vs_dense(p) -> str:
@@ -143,16 +153,23 @@ def vs_dense(p) -> str:
     return "faster" if p["ci_low"] > 1 else "slower" if p["ci_high"] < 1 else "tie"
 
 
-def frontier(pts: pd.DataFrame) -> pd.DataFrame:
+def frontier(pts: pd.DataFrame, dense: bool = True) -> pd.DataFrame:
     """The points that neither another point (of the same phase, batch, length, device, timing mode) nor the
-    dense model beats, by loss."""
-    keep = []
-    for _, group in pts.groupby([c for c in SHAPE if c in pts], dropna=False):
+    dense model beats, by loss; with ``dense``, each shape's dense point (1.0x at zero loss, ``method="dense"``)
+    is a row of its frontier too: not pruning is always on it."""
+    keep, rows_dense = [], []
+    shape = [c for c in SHAPE if c in pts]
+    for key, group in pts.groupby(shape, dropna=False):
         rows = group.to_dict("records")
         for idx, p in zip(group.index, rows):
             if not any(beats(q, p) for q in rows + [DENSE] if q is not p):
                 keep.append(idx)
-    return pts.loc[keep].sort_values(["phase", "batch", "length", "loss"])
+        rows_dense.append(dict(zip(shape, key if isinstance(key, tuple) else (key,))) | DENSE)
+    out = pts.loc[keep]
+    if dense and rows_dense:
+        extra = pd.DataFrame(rows_dense, index=[f"dense:{i}" for i in range(len(rows_dense))])
+        out = pd.concat([out, extra.reindex(columns=out.columns)]) if len(out) else extra.reindex(columns=pts.columns)
+    return out.sort_values(["phase", "batch", "length", "loss"]) if len(out) else out
 
 
 def _name(r) -> str:
