@@ -33,7 +33,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="prune, time and score; results go to the store")
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--methods", default="last_n,shortgpt,angular")
-    p.add_argument("--sparsities", default="0.1,0.25,0.4")
+    p.add_argument("--sparsities", default="0.1,0.25,0.4",
+                   help="comma-separated, in each method's unit, or 'ladder': every rung of each method's ladder")
     p.add_argument("--lengths", default="512")
     p.add_argument("--batches", default="1")
     p.add_argument("--reps", type=int, default=20)
@@ -60,7 +61,9 @@ def main(argv=None):
         return sweep.main(spec=a.spec, executor=a.executor, workers=a.workers, address=a.address)
     try:  # every argument checked before the model loads; the per-method ranges right after it (run)
         phases = () if a.phases == "none" else tuple(checks.csv("phases", a.phases))
-        methods, sparsities = checks.csv("methods", a.methods), checks.csv("sparsities", a.sparsities, float)
+        methods = checks.csv("methods", a.methods)
+        sparsities = (checks.LADDER if a.sparsities.strip() == checks.LADDER
+                      else checks.csv("sparsities", a.sparsities, float))
         batches, lengths = checks.csv("batches", a.batches, int), checks.csv("lengths", a.lengths, int)
         options = {"round_to": a.round_to} if a.round_to is not None else {}
         preset = None if a.preset == "none" else a.preset

@@ -254,3 +254,17 @@ def test_shipped_specs_are_valid():
     assert specs
     for path in specs:
         assert sweep.jobs(sweep.load_spec(path))
+
+
+def test_ladder_spec_expands_each_methods_rungs_and_random_baselines_get_five_seeds(tmp_path, tiny_dir, plugin):
+    path = write_spec(tmp_path, tiny_dir, plugin, methods=["last_n", "depth_random"], sparsities="ladder")
+    spec = sweep.load_spec(path)
+    js = [j for j in sweep.jobs(spec) if j.method != "dense"]
+    crit = sorted((j.sparsity, j.seed) for j in js if j.method == "last_n")
+    rand = sorted((j.sparsity, j.seed) for j in js if j.method == "depth_random")
+    assert crit == [(0.25, 0), (0.5, 0), (0.75, 0)]  # 1, 2, 3 of the tiny model's 4 layers
+    assert rand == [(s, seed) for s in (0.25, 0.5, 0.75) for seed in range(5)]  # one draw decides nothing
+    assert len({j.key for j in js}) == len(js)
+    path = write_spec(tmp_path, tiny_dir, plugin, methods=["depth_random"], sparsities=[0.25], baseline_seeds=2,
+                      seeds=[7])
+    assert sorted(j.seed for j in sweep.jobs(sweep.load_spec(path)) if j.method != "dense") == [0, 1, 7]

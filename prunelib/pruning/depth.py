@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.ladders import layers, whole
 from prunelib.pruning.registry import register
 from prunelib.pruning.surgery import remove_layers, remove_sublayers
 
@@ -87,7 +88,7 @@ LAYERS, ATTN, MLP = "decoder layers", "attention sublayers", "MLP sublayers"
 
 
 @register("shortgpt", "static_depth", "lowest Block Influence 1 - cos(h_in, h_out) on calibration data",
-          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers)
+          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers, ladder=whole(layers))
 def shortgpt(model, sparsity, ctx):
     n = _count(model, sparsity)
     if n == 0:
@@ -98,7 +99,7 @@ def shortgpt(model, sparsity, ctx):
 
 
 @register("angular", "static_depth", "contiguous block with the smallest angular distance between its input and output",
-          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers)
+          unit=LAYERS, baseline="depth_random", needs_calibration=True, max_sparsity=_max_layers, ladder=whole(layers))
 def angular(model, sparsity, ctx):
     n = _count(model, sparsity)
     if n == 0:
@@ -111,7 +112,7 @@ def angular(model, sparsity, ctx):
 
 @register("last_n", "static_depth", "the last n layers (naive baseline)", unit=LAYERS, baseline="depth_random",
           needs_calibration=False,
-          max_sparsity=_max_layers)
+          max_sparsity=_max_layers, ladder=whole(layers))
 def last_n(model, sparsity, ctx):
     L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
     drop = list(range(L - n, L))
@@ -119,7 +120,7 @@ def last_n(model, sparsity, ctx):
 
 
 @register("depth_random", "static_depth", "n random layers, seeded (the baseline every criterion must beat)",
-          unit=LAYERS, baseline=None, needs_calibration=False, max_sparsity=_max_layers)
+          unit=LAYERS, baseline=None, needs_calibration=False, max_sparsity=_max_layers, ladder=whole(layers))
 def depth_random(model, sparsity, ctx):
     L, n = len(ModelAdapter(model).layers), _count(model, sparsity)
     drop = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(ctx.seed))[:n].tolist())
@@ -144,10 +145,10 @@ def _sublayer(kind: str, random: bool = False):
 
 
 register("shortgpt_attn", "static_depth", "attention sublayers with the lowest BI 1 - cos(h, h + attn(h))",
-         unit=ATTN, baseline="depth_random_attn", needs_calibration=True, max_sparsity=_max_layers)(_sublayer("attention"))
+         unit=ATTN, baseline="depth_random_attn", needs_calibration=True, max_sparsity=_max_layers, ladder=whole(layers))(_sublayer("attention"))
 register("shortgpt_mlp", "static_depth", "MLP sublayers with the lowest BI 1 - cos(h, h + mlp(h))",
-         unit=MLP, baseline="depth_random_mlp", needs_calibration=True, max_sparsity=_max_layers)(_sublayer("mlp"))
+         unit=MLP, baseline="depth_random_mlp", needs_calibration=True, max_sparsity=_max_layers, ladder=whole(layers))(_sublayer("mlp"))
 register("depth_random_attn", "static_depth", "n random attention sublayers, seeded (baseline of shortgpt_attn)",
-         unit=ATTN, baseline=None, needs_calibration=False, max_sparsity=_max_layers)(_sublayer("attention", True))
+         unit=ATTN, baseline=None, needs_calibration=False, max_sparsity=_max_layers, ladder=whole(layers))(_sublayer("attention", True))
 register("depth_random_mlp", "static_depth", "n random MLP sublayers, seeded (baseline of shortgpt_mlp)",
-         unit=MLP, baseline=None, needs_calibration=False, max_sparsity=_max_layers)(_sublayer("mlp", True))
+         unit=MLP, baseline=None, needs_calibration=False, max_sparsity=_max_layers, ladder=whole(layers))(_sublayer("mlp", True))

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.ladders import grid
 from prunelib.pruning.registry import register
 
 
@@ -188,9 +189,9 @@ def _registered(criterion: str):
 
 
 register("lowrank_svd", "static_k_lowrank", "top-r singular triplets of W (truncated SVD)",
-         baseline="lowrank_random", needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svd"))
+         baseline="lowrank_random", needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)}, ladder=grid(0.1))(_registered("svd"))
 register("lowrank_svdllm", "static_k_lowrank",
          "top-r singular triplets of W S, S = Cholesky(X^T X) on calibration inputs (SVD-LLM whitening)",
-         baseline="lowrank_random", needs_calibration=True, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("svdllm"))
+         baseline="lowrank_random", needs_calibration=True, max_sparsity=_max_lowrank, options={"round_to": (8, 64)}, ladder=grid(0.1))(_registered("svdllm"))
 register("lowrank_random", "static_k_lowrank", "r singular triplets of W drawn at random, seeded (random baseline)",
-         baseline=None, needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)})(_registered("random"))
+         baseline=None, needs_calibration=False, max_sparsity=_max_lowrank, options={"round_to": (8, 64)}, ladder=grid(0.1))(_registered("random"))

@@ -30,6 +30,7 @@ class Method:
     separate: tuple = ()  # projection roles the method needs as Linears of their own (refused where a family fuses them)
     unit: str = ""  # what its sparsity is the removed fraction of (default: its cell's unit)
     baseline: str | None = None  # the random baseline of the same unit it must beat; None: it is a baseline
+    ladder: Callable | None = None  # model -> candidate sparsities in its own unit (see prunelib.pruning.ladders)
 
     @property
     def static(self) -> bool:
@@ -52,7 +53,8 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, cell: str, criterion: str, *, baseline: str | None, needs_calibration: bool,
-             max_sparsity: Callable, unit: str | None = None, options: dict | None = None, separate: tuple = ()):
+             max_sparsity: Callable, ladder: Callable | None = None, unit: str | None = None, options: dict | None = None,
+             separate: tuple = ()):
     """Decorator adding a method; a duplicate name or unknown cell is an error.
 
     The contract a method declares here:
@@ -67,6 +69,8 @@ def register(name: str, cell: str, criterion: str, *, baseline: str | None, need
     - ``options``: the keyword options the method takes, each mapped to what is allowed: a type
     (``int``, ``bool``) or a tuple of allowed values; None always means the method's default.
     :func:`prune` refuses any other option, and any value the schema does not allow.
+    ``ladder``: the sparsities it is measured at across its range, in its own unit (whole layers, multiples of 64
+    channels, target rates; :mod:`prunelib.pruning.ladders`); :func:`rungs` gives them for a model.
     ``separate``: projection roles (q k v o gate up down) the method needs as Linears of their own;
     :func:`prune` refuses, naming the family and the role, a model whose family fuses one of them.
     """
@@ -77,7 +81,7 @@ def register(name: str, cell: str, criterion: str, *, baseline: str | None, need
         if name in REGISTRY:
             raise ValueError(f"pruning method {name!r} is already registered")
         REGISTRY[name] = Method(name, CELLS[cell], fn, criterion, needs_calibration, max_sparsity, dict(options or {}),
-                                tuple(separate), unit or CELLS[cell].unit, baseline)
+                                tuple(separate), unit or CELLS[cell].unit, baseline, ladder)
         return fn
 
     return deco
@@ -86,10 +90,13 @@ def register(name: str, cell: str, criterion: str, *, baseline: str | None, need
 def check_contract() -> None:
     """Every registered method keeps the contract of :func:`register` (run once all modules are imported).
 
-    A baseline must be registered, be a baseline itself, and share the method's cell and unit;
+    Every method declares a ladder; a baseline must be registered, be a baseline itself, and share the method's
+    cell and unit (and so its ladder's unit);
     a dynamic method's module must define ``realised_sparsity``.
     """
     for name, m in REGISTRY.items():
+        if m.ladder is None:
+            raise ValueError(f"method {name!r} declares no ladder: register(..., ladder=...) with its rungs")
         if m.baseline is not None:
             b = REGISTRY.get(m.baseline)
             if b is None:
@@ -132,6 +139,20 @@ def check_sparsity(method: str, sparsity, model) -> float:
         raise InputError(f"sparsity {sparsity!r} is out of range for {method!r} ({m.unit}): "
                          f"allowed 0 <= s <= {hi:.10g}")
     return float(sparsity)
+
+
+def rungs(method: str, model) -> list[float]:
+    """The method's ladder on ``model``: its declared rungs within (0, max sparsity], distinct, ascending."""
+    m = get(method)
+    if m.ladder is None:
+        raise InputError(f"pruning method {method!r} declares no ladder (register(..., ladder=...)); "
+                         "give its sparsities explicitly")
+    hi = m.max_sparsity(model)
+    out = {}
+    for s in m.ladder(model):  # exact values (29/30 stays 29/30), duplicates within 1e-9 merged
+        if 0 < s <= hi + 1e-12:
+            out.setdefault(round(float(s), 9), min(float(s), hi))
+    return sorted(out.values())
 
 
 def get(name: str) -> Method:

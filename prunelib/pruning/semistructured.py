@@ -52,6 +52,7 @@ from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorC
 
 from prunelib.model.adapter import ModelAdapter
 from prunelib.model.calibration import layer0_inputs
+from prunelib.pruning.ladders import layers, whole
 from prunelib.pruning.registry import register
 
 BLOCK = 128  # SparseGPT column block
@@ -355,7 +356,7 @@ def _24(criterion: str):
     return lambda model, sparsity, ctx: sparse24_prune(model, sparsity, ctx, criterion)
 
 
-_S24 = dict(max_sparsity=_max_24, options={"sparse_kernel": bool})
+_S24 = dict(max_sparsity=_max_24, options={"sparse_kernel": bool}, ladder=whole(layers, 0.5))  # k of L layers
 register("sparse24_magnitude", "static_k_24", "keep the 2 largest |W| of every 4 weights along K",
          baseline="sparse24_random", needs_calibration=False, **_S24)(_24("magnitude"))
 register("sparse24_wanda", "static_k_24",

@@ -51,6 +51,7 @@ from torch import nn
 
 from prunelib.model.adapter import ModelAdapter
 from prunelib.model.calibration import layer0_inputs
+from prunelib.pruning.ladders import hidden_quantum, snapped
 from prunelib.pruning.registry import register
 
 
@@ -238,8 +239,10 @@ def _max_hidden(model) -> float:
 
 register("slicegpt", "static_hidden",
          "PCA of the residual stream on calibration data (eigenvectors of X^T X); slice the smallest components (SliceGPT)",
-         baseline="slicegpt_random", needs_calibration=True, max_sparsity=_max_hidden, options={"round_to": int})(slicegpt)
+         baseline="slicegpt_random", needs_calibration=True, max_sparsity=_max_hidden, options={"round_to": int},
+         ladder=snapped(0.05, hidden_quantum(8)))(slicegpt)
 register("slicegpt_random", "static_hidden",
          "random orthogonal rotation of the residual stream (seeded), then slice: baseline for SliceGPT's PCA",
-         baseline=None, needs_calibration=False, max_sparsity=_max_hidden, options={"round_to": int})(
+         baseline=None, needs_calibration=False, max_sparsity=_max_hidden, options={"round_to": int},
+         ladder=snapped(0.05, hidden_quantum(8)))(
     lambda model, sparsity, ctx: slicegpt(model, sparsity, ctx, random=True))

@@ -84,6 +84,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from prunelib.model.adapter import ModelAdapter, rope
+from prunelib.pruning.ladders import grid
 from prunelib.pruning.registry import register
 from prunelib.pruning.sparse_kernels import _allowed, flex_block_attention, gather_attention, page_attention
 from prunelib.pruning.sparse_select import (METHODS, NEG, OPTIONS, block_scores, check_settings, choose_pages,
@@ -358,7 +359,8 @@ def _attn(method: str):
     return lambda model, sparsity, ctx: _prune(model, sparsity, ctx, method)
 
 
-_SA = dict(needs_calibration=False, max_sparsity=lambda model: 0.95, options={"block": int, "page": int})
+_SA = dict(needs_calibration=False, max_sparsity=lambda model: 0.95, options={"block": int, "page": int},
+           ladder=grid(0.1))
 register("sparse_attn_block", "dynamic_nk_attention",
          "pooled mean(Q_block).mean(K_block) per KV head in prefill; Quest page bound of q.k in decode",
          baseline="sparse_attn_random", **_SA)(_attn("block"))

@@ -80,6 +80,7 @@ import torch
 from transformers import DynamicCache
 
 from prunelib.model.adapter import ModelAdapter, rope
+from prunelib.pruning.ladders import grid
 from prunelib.pruning.registry import register
 
 
@@ -423,13 +424,15 @@ def _max_sparsity(model) -> float:
 
 @register("token_prune_attn", "token_pruning",
           "attention of the last prompt token at layer l - 1 (FastV / LazyLLM), first and last token always kept",
-          baseline="token_prune_random", needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
+          baseline="token_prune_random", needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int},
+          ladder=grid(0.1))
 def token_prune_attn(model, sparsity, ctx):
     return token_prune(model, sparsity, "attention", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))
 
 
 @register("token_prune_random", "token_pruning",
           "seeded random prompt tokens (baseline), same keep count, first and last token always kept",
-          baseline=None, needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int})
+          baseline=None, needs_calibration=False, max_sparsity=_max_sparsity, options={"layer": int},
+          ladder=grid(0.1))
 def token_prune_random(model, sparsity, ctx):
     return token_prune(model, sparsity, "random", seed=ctx.seed, calibration=ctx.calibration, **_options(ctx))

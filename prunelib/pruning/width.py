@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.pruning.ladders import mlp_quantum, snapped
 from prunelib.pruning.registry import register
 from prunelib.pruning.surgery import slice_heads, slice_mlp
 
@@ -178,7 +179,7 @@ def _width(criterion: str):
     return lambda model, sparsity, ctx: width_prune(model, sparsity, ctx, criterion)
 
 
-_WIDTH = dict(max_sparsity=_max_width, options={"round_to": (8, 64)})
+_WIDTH = dict(max_sparsity=_max_width, options={"round_to": (8, 64)}, ladder=snapped(0.05, mlp_quantum(64)))
 register("width_magnitude", "static_width", "L2 norm of each head group's / channel's weights",
          baseline="width_random", needs_calibration=False, **_WIDTH)(_width("magnitude"))
 register("width_wanda_sp", "static_width", "sum over consumer columns of |W| * ||X|| on calibration data (Wanda-sp)",

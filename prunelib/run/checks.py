@@ -13,6 +13,9 @@ from prunelib.model.models import resolve_device, resolve_dtype
 from prunelib.pruning import get, methods as registered
 from prunelib.pruning.registry import check_options, check_sparsity
 
+#: ``sparsities="ladder"``: every method at each rung of its declared ladder
+LADDER = "ladder"
+
 
 def methods(names) -> list[str]:
     if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__") or not list(names):
@@ -43,7 +46,8 @@ def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(51
     """Everything of an experiment sweep that can be checked without the model (see :func:`model_args`)."""
     methods(methods_)
     options(methods_, options_ or {})
-    sparsities(sparsities_)
+    if sparsities_ != LADDER:  # "ladder": each method's own rungs (prunelib.pruning.registry.rungs)
+        sparsities(sparsities_)
     phases(phases_)
     integers("batches", batches)
     integers("lengths", lengths)
@@ -57,7 +61,8 @@ def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(51
 
 def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
     """The checks that need the model: each method's sparsity range, lengths within its positions."""
-    method_sparsities(methods_, sparsities_, model)
+    if sparsities_ != LADDER:
+        method_sparsities(methods_, sparsities_, model)
     lengths_fit(lengths, model.config, phases_)
 
 
@@ -73,7 +78,8 @@ def parameters(**p) -> None:
         elif name == "methods":
             methods(v)
         elif name == "sparsities":
-            sparsities(v)
+            if v != LADDER:
+                sparsities(v)
         elif name in ("batches", "lengths"):
             integers(name, v)
         elif name == "reps":

@@ -157,6 +157,8 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
         ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, **options) -> pd.DataFrame:
     """The sweep. Returns every stored row of this model (a tidy DataFrame).
 
+    ``sparsities``: values in each method's unit, or ``"ladder"``: every rung of each method's declared ladder.
+
     ``fidelity``: also score each pruned model's KL and NLL change against the dense model
     (:mod:`prunelib.measure.fidelity`, about 20 s per model on 2 cores).
 
@@ -168,12 +170,13 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     timing.choose_mode(device, timing_mode)  # a mode this device cannot run fails before any work
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
+    plan = {m: rungs(m, model) if sparsities == checks.LADDER else list(sparsities) for m in methods}
     cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
     text = timing_text(tok, batches, lengths, seed=seed + 1)
     dense_q = scoring.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
-    bar = tqdm(total=len(methods) * len(sparsities), desc="prune, time, score")  # one bar for the sweep
+    bar = tqdm(total=sum(map(len, plan.values())), desc="prune, time, score")  # one bar for the sweep
     for method in methods:
-        for sparsity in sparsities:
+        for sparsity in plan[method]:
             bar.set_postfix_str(f"{method} s={sparsity:g}")
             pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
             extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},

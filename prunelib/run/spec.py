@@ -14,7 +14,8 @@ from prunelib.core.store import config_hash
 EXECUTORS = ("inprocess", "local", "ray")
 DEFAULTS = dict(seeds=[0], phases=["prefill", "decode"], batches=[1], lengths=[512], devices=["cpu"],
                 dtype="float32", timing_mode="auto", reps=20, quality="quick", fidelity=True,
-                calibration={"n": 32, "length": 256}, options={}, threads=None, retries=2, plugins=[])
+                calibration={"n": 32, "length": 256}, options={}, threads=None, retries=2, plugins=[],
+                baseline_seeds=5)
 KEYS = ("models", "methods", "sparsities", *DEFAULTS)
 REQUIRED = ("models", "methods", "sparsities")
 
@@ -47,6 +48,8 @@ class Spec:
     threads: int
     retries: int
     plugins: tuple
+    baseline_seeds: int = 5  # a random baseline runs at seeds 0..n-1 (and the spec's seeds): one draw decides nothing
+    ladders: dict = field(default_factory=dict)  # sparsities "ladder": (model, method) -> its rungs on that model
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class Job:
     @property
     def key(self) -> str:
         s = {k: v for k, v in asdict(self.spec).items() if k not in ("models", "methods", "sparsities", "seeds",
-                                                                      "devices", "retries", "plugins")}
+                                                                      "devices", "retries", "plugins",
+                                                                      "baseline_seeds", "ladders")}
         return config_hash({"kind": "sweep_job", "model": self.model, "method": self.method,
                             "sparsity": self.sparsity, "seed": self.seed, "device": self.device, **s})
 
@@ -180,7 +184,10 @@ class _Checker:
         models = [x for _, x in self.items("models", str, lambda x: True, "a model name")]
         methods = self.items("methods", str, lambda x: x in REGISTRY,
                              f"a registered method; registered: {sorted(REGISTRY)}")
-        sparsities = self.items("sparsities", (int, float), lambda x: 0 <= x < 1, "a sparsity in [0, 1)")
+        self.ladder = d.get("sparsities") == "ladder"  # each method's own rungs, per model (see model())
+        self.ladders = {}
+        sparsities = [] if self.ladder else self.items("sparsities", (int, float), lambda x: 0 <= x < 1,
+                                                       "a sparsity in [0, 1), or 'ladder'")
         seeds = [x for _, x in self.items("seeds", int, lambda x: x >= 0, "a seed (an integer >= 0)")]
         phases = self.items("phases", str, lambda x: x in ("prefill", "decode"),
                             "a phase: prefill or decode ('none' for quality only)")
@@ -192,6 +199,7 @@ class _Checker:
         fidelity = self.choice("fidelity", (True, False))
         reps = self.number("reps", 2, "an integer >= 2 (a CI needs samples)")
         retries = self.number("retries", 0, "an integer >= 0")
+        baseline_seeds = self.number("baseline_seeds", 1, "an integer >= 1 (seeds of each random baseline)")
         threads = self.number("threads", 1, "an integer >= 1 (torch threads per job), or null for this machine's")
         calibration = self.calibration()
         options = d.get("options", {}) or {}
@@ -207,10 +215,10 @@ class _Checker:
             raise SpecError(self.source, [f"{self.source}:{line}: {msg}" for line, msg in sorted(self.errors)])
         import torch
 
-        return Spec(tuple(models), tuple(methods), tuple(float(s) for s in sparsities), tuple(seeds), tuple(phases),
-                    tuple(batches), tuple(lengths), tuple(devices), dtype,
-                    None if timing_mode == "auto" else timing_mode, reps, quality, fidelity, calibration, options, threads or torch.get_num_threads(), retries,
-                    tuple(plugins))
+        return Spec(tuple(models), tuple(methods), ("ladder",) if self.ladder else tuple(float(s) for s in sparsities),
+                    tuple(seeds), tuple(phases), tuple(batches), tuple(lengths), tuple(devices), dtype,
+                    None if timing_mode == "auto" else timing_mode, reps, quality, fidelity, calibration, options,
+                    threads or torch.get_num_threads(), retries, tuple(plugins), baseline_seeds, self.ladders)
 
     def device_ok(self, x):
         if x not in ("cpu", "cuda"):
@@ -270,6 +278,7 @@ class _Checker:
 
     def model(self, i, name, methods, sparsities, lengths, quality, phases):
         from prunelib.pruning import get
+        from prunelib.pruning.registry import rungs
 
         try:
             config, tokenizer = model_config(name)
@@ -289,6 +298,12 @@ class _Checker:
             if tokenizer is False and method.needs_calibration:
                 self.err(("methods", k), f"methods[{k}]: {m!r} needs calibration text, but model {name!r} has no "
                                          "tokenizer")
+            if self.ladder:
+                try:
+                    self.ladders[(name, m)] = tuple(rungs(m, meta))
+                except Exception as e:  # noqa: BLE001 (reported with its line)
+                    self.err(("sparsities",), f"sparsities: ladder of {m!r} on model {name!r}: {e}")
+                continue
             try:
                 hi = method.max_sparsity(meta)
             except Exception:  # noqa: BLE001 (the method checks its own range when it runs)
@@ -349,10 +364,19 @@ def import_plugins(paths) -> None:
 
 
 def jobs(spec: Spec) -> list[Job]:
-    """One dense job per (model, device), then one job per (model, method, sparsity, seed, device)."""
+    """One dense job per (model, device), then one job per (model, method, sparsity, seed, device): a method's
+    sparsities are the spec's, or its ladder's rungs on that model; a random baseline runs at seeds
+    0..baseline_seeds-1 besides the spec's, so a criterion is compared with the spread of random draws."""
+    from prunelib.pruning import REGISTRY
+
     out = [Job(m, "dense", 0.0, spec.seeds[0], d, spec) for m in spec.models for d in spec.devices]
-    return out + [Job(m, method, s, seed, d, spec) for m in spec.models for method in spec.methods
-                  for s in spec.sparsities for seed in spec.seeds for d in spec.devices]
+    for m in spec.models:
+        for method in spec.methods:
+            seeds = spec.seeds if REGISTRY[method].baseline is not None else \
+                tuple(sorted(set(spec.seeds) | set(range(spec.baseline_seeds))))
+            sparsities = spec.ladders[(m, method)] if spec.sparsities == ("ladder",) else spec.sparsities
+            out += [Job(m, method, s, seed, d, spec) for s in sparsities for seed in seeds for d in spec.devices]
+    return out
 
 
 # --- one job (runs in a worker) ---------------------------------------------------------------
