@@ -14,7 +14,7 @@ from prunelib.core.store import ResultsStore
 from prunelib.measure import timing
 from prunelib.model.models import EMBEDDED
 from prunelib.results.summary import print_table, summary, versus_random  # noqa: F401
-from prunelib.run import checks
+from prunelib.run import checks, targeting
 from prunelib.run.pipeline import (long_context_perplexity, realised_sparsity, run, speed_rows,  # noqa: F401
                                    timing_modes, timing_text)
 
@@ -50,6 +50,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=timing.BUDGET_S, help="seconds of timing per comparison at most")
     p.add_argument("--table", action="store_true",
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
+    p.add_argument("--target-bands", action="store_true",
+                   help="per method, find the ladder rungs whose quick-suite loss lands in each paper band (0-4, "
+                        "5-16, 17-26%%): bisect on fidelity, confirm with the quick suite, then time what was found")
+    p.add_argument("--scorings", type=int, default=6, help="with --target-bands: quick-suite scorings per method at most")
     p.add_argument("--spec", help="run a sweep spec (YAML/TOML, see docs/SWEEPS.md) instead of the options above")
     p.add_argument("--executor", choices=("inprocess", "local", "ray"), default="inprocess",
                    help="with --spec: in this process, a local process pool, or a Ray cluster")
@@ -69,6 +73,10 @@ def main(argv=None):
         preset = None if a.preset == "none" else a.preset
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
                         preset=preset, seed=a.seed, options_=options)
+        if a.target_bands:
+            checks.integer("scorings", a.scorings)
+            return target_and_time(a.model, methods, a.scorings, phases=phases, batches=batches, lengths=lengths,
+                                   reps=a.reps, seed=a.seed, budget_s=a.budget, **options)
         if a.table:  # measure nothing
             df = ResultsStore().load()
             df = df[df.model == a.model]
@@ -81,6 +89,29 @@ def main(argv=None):
     except checks.InputError as err:
         p.error(str(err))
     print_table(df, batches[0], lengths[0])
+
+
+def target_and_time(model_name, methods, scorings: int = 6, *, phases=("prefill", "decode"), batches=(1,),
+                    lengths=(512,), seed: int = 0, **kw):
+    """Band targeting (:func:`prunelib.run.targeting.target`) for each method, then the found rungs timed; prints
+    what was found, unreachable or left by the budget, and how many scorings it took against the ladder's rungs."""
+    import pandas as pd
+
+    rows = []
+    for method in methods:
+        found, search = targeting.target(model_name, method, budget=scorings, seed=seed)
+        hits = [b.sparsity for b in found if b.status == "found"]
+        if hits and phases:
+            run(model_name, [method], hits, phases=phases, batches=batches, lengths=lengths, preset="quick",
+                seed=seed, **kw)
+        for b in found:
+            rows.append(dict(method=method, band=f"{b.band[0]}-{b.band[1]}%", status=b.status, sparsity=b.sparsity,
+                             loss=b.loss, reason=b.reason, scorings=len(search.scored), kl_evaluations=len(search.kls),
+                             rungs=len(search.rungs)))
+    t = pd.DataFrame(rows)
+    with pd.option_context("display.width", 250, "display.max_colwidth", 90):
+        print(t.round(3).to_string(index=False))
+    return t
 
 
 if __name__ == "__main__":

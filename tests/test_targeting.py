@@ -1,0 +1,66 @@
+"""Band targeting on fixtures with a known loss curve: each reachable band is found within the scoring budget,
+an unreachable one is reported as such, with the reason."""
+import math
+
+import pytest
+
+from prunelib.run.targeting import find_bands
+
+RUNGS = [k / 30 for k in range(1, 30)]  # static depth on a 30-layer model
+
+
+def curve(scale=1.0):
+    kl = lambda s: 4.0 * s**1.6  # noqa: E731  (KL grows with the rung)
+    loss = lambda s: 100 * (1 - math.exp(-0.45 * scale * kl(s)))  # noqa: E731  (saturating, as accuracy drops)
+    return kl, loss
+
+
+def counted(f):
+    calls = []
+
+    def g(s):
+        calls.append(s)
+        return f(s)
+    g.calls = calls
+    return g
+
+
+def test_every_reachable_band_is_found_within_budget():
+    kl, loss = curve()
+    score = counted(loss)
+    found, search = find_bands(RUNGS, kl, score, budget=8)
+    assert [b.status for b in found] == ["found", "found", "found"]
+    for b, (lo, hi) in zip(found, [(0, 4), (5, 16), (17, 26)]):
+        assert lo <= b.loss < hi + 1 and b.loss == pytest.approx(loss(b.sparsity))
+    assert len(score.calls) <= 8 < len(RUNGS)  # far fewer scorings than trying every rung
+    assert len(set(score.calls)) == len(score.calls)  # never scores a rung twice
+
+
+def test_a_band_below_the_smallest_rung_is_unreachable():
+    kl, loss = curve(scale=8.0)  # the first rung (1 of 30 layers) already loses ~10%
+    assert loss(RUNGS[0]) > 5
+    found, _ = find_bands(RUNGS, kl, loss, budget=8)
+    assert found[0].status == "unreachable" and "smallest rung" in found[0].reason
+    assert found[1].status == "found"
+
+
+def test_a_band_past_the_largest_rung_is_unreachable():
+    kl, loss = curve(scale=0.02)  # mild: even the largest rung loses little
+    found, _ = find_bands([0.1, 0.2, 0.3], kl, loss, budget=8)
+    assert found[0].status == "found"
+    assert found[2].status == "unreachable" and "largest rung" in found[2].reason
+
+
+def test_adjacent_rungs_straddling_a_band_make_it_unreachable():
+    losses = {0.1: 2.0, 0.2: 30.0}
+    found, _ = find_bands([0.1, 0.2], lambda s: s, losses.get, budget=8)
+    assert [b.status for b in found] == ["found", "unreachable", "unreachable"]
+    assert "straddle" in found[1].reason
+
+
+def test_the_budget_is_respected_and_reported():
+    kl, loss = curve()
+    score = counted(loss)
+    found, _ = find_bands(RUNGS, kl, score, budget=1)
+    assert len(score.calls) == 1 and any(b.status == "budget" for b in found)
+    assert "budget of 1 spent" in [b for b in found if b.status == "budget"][0].reason
