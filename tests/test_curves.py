@@ -81,3 +81,34 @@ def test_speed_draws_come_from_the_timing_pairs():
     assert not approx and np.all(s == 2.0)
     s, approx = bands._speed_draws({}, 2.0, 1.8, 2.2, rng, 4000)
     assert approx and np.median(s) == pytest.approx(2.0, rel=0.02)
+
+
+def test_headline_reads_each_claim_from_the_band_probabilities():
+    from prunelib.results import headline
+
+    table = pd.DataFrame([
+        dict(phase="prefill", batch=1, length=512, timing_mode="eager", band="0-4%", answer="shortgpt", p_none=0.0,
+             p={"shortgpt": 0.7, "angular": 0.2, "width_flap": 0.1}),
+        dict(phase="prefill", batch=1, length=512, timing_mode="eager", band="5-16%", answer="width_flap", p_none=0.0,
+             p={"width_flap": 0.9, "dyn_depth_router": 0.1}),
+        dict(phase="prefill", batch=1, length=512, timing_mode="eager", band="17-26%", answer="x", p_none=0.0,
+             p={"width_flap": 0.5, "shortgpt": 0.5}),
+    ])
+    v = headline.headline(table, pd.DataFrame(columns=["phase", "cell", "speedup", "ci_low", "ci_high", "bound"]))
+    got = dict(zip(zip(v.claim.str.slice(0, 13), v.phase), v.verdict))
+    assert got[("static depth ", "prefill")] == "agrees"  # shortgpt + angular: static depth holds 0.9
+    assert got[("static depth ", "decode")] == "cannot tell"  # no decode shape measured
+    assert got[("dynamic depth", "prefill")] == "differs"  # static width holds 0.9
+    assert got[("static width ", "prefill")] == "cannot tell"  # 0.5 against 0.5
+
+
+def test_bound_claim_by_hand():
+    from prunelib.results import headline
+
+    pts = pd.DataFrame([dict(phase="decode", cell="static_depth", speedup=1.3, ci_low=1.28, ci_high=1.32, bound=1.35),
+                        dict(phase="decode", cell="static_width", speedup=1.05, ci_low=1.03, ci_high=1.07, bound=1.3)])
+    assert headline.bound_claim(pts)["verdict"] == "agrees"  # 0.96 against 0.81, half-widths 0.015
+    pts.loc[1, "speedup"] = 1.25
+    assert headline.bound_claim(pts)["verdict"] == "cannot tell"  # 0.96 against 0.963: within the CIs
+    pts.loc[1, ["speedup", "bound"]] = [1.3, 1.3]
+    assert headline.bound_claim(pts)["verdict"] == "differs"  # width at 1.00 of its bound

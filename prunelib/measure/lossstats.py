@@ -226,10 +226,10 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
     e = df.extra
     df = df.assign(task=[x.get("task") for x in e], fp=[x.get("fingerprint") for x in e],
                    docs=[math.inf if x.get("limit") is None else x.get("limit") for x in e])
-    df = df[[n >= limits[t] for n, t in zip(df.docs, df.task)]]  # a fraction < 1 of the documents never qualifies
+    df = df.loc[np.array([n >= limits[t] for n, t in zip(df.docs, df.task)], bool)]  # a fraction < 1 never qualifies
     # keyed like quality_loss: a dynamic method's score counts only under today's code (an older forward's is stale)
     current = {m: (None if m == "dense" or m not in REGISTRY else code_version_of([m])) for m in set(df.method)}
-    df = df[[x.get("code") == current[m] for x, m in zip(df.extra, df.method)]]
+    df = df.loc[np.array([x.get("code") == current[m] for x, m in zip(df.extra, df.method)], bool)]
     # per model and task, the stored score with the most documents (the latest on ties)
     df = df.sort_values(["docs", "timestamp"]).drop_duplicates(["model", "dtype", "fp", "task"], keep="last")
     by_model = {k: g.set_index("task") for k, g in df.groupby(["model", "dtype", "fp"]) if set(g.task) == set(limits)}

@@ -145,5 +145,5 @@ def band_table(df: pd.DataFrame, pts: pd.DataFrame, bands=PAPER_BANDS, store: Re
             probs = ", ".join(f"{m} {p:.2f}" for m, p in sorted(r["p"].items(), key=lambda kv: -kv[1]) if p >= 0.01)
             rows.append(dict(zip(shape, key if isinstance(key, tuple) else (key,)), band=f"{band[0]}-{band[1]}%",
                              answer=ans, tie=tie, p_best=probs, p_none=r["none"], points=len(g),
-                             approx_points=approx, excluded_inactive=excluded))
+                             approx_points=approx, excluded_inactive=excluded, p=r["p"]))
     return pd.DataFrame(rows)

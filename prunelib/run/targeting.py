@@ -170,9 +170,9 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     def stored(s, metric, domain=None):
         df = store.load()
         df = df[(df.model == model_name) & (df.method == method) & (df.metric == metric)]
-        df = df[[abs(x - s) < 1e-9 for x in df.sparsity]]
-        df = df[[(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
-                 for e in df.extra]]
+        df = df.loc[np.array([abs(x - s) < 1e-9 for x in df.sparsity], bool)]
+        df = df.loc[np.array([(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
+                              for e in df.extra], bool)]
         return float(df.value.iloc[-1]) if len(df) else None
 
     def kl(s):
