@@ -177,6 +177,8 @@ def test_cli_prints_the_frontier_and_the_band_table(capsys):
     out = capsys.readouterr().out
     assert "frontier" in out and "shortgpt" in out and "angular" in out
     assert "0-4%" in out and "shortgpt s=0.25" in out and "angular s=0.25" in out  # each wins its band
+    assert "each band with a probability" in out and "the paper's headline, point by point" in out
+    assert "static depth is the best at 0-4% loss" in out
     pareto_cli.main(["--model", "nobody"])
     assert "no timed model of 'nobody'" in capsys.readouterr().out
 

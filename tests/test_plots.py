@@ -60,20 +60,36 @@ def test_realised_vs_target(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
-def test_pareto_figures_show_both_uncertainties_and_honest_labels(tmp_path):
+def test_pareto_figures_show_curves_both_uncertainties_and_honest_labels(tmp_path):
     pts = pareto.points(store_rows())
     pts = pts[pts.phase == "prefill"]
-    front = pareto.frontier(pts)
-    fig = plots.pareto_static(pts, front, "t", tmp_path / "p.png")
+    fig = plots.pareto_static(pts, "t", tmp_path / "p.png")
     ax = fig.axes[0]
     bars = [c for c in ax.containers if getattr(c, "has_xerr", False)]
     assert len(bars) == 1 and bars[0].has_yerr
     assert [t.get_text() for t in ax.texts] == ["2:4 on 50% of the layers"]  # s=0.25; s=0.5 is every layer
     assert "quality loss" in ax.get_xlabel()
-    ply = plots.pareto_plotly(pts, front, "t")
+    labels = [line.get_label() for line in ax.lines]
+    assert "frontier (best at loss <= L)" in labels and "dense" in labels
+    ply = plots.pareto_plotly(pts, "t")
     trace = ply.data[0]
     assert list(trace.error_x.array) == [7.0, 7.0] and list(trace.error_x.arrayminus) == [4.0, 4.0]
     assert "2:4 on 50% of the layers" in trace.text[0] and "2:4 on every layer" in trace.text[1]
+    assert "s=0.25" in trace.text[0] and "[" in trace.text[0]  # method, sparsity and both CIs on hover
+    curve = ply.data[1]  # the method's isotonic curve starts at dense
+    assert curve.x[0] == 0 and curve.y[0] == 1.0
+    names = [d.name for d in ply.data]
+    assert "frontier (best at loss <= L)" in names and "dense" in names
+    front = [d for d in ply.data if d.name == "frontier (best at loss <= L)"][0]
+    assert list(front.y) == sorted(front.y) and front.y[0] == 1.0  # a staircase: never down, from dense
+
+
+def test_one_colour_per_cell_one_marker_per_criterion():
+    pts = pd.DataFrame(dict(method=["shortgpt", "angular", "width_flap"],
+                            cell=["static_depth", "static_depth", "static_width"]))
+    s = plots._styles(pts)
+    assert s["shortgpt"][0] == s["angular"][0] != s["width_flap"][0]
+    assert s["shortgpt"][1] != s["angular"][1]
 
 
 def test_memory_vs_loss_draws_stored_ratios_only(tmp_path):

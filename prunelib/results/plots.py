@@ -59,55 +59,90 @@ def _sparsity_axis(table: pd.DataFrame) -> str:
     return "\n".join(textwrap.wrap(f"sparsity: fraction removed of {unit}", 70))
 
 
-def pareto_plotly(pts: pd.DataFrame, front: pd.DataFrame, title: str):
-    """Measured speedup against quality cost, each with its 95% CI as error bars; the frontier as a
-    dashed line; the roofline bound of every point as an open marker; hover says what s removes."""
+PLOTLY_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                  "#17becf"]
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+PLOTLY_MARKERS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "cross", "x", "star")
+
+
+def _styles(pts: pd.DataFrame) -> dict:
+    """Per method: (colour index of its cell, marker index among its cell's methods): one colour per cell, one
+    marker per criterion."""
+    out = {}
+    for cell, g in pts.groupby("cell"):
+        for k, m in enumerate(sorted(set(g.method))):
+            out[m] = (sorted(CELLS).index(cell) if cell in CELLS else 9, k % len(MARKERS))
+    return out
+
+
+def pareto_plotly(pts: pd.DataFrame, title: str):
+    """One shape's curves: per method its rungs with both 95% CIs as error bars, joined by the isotonic curve
+    (:mod:`prunelib.results.curves`), its roofline bound as a faint dotted curve; dense at (0, 1); the frontier as
+    the staircase of the best speedup reachable at loss <= L. Hover: method, what s removes, both CIs."""
     import plotly.graph_objects as go
 
+    from prunelib.results.curves import envelope, method_curve, staircase_xy
     from prunelib.results.pareto import x_label
 
     fig = go.Figure()
+    styles = _styles(pts)
     for method, g in pts.groupby("method"):
+        colour, marker = PLOTLY_COLOURS[styles[method][0]], PLOTLY_MARKERS[styles[method][1]]
+        c = method_curve(g)
+        g = g.sort_values("loss")
         fig.add_trace(go.Scatter(
-            x=g.loss, y=g.speedup, mode="markers", name=method,
+            x=g.loss, y=g.speedup, mode="markers", name=method, legendgroup=method,
+            marker=dict(color=colour, symbol=marker, size=9),
             error_y=dict(type="data", symmetric=False, array=_err(g.speedup, g.ci_low, g.ci_high)[1],
-                         arrayminus=_err(g.speedup, g.ci_low, g.ci_high)[0]),
+                         arrayminus=_err(g.speedup, g.ci_low, g.ci_high)[0], color=colour),
             error_x=dict(type="data", symmetric=False, array=_err(g.loss, g.loss_low, g.loss_high)[1],
-                         arrayminus=_err(g.loss, g.loss_low, g.loss_high)[0]),
-            text=[f"{method} {lab}<br>speedup {v:.2f}x [{lo:.2f}, {hi:.2f}], bound {b:.2f}x<br>"
+                         arrayminus=_err(g.loss, g.loss_low, g.loss_high)[0], color=colour),
+            text=[f"{method} s={s:g} ({lab})<br>speedup {v:.2f}x [{lo:.2f}, {hi:.2f}], bound {b:.2f}x<br>"
                   f"x {x:.3g} [{xl:.3g}, {xh:.3g}] ({ci})"
-                  for lab, v, lo, hi, b, x, xl, xh, ci in zip(g.label, g.speedup, g.ci_low, g.ci_high, g.bound, g.loss,
-                                                              g.loss_low, g.loss_high, g.ci_method)],
+                  for s, lab, v, lo, hi, b, x, xl, xh, ci in zip(g.sparsity, g.label, g.speedup, g.ci_low, g.ci_high,
+                                                                 g.bound, g.loss, g.loss_low, g.loss_high, g.ci_method)],
             hoverinfo="text"))
-        fig.add_trace(go.Scatter(x=g.loss, y=g.bound, mode="markers", marker_symbol="circle-open",
-                                 name=f"{method} (bound)", legendgroup=method, showlegend=False, opacity=0.5,
-                                 hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=front.loss, y=front.speedup, mode="lines", name="frontier", line=dict(dash="dash")))
-    fig.add_hline(y=1.0, line_dash="dot")
+        fig.add_trace(go.Scatter(x=c.loss, y=c.fit, mode="lines", line=dict(color=colour, width=1.5),
+                                 legendgroup=method, showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=c.loss, y=c.bound, mode="lines", line=dict(color=colour, width=1, dash="dot"),
+                                 opacity=0.35, legendgroup=method, showlegend=False, hoverinfo="skip"))
+    env = envelope(pts)
+    xs, ys = staircase_xy(env, float(pts.loss.max()) if len(pts) else 0.0)
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="frontier (best at loss <= L)",
+                             line=dict(color="black", dash="dash", shape="linear")))
+    fig.add_trace(go.Scatter(x=[0], y=[1], mode="markers", name="dense", marker=dict(color="black", size=10),
+                             hovertext=["dense: 1.0x at 0 loss"], hoverinfo="text"))
     fig.update_layout(title=title, xaxis_title=x_label(pts), yaxis_title="measured speedup over dense (x), 95% CI",
                       template="plotly_white")
     return fig
 
 
-def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path | None = None):
-    """The same figure as a PNG: both CIs as error bars, bound as crosses; 2:4 on a fraction of the
-    layers is written beside its point."""
-    import seaborn as sns
-
+def pareto_static(pts: pd.DataFrame, title: str, path: Path | None = None):
+    """The same figure as a PNG: one colour per cell, one marker per criterion, both CIs as error bars, each
+    method's isotonic curve, its bound faint, the staircase frontier and dense; 2:4 on a fraction of the layers
+    is written beside its point."""
+    from prunelib.results.curves import envelope, method_curve, staircase_xy
     from prunelib.results.pareto import x_label
 
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
-    sns.scatterplot(data=pts, x="loss", y="speedup", hue="method", style="cell", s=70, ax=ax)
-    ax.errorbar(pts.loss, pts.speedup, yerr=_err(pts.speedup, pts.ci_low, pts.ci_high),
-                xerr=_err(pts.loss, pts.loss_low, pts.loss_high), fmt="none", ecolor="gray", alpha=0.6, lw=0.8)
-    ax.scatter(pts.loss, pts.bound, marker="x", color="black", alpha=0.4, label="roofline bound")
+    styles = _styles(pts)
+    for method, g in pts.groupby("method"):
+        colour, marker = f"C{styles[method][0]}", MARKERS[styles[method][1]]
+        c = method_curve(g)
+        ax.errorbar(g.loss, g.speedup, yerr=_err(g.speedup, g.ci_low, g.ci_high),
+                    xerr=_err(g.loss, g.loss_low, g.loss_high), fmt=marker, color=colour, ecolor=colour, alpha=0.85,
+                    lw=0.8, capsize=2, label=method)
+        ax.plot(c.loss, c.fit, "-", color=colour, lw=1.2)
+        ax.plot(c.loss, c.bound, ":", color=colour, lw=0.8, alpha=0.35)
     for r in pts[(pts.cell == "static_k_24") & (pts.sparsity < 0.5)].itertuples():
         ax.annotate(r.label.split(": ", 1)[-1], (r.loss, r.speedup), fontsize=6, xytext=(4, -8),
                     textcoords="offset points")
-    ax.plot(front.loss, front.speedup, "--", color="black", label="frontier")
+    xs, ys = staircase_xy(envelope(pts), float(pts.loss.max()) if len(pts) else 0.0)
+    ax.plot(xs, ys, "--", color="black", lw=1, label="frontier (best at loss <= L)")
+    ax.plot([0], [1], "o", color="black", label="dense")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel=x_label(pts), ylabel="measured speedup (x), 95% CI", title=title)
+    ax.set(xlabel=x_label(pts), ylabel="measured speedup (x), 95% CI; dotted: bound", title=title)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
@@ -115,17 +150,17 @@ def pareto_static(pts: pd.DataFrame, front: pd.DataFrame, title: str, path: Path
 def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
     """One Pareto figure per (phase, batch, length, timing mode) of ``pts``, each saved as
     ``figures/pareto_<phase>_B<b>_S<s>[_<mode>][_<x>].html|png``; returns the plotly figures by that key."""
-    from prunelib.results.pareto import X_METRICS, frontier
+    from prunelib.results.pareto import X_METRICS
 
     short = {metric: x for x, metric in X_METRICS.items()}
     figs = {}
     for (phase, b, s, mode), g in pts.groupby(["phase", "batch", "length", "timing_mode"]):
         x = short[g.x_metric.iloc[0]]
         name = f"pareto_{phase}_B{b}_S{s}" + ("" if mode == "eager" else f"_{mode}") + ("" if x == "loss" else f"_{x}")
-        front, head = frontier(g), f"{title}: {phase}, B={b}, S={s}, {mode} timing"
-        figs[(phase, b, s, mode)] = pareto_plotly(g, front, head)
+        head = f"{title}: {phase}, B={b}, S={s}, {mode} timing"
+        figs[(phase, b, s, mode)] = pareto_plotly(g, head)
         save_plotly(figs[(phase, b, s, mode)], name)
-        pareto_static(g, front, head, figures_dir() / f"{name}.png")
+        pareto_static(g, head, figures_dir() / f"{name}.png")
     return figs
 
 
