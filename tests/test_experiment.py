@@ -126,9 +126,9 @@ def test_versus_random_compares_each_criterion_with_its_own_unit():
     assert t.loc["dyn_depth_router", "random_loss_pct"] == 30.0 and t.loc["shortgpt", "random_loss_pct"] == 40.0
 
 
-def test_versus_random_pairs_documents_where_the_loss_rows_name_their_scores(tmp_path):
-    """Criterion and random answered the same documents: their difference gets a paired CI (here a clear win
-    that two separate CIs would call a tie); without stored outcomes the two CIs are compared, labelled."""
+def test_versus_random_compares_with_the_distribution_of_random_draws(tmp_path):
+    """The criterion against five random draws on the same documents: its CI holds the documents' noise and the
+    spread between seeds; one random draw gives no verdict; a draw far from the others widens the CI to a tie."""
     import numpy as np
     import pandas as pd
 
@@ -136,30 +136,36 @@ def test_versus_random_pairs_documents_where_the_loss_rows_name_their_scores(tmp
     from prunelib.measure import samples
 
     rng = np.random.default_rng(0)
-    dense = (rng.random(400) < 0.6).astype(float)
-    rand = dense * (rng.random(400) < 0.6)  # random loses 40% of what dense got right
-    crit = np.maximum(rand, dense * (rng.random(400) < 0.3))  # the criterion keeps those and a few more
+    n = 400
+    dense = (rng.random(n) < 0.6).astype(float)
+    crit = dense * (rng.random(n) < 0.85)  # loses ~15% of what dense got right
+    rands = [dense * (rng.random(n) < keep) for keep in (0.62, 0.6, 0.58, 0.61, 0.59)]  # each loses ~40%
     store = ResultsStore(tmp_path / "results.jsonl")
     folder = samples.folder(store.path)
-    for name, x in (("hd", dense), ("hc", crit), ("hr", rand)):
-        samples.write(folder, name, {"task": "piqa", "doc_ids": list(range(400)), "doc_hashes": ["x"] * 400,
+
+    def put(name, x):
+        samples.write(folder, name, {"task": "piqa", "doc_ids": list(range(n)), "doc_hashes": ["x"] * n,
                                      "outcomes": {"acc": x.tolist()}})
 
-    def loss_row(method, x, pruned_hash):
-        pairs = {"piqa": (dense, x)}
-        r = quality.paired_bootstrap(pairs)
-        value = 100 * (dense.mean() - x.mean()) / dense.mean()
+    def loss_row(method, x, h, seed):
+        put(h, x)
+        r = quality.paired_bootstrap({"piqa": (dense, x)})
         return dict(model="m", method=method, cell="static_depth", sparsity=0.25, phase="quality",
-                    metric="quality_loss_pct", value=value, ci_low=r["ci"][0], ci_high=r["ci"][1],
-                    extra={"seed": 0, "per_task": {"piqa": {}},
-                           "scores": {"dense": {"piqa": "hd"}, "pruned": {"piqa": pruned_hash}}})
+                    metric="quality_loss_pct", value=100 * (dense.mean() - x.mean()) / dense.mean(), ci_low=r["ci"][0],
+                    ci_high=r["ci"][1], extra={"seed": seed, "scores": {"dense": {"piqa": "hd"}, "pruned": {"piqa": h}}})
 
-    df = pd.DataFrame([loss_row("shortgpt", crit, "hc"), loss_row("depth_random", rand, "hr")])
-    t = experiment.versus_random(df, store).iloc[0]
-    want = quality.paired_difference({"piqa": (dense, crit, rand)})
-    assert t.ci_method == "paired_bootstrap" and (t.diff_low, t.diff_high) == want["ci"] and t.diff_high < 0
-    assert t.diff_pct == pytest.approx(100 * (rand.mean() - crit.mean()) / dense.mean()) and t.verdict == "better"
-    assert not df.ci_high[0] < df.ci_low[1]  # the two loss CIs overlap: unpaired, this would be a tie
-    (folder / "hr.json").unlink()
-    t = experiment.versus_random(df, store).iloc[0]
-    assert t.ci_method == "unpaired" and t.verdict == "tie"
+    put("hd", dense)
+    crit_row = loss_row("shortgpt", crit, "hc", 0)
+    rand_rows = [loss_row("depth_random", x, f"hr{k}", k) for k, x in enumerate(rands)]
+    t = experiment.versus_random(pd.DataFrame([crit_row] + rand_rows), store).iloc[0]
+    assert t.ci_method == "seeds+documents" and t.verdict == "better" and t.diff_high < 0
+    assert t.seeds == 1 and t.random_seeds == 5 and t.share_beaten == 1.0
+    one = experiment.versus_random(pd.DataFrame([crit_row, rand_rows[0]]), store).iloc[0]
+    assert one.verdict == "too few seeds" and one.random_seeds == 1  # one draw decides nothing
+    lucky = loss_row("depth_random", dense * (rng.random(n) < 0.97), "hr9", 9)  # one random draw loses only ~3%
+    wide = experiment.versus_random(pd.DataFrame([crit_row] + rand_rows + [lucky]), store).iloc[0]
+    assert wide.share_beaten == pytest.approx(5 / 6) and (wide.diff_high - wide.diff_low) > (t.diff_high - t.diff_low)
+    for k in range(5):
+        (folder / f"hr{k}.json").unlink()  # no outcomes: a t-interval over the seeds' losses instead
+    t = experiment.versus_random(pd.DataFrame([crit_row] + rand_rows), store).iloc[0]
+    assert t.ci_method == "seeds t" and t.verdict == "better"
