@@ -6,23 +6,38 @@ from prunelib import gpucheck
 from prunelib.model.models import parameter_count, random_config, random_configs
 
 
+@pytest.mark.slow  # about 80 s on a loaded 2-core machine (torch.compile traces of the dynamic cells)
 def test_smoke_runs_every_cell_and_turns_failures_into_rows(tmp_path, capsys):
     """The GPU check's own code on the CPU (tiny model, one thread): every cell at every shape is a row;
-    the graph column fails, as it must without CUDA, with an error that names the allowed modes."""
+    the graph column fails, as it must without CUDA, with an error that names the allowed modes; methods
+    that refuse graphs try torch.compile instead."""
     csv = tmp_path / "check.csv"
     df = gpucheck.main(["--smoke", "--csv", str(csv)])
     out = capsys.readouterr().out
     assert csv.exists() and len(pd.read_csv(csv)) == len(df) == len(gpucheck.CELLS) * 3
     assert set(df.cell) == {c[0] for c in gpucheck.CELLS} and "eager_speedup" in out
     assert df.eager_speedup.notna().all() and (df.eager_speedup > 0).all()
-    assert df.error.str.contains(r"graph: ValueError: timing mode 'graph' cannot run on cpu").all()
-    assert "graph_speedup" not in df.columns
-    dense = df[df.cell == "dense"]
-    assert (dense.bound == 1.0).all()
+    graphs = df.cell.isin(["dense", "static depth", "static width", "hidden width", "2:4", "low rank"])
+    assert df[graphs].error.str.contains(r"graph: ValueError: timing mode 'graph' cannot run on cpu").all()
+    assert df[~graphs].timing_mode_reason.str.contains("torch.compile").all()
+    assert "graph_speedup" not in df.columns and df.host_share.between(0, 1).all()
     assert (df[df.cell == "static depth"].bound > 1.2).all()  # a quarter of the layers gone
-    assert (df[df.cell == "2:4"].kernel == "none").all()  # no sparse kernel on the CPU: bound 1
-    assert (df[df.cell == "2:4"].bound == 1.0).all()
-    assert (df.eager_dense_vs_roofline > 0).all()
+    assert (df.eager_dense_vs_roofline > 0).all() and (df.mem_pred_gb > 0).all()
+
+
+def test_smoke_times_dense_and_the_24_cell_through_faked_cusparselt(tmp_path, capsys):
+    """``--smoke`` runs the 2:4 cell through cuSPARSELt's code path, its kernels replaced by reference CPU code;
+    without a sparse-kernel spec on the CPU its bound stays 1."""
+    csv = tmp_path / "check.csv"
+    df = gpucheck.main(["--smoke", "--cells", "dense,2:4", "--csv", str(csv)])
+    out = capsys.readouterr().out
+    assert out.startswith(f"gpu-check found: torch {torch.__version__}") and "eager_speedup" in out
+    assert len(pd.read_csv(csv)) == len(df) == 6 and df.eager_speedup.notna().all() and df.static_speedup.notna().all()
+    assert df.error.str.contains(r"graph: ValueError: timing mode 'graph' cannot run on cpu").all()
+    assert (df[df.cell == "dense"].bound == 1.0).all()
+    assert (df[df.cell == "2:4"].kernel == "cuSPARSELt").all() and (df[df.cell == "2:4"].bound == 1.0).all()
+    assert df[df.cell == "2:4"].weight_gb.max() < df[df.cell == "dense"].weight_gb.min()  # packed values + metadata
+    assert (df.mem_peak_gb > 0).all() and df.host_share.between(0, 1).all()
 
 
 def test_lowrank_cell_builds_the_structure_without_svd():

@@ -45,8 +45,6 @@ class Latency:
         return {"n": self.n, "median": self.median, "p10": self.p10, "p90": self.p90, "mean": self.mean, "std": self.std}
 
 
-# --- timers ---------------------------------------------------------------------
-
 
 def bootstrap_ratio_ci(base: list[float], cand: list[float], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
     """Bootstrap CI of median(base) / median(cand) for independent samples (the speedup of ``cand``)."""
@@ -85,6 +83,9 @@ class Comparison:
     target: float | None = None  # relative CI half-width asked for (None: a fixed number of pairs)
     stop: str = "fixed repetitions"  # why the repetitions stopped
     seconds: float = 0.0  # wall time of the timed loop
+    setup_s: tuple = (0.0, 0.0)  # (base, cand): building each workload and its first call (compile, capture), untimed
+    host_share: tuple | None = None  # (base, cand): share of a step's wall time the device was idle (see host_share)
+    note: str = ""  # which KV cache and attention path the step took (Workload.note)
 
     @property
     def half_width(self) -> float:

@@ -30,6 +30,80 @@ def _sample(timer, work: Workload) -> float:
     return t
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _built(model, phase, batch, length, kw) -> tuple[Workload, float]:
+    """A workload and the seconds to build it and run its first call (KV prefill, compilation, graph capture,
+    a flex_attention compile per shape): all outside the timed region."""
+    dev = _device(model)
+    _sync(dev)
+    t0 = time.perf_counter()
+    work = Workload(model, phase, batch, length, **kw)
+    work()
+    work.reset()
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    if work.mode == "compiled":  # a step that compiles again on its second call would time compilation
+        graphs = _compiled_graphs()
+        work()
+        work.reset()
+        if _compiled_graphs() > graphs:
+            raise RuntimeError("torch.compile compiled the step again on its second call: host state it guards on "
+                               "changes every step, so it is not one static graph (the timed loop would time "
+                               "compilation)")
+    return work, seconds
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].values()) + sum(counters["frames"].values())
+
+
+def busy_union(intervals) -> float:
+    """Total length covered by ``(start, end)`` intervals (overlaps and nesting counted once)."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total
+
+
+def host_share(work: Workload, steps: int = 3) -> float:
+    """Share of a step's wall time in which the device ran nothing: 1 - busy / wall (torch.profiler).
+
+    CUDA: busy = the union of the GPU kernels' and copies' intervals, wall = each step from its launch to
+    its end (synchronised). CPU: busy = the union of ATen operators' intervals (the work a device would
+    do), so the share is Python and dispatch overhead. Near 1: the step measures the host, not the kernels.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    dev = _device(work.model)
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            with record_function("prunelib.step"):
+                work()
+                _sync(dev)
+            work.reset()
+    events = prof.profiler.kineto_results.events()  # the raw events: no tree of FunctionEvents to build
+    wall = sum(e.duration_ns() for e in events if e.name() == "prunelib.step")
+    if cuda:
+        busy = busy_union((e.start_ns(), e.end_ns()) for e in events if e.device_type() == DeviceType.CUDA)
+    else:
+        busy = busy_union((e.start_ns(), e.end_ns()) for e in events
+                          if e.device_type() == DeviceType.CPU and e.name().startswith("aten::"))
+    return float(min(1.0, max(0.0, 1 - busy / wall))) if wall > 0 else float("nan")
+
+
 # --- measurement --------------------------------------------------------------------
 @dataclass
 class Timing:
@@ -65,13 +139,17 @@ def sweep(model, phases=PHASES, batches=(1,), lengths=(512,), **kw):
 def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
             timer=None, seed: int = 0, mode: str = "eager", text: torch.Tensor | None = None,
             target: float | str | None = None, budget_s: float = BUDGET_S, max_reps: int = 5000,
-            compile_backend: str = "inductor") -> Comparison:
+            compile_backend: str = "inductor", static_cache: bool | None = None, profile: int = 0) -> Comparison:
     """Time two models as ABBA pairs and return the speedup of ``cand`` over ``base``.
 
     ``reps``: pairs to run (with a ``target``: the minimum). ``target``: relative CI
     half-width to reach, e.g. 0.03, or ``"auto"`` for :data:`CI_TARGETS` of the phase;
     pairs are added until it is reached, ``budget_s`` seconds of timed loop have passed,
     or ``max_reps`` pairs were run, whichever comes first (``Comparison.stop`` says which).
+    ``static_cache``: as :class:`Workload`'s (eager over a StaticCache: the cache effect apart from
+    graph replay). Each workload's build and first call are timed apart (``Comparison.setup_s``:
+    compilation, capture), never in the samples. ``profile``: that many profiled steps of each
+    model after the timed loop give ``Comparison.host_share`` (:func:`host_share`).
     """
     validate.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
     if target == "auto":
@@ -81,10 +159,10 @@ def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps
     if not isinstance(reps, int) or reps < 2:
         raise ValueError(f"reps must be an integer >= 2, got {reps!r}")
     timer = timer or timer_for(_device(base_model))
-    kw = dict(seed=seed, mode=mode, text=text, compile_backend=compile_backend)
+    kw = dict(seed=seed, mode=mode, text=text, compile_backend=compile_backend, static_cache=static_cache)
     with timer.session():
-        wa = Workload(base_model, phase, batch, length, **kw)
-        wb = Workload(cand_model, phase, batch, length, **kw)
+        wb, setup_b = _built(cand_model, phase, batch, length, kw)  # first: a step that cannot compile fails early
+        wa, setup_a = _built(base_model, phase, batch, length, kw)
         for _ in range(warmup):
             _sample(timer, wa), _sample(timer, wb)
         ta, tb = [], []
@@ -113,8 +191,10 @@ def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps
                 stop = f"max_reps {max_reps} reached"
                 break
         seconds = time.perf_counter() - t0
+        shares = (host_share(wa, profile), host_share(wb, profile)) if profile else None
     sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
-    return Comparison(phase, batch, length, Latency(ta), Latency(tb), sp, lo, hi, mode, target, stop, seconds)
+    return Comparison(phase, batch, length, Latency(ta), Latency(tb), sp, lo, hi, mode, target, stop, seconds,
+                      (setup_a, setup_b), shares, wb.note)
 
 
 def achieved_bandwidth(model, timing: Timing) -> float:

@@ -15,7 +15,11 @@ Three timing modes (:data:`MODES`), each stored with every speed row:
   replayed (CUDA only): what the paper times.
 
 TTFT = one forward of B x S prompt tokens that fills a fresh KV cache (logits for the
-last position only). Prompts are real text when ``text`` ids are given (dynamic methods
+last position only). In every mode that cache is a fresh ``DynamicCache`` made inside the step
+(a ``StaticCache`` only on request, in eager mode): under CUDA-graph capture or torch.compile,
+transformers builds an explicit S x S mask with repeated K/V heads for a StaticCache (its
+offset is a tensor), which rules out the causal flash kernel that eager runs and the cost model
+counts (the triangle); over a fresh DynamicCache the captured step is the eager one. Prompts are real text when ``text`` ids are given (dynamic methods
 route on content, so :mod:`prunelib.experiment` always gives them), else seeded random ids.
 TPOT = one decode step of B sequences against a KV cache of S tokens.
 
@@ -172,8 +176,13 @@ class Workload:
 
     ``mode`` is one of :data:`MODES`. Call :meth:`reset` after every call, outside the timed
     region: it rewinds the KV cache so the next call sees the same state. ``static_cache``
-    (default: every mode but eager) runs the step over a ``StaticCache``; ``mode="eager",
-    static_cache=True`` is the very step that ``graph`` captures, runnable without CUDA.
+    runs the step over a ``StaticCache`` (default: a decode step in every mode but eager; a
+    prefill never: see the module docstring); ``mode="eager", static_cache=True`` is the very
+    decode step that ``graph`` captures, runnable without CUDA. :attr:`note` says which cache
+    and attention path the step takes.
+
+    No reference cycle: the workload holds no bound method of itself, so it (with its KV cache,
+    CUDA graph and memory pool) is freed as soon as the last reference goes, without a GC pass.
     """
 
     def __init__(self, model, phase: str, batch: int, length: int, *, seed: int = 0, mode: str = "eager",
@@ -183,14 +192,19 @@ class Workload:
             raise ValueError(f"timing mode {mode!r} is not one of {list(MODES)}")
         self.model, self.phase, self.batch, self.length, self.mode = model, phase, int(batch), int(length), mode
         dev = _device(model)
-        if mode == "graph" and dev.type != "cuda":
+        if mode == "graph" and not graphs_on(dev):
             raise ValueError(f"timing mode 'graph' (CUDA graphs) needs the model on a CUDA device, it is on {dev}; "
                              f"allowed modes there: {allowed_modes(dev)}")
         from transformers import DynamicCache, StaticCache
 
-        self.static = mode != "eager" if static_cache is None else bool(static_cache)
-        if mode != "eager" and not self.static:
+        self.static = (mode != "eager" and phase == "decode") if static_cache is None else bool(static_cache)
+        if mode != "eager" and phase == "decode" and not self.static:
             raise ValueError(f"timing mode {mode!r} needs a static KV cache (static_cache=True)")
+        if mode != "eager" and phase == "prefill" and self.static:
+            raise ValueError(f"a {mode!r} prefill runs over a fresh DynamicCache, not a StaticCache: captured or "
+                             "compiled over a StaticCache, transformers builds an explicit S x S mask (no causal "
+                             "flash kernel), a different attention kernel from eager's")
+        self.note = step_note(phase, mode, self.static)
         prompt = _tokens(model, batch, length, seed, text)
         self.cache = None
         with torch.inference_mode():
@@ -210,17 +224,18 @@ class Workload:
                 nxt = (_tokens(model, batch, 1, seed + 1) if text is None or text.shape[1] <= length
                        else text[:batch, length: length + 1].to(dev))
                 self.inputs = {"input_ids": nxt, "use_cache": True}
-        self._step = self._forward
+        self._step = None  # eager: self._forward, looked up per call (a stored bound method would be a cycle)
         if mode == "compiled":
             _raise_recompile_limit()
-            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=compile_backend)
+            self._step = torch.compile(_step_of(model, self.inputs, self.cache), fullgraph=True, dynamic=False,
+                                       backend=compile_backend)
         self._graph = None
         if mode == "graph":
             self._capture()
 
     def _forward(self):
         cache = self.cache
-        if cache is None:  # eager prefill: a fresh cache per call (what the model would make itself)
+        if cache is None:  # prefill: a fresh cache per call (what the model would make itself)
             from transformers import DynamicCache
 
             cache = self.last_cache = DynamicCache(config=self.model.config)
@@ -242,10 +257,10 @@ class Workload:
     def __call__(self):
         if self._graph is not None:
             self._graph.replay()
-            return _output(self._logits, self.cache)
+            return _output(self._logits, self.cache if self.cache is not None else self.last_cache)
         with torch.inference_mode():
-            logits = self._step()
-        return _output(logits, self.cache if self.cache is not None else self.last_cache)
+            logits = self._forward() if self._step is None else self._step()
+        return _output(logits, self.cache if self.cache is not None else getattr(self, "last_cache", None))
 
     def reset(self):
         """Rewind every layer's KV cache to where it was before the step (not timed).
@@ -276,6 +291,10 @@ class Workload:
         """Bytes the KV cache holds per token and sequence: all layers' keys and values over the slots
         (S + 1 for a static decode cache, S for a prefill; a dynamic cache's own lengths)."""
         cache = self.cache if self.cache is not None else getattr(self, "last_cache", None)
+        if cache is None and self._step is not None:  # a compiled prefill keeps its fresh cache inside: run it eagerly
+            with torch.inference_mode():
+                self._forward()
+            cache = self.last_cache
         if cache is None:
             raise RuntimeError("run the workload once before reading its KV cache")
         total = slots = 0
@@ -285,6 +304,37 @@ class Workload:
             total += layer.keys.nbytes + layer.values.nbytes
             slots = max(slots, layer.keys.shape[-2])
         return total / (self.batch * slots) if slots else 0.0
+
+
+def graphs_on(device) -> bool:
+    """Whether ``device`` can capture CUDA graphs (CUDA only; tests fake this with torch's graph API)."""
+    return torch.device(device).type == "cuda"
+
+
+def _step_of(model, inputs: dict, cache):
+    """The step as a closure over the model, inputs and cache (not the workload): what ``compiled`` compiles."""
+    def step():
+        if cache is None:
+            from transformers import DynamicCache
+
+            return model(**inputs, past_key_values=DynamicCache(config=model.config)).logits
+        return model(**inputs, past_key_values=cache).logits
+    return step
+
+
+def step_note(phase: str, mode: str, static: bool) -> str:
+    """Which KV cache and attention path a step of ``phase`` in ``mode`` takes (a speed row's reason)."""
+    how = {"eager": "eager", "compiled": "torch.compile(fullgraph)", "graph": "CUDA graph"}[mode]
+    if phase == "prefill":
+        if static:
+            return f"prefill, {how}, over a StaticCache of S slots (uncaptured: SDPA is_causal, as over a DynamicCache)"
+        return (f"prefill, {how}, over a fresh DynamicCache: SDPA is_causal (flash where it can) in every mode, the "
+                "kernel the cost model counts (captured or compiled over a StaticCache, transformers would build an "
+                "explicit S x S mask with repeated K/V heads instead)")
+    if static:
+        return (f"decode, {how}, over a StaticCache (in-place KV write; transformers masks the S + 1 slots and "
+                "repeats K/V heads)")
+    return f"decode, {how}, over a DynamicCache (torch.cat copies the whole cache every step)"
 
 
 def _check_window(config, slots: int) -> None:

@@ -214,6 +214,13 @@ def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [x for n in names if (inner := getattr(t, n)) is not None for x in _inner_tensors(inner)]
 
 
+def _is_plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds its own data (its only inner tensor is itself), decided by identity: ``==`` on a
+    wrapper subclass is an elementwise op it may not implement (cuSPARSELt's one packed tensor raises)."""
+    inner = _inner_tensors(t)
+    return len(inner) == 1 and inner[0] is t
+
+
 def _distinct_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     """Each parameter once: the same object once (``parameters()``), and two objects over the same
     memory (tied embeddings re-wrapped) once. Memory is told by storage address, offset, shape and
@@ -221,8 +228,7 @@ def _distinct_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     for all) is told by identity."""
     seen, out = set(), []
     for p in model.parameters():
-        inner = _inner_tensors(p)
-        if inner == [p] and p.device.type != "meta":
+        if _is_plain(p) and p.device.type != "meta":
             key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
         else:
             key = ("id", id(p))
@@ -255,7 +261,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     for key, tensor in sorted(model.state_dict().items()):
         inner = _inner_tensors(tensor)
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if inner != [tensor]:  # (plain tensors hash exactly as before, so stored fingerprints stay valid)
+        if not _is_plain(tensor):  # (plain tensors hash exactly as before, so stored fingerprints stay valid)
             h.update(f"{type(tensor).__name__}:{[(tuple(x.shape), str(x.dtype)) for x in inner]}".encode())
         for x in inner:
             if x.device.type == "meta":
