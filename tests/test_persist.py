@@ -114,11 +114,12 @@ def test_weights_that_do_not_fit_the_structure_are_an_error(tiny_model, tmp_path
         load_pruned(tmp_path / "m")
 
 
-def test_a_class_outside_the_allowed_packages_is_refused(tiny_model, tmp_path):
+def test_a_kind_outside_the_registry_is_refused(tiny_model, tmp_path):
+    """A structure names kinds, keys of the registry: a module path (the old allow-list's test) is just unknown."""
     save_pruned(pruning.prune(tiny_model, "lowrank_svd", 0.25)[0], tmp_path / "m")
     f = tmp_path / "m" / STRUCTURE_FILE
-    f.write_text(f.read_text().replace('"prunelib.pruning.lowrank"', '"os"'))
-    with pytest.raises(CheckpointError, match="outside"):
+    f.write_text(f.read_text().replace('"prunelib.pruning.lowrank.LowRankLinear"', '"os.system"'))
+    with pytest.raises(CheckpointError, match="kind 'os.system' is not one prunelib can rebuild"):
         load_pruned(tmp_path / "m")
 
 

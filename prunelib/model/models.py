@@ -178,25 +178,31 @@ def load_model(
     return model, tokenizer
 
 
-def save_pruned(model, path, tokenizer=None) -> Path:
-    """Save a (pruned) model to the folder ``path``: JSON structure plus safetensors, no pickle.
+def save_pruned(model, path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Save a (pruned) model to the folder ``path``: JSON structure plus safetensors, data only.
 
     Per-layer shapes the config cannot express (sliced heads or channels, removed sublayers,
     low-rank pairs, 2:4 layers, SliceGPT shortcuts, routers, token pruning, sparse attention)
     and the state of the dynamic methods survive; :func:`load_model` or :func:`load_pruned` on
     the folder rebuilds it exactly. A model plain transformers can represent (depth pruning,
     uniform width, 2:4 weights stored dense) also loads with ``from_pretrained``; any other is
-    refused there with an error naming :func:`load_pruned`. The folder is written under a
-    temporary name and renamed, so a failure leaves nothing behind. ``tokenizer`` is optional
+    refused there with an error naming :func:`load_pruned`. ``tokenizer`` is optional
     (random-weight models have none): pass one to :func:`load_model`'s caller separately.
+
+    ``path`` may be new, an empty folder or an earlier checkpoint (replaced); a folder holding other
+    files is refused unless ``overwrite=True`` (then its files are kept beside the checkpoint), and a
+    file is always refused. The folder is written under a temporary name and swapped in, so a failure
+    leaves the target as it was, and no file a save did not write is ever deleted.
     """
     from prunelib.model import checkpoint
 
-    return checkpoint.save(model, path, tokenizer)
+    return checkpoint.save(model, path, tokenizer, overwrite=overwrite)
 
 
 def load_pruned(path):
-    """The model saved by :func:`save_pruned` (on CPU, eval mode); no code is unpickled."""
+    """The model saved by :func:`save_pruned` (on CPU, eval mode), rebuilt from data: nothing named by the
+    folder is imported or run, and every tensor is checked against the structure and the config
+    (:class:`prunelib.model.checkpoint.CheckpointError` says what does not fit)."""
     from prunelib.model import checkpoint
 
     return checkpoint.load(path)
