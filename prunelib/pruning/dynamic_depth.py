@@ -141,7 +141,7 @@ def _method(var: str, random: bool):
         if sparsity == 0:  # nothing to skip: the dense model
             return copy.deepcopy(model), {"realised_sparsity": 0.0, "layer_skip": {}, "variant": var}
         if random:
-            routers = random_routers(model, sparsity, var, ctx.seed)
+            routers = random_routers(model, sparsity, var, ctx.seed, ctx.calibration)
         else:
             routers = train_routers(model, ctx.calibration, sparsity, var)
         new = attach(model, routers)
@@ -162,10 +162,12 @@ register("dyn_depth_router_mlp", "dynamic_depth",
          "calibrated threshold run the MLP (causal)", unit=MLP_UNIT, baseline="dyn_depth_random_mlp",
          needs_calibration=True, max_sparsity=_max_sparsity, ladder=grid(0.05))(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
-         "random baseline: the same skip rate of whole layers, each token's route hashed from (seed, layer, position)",
-         unit=LAYER_UNIT, baseline=None, needs_calibration=False, max_sparsity=_max_sparsity, ladder=grid(0.05))(
+         "random baseline: each token's route hashed from (seed, layer, position), the threshold set so that the "
+         "calibration tokens skip the same share of whole layers as the router's",
+         unit=LAYER_UNIT, baseline=None, needs_calibration=True, max_sparsity=_max_sparsity, ladder=grid(0.05))(
     _method("layer", random=True))
 register("dyn_depth_random_mlp", "dynamic_depth",
-         "random baseline of the MLP router: the same skip rate of MLP sublayers, each token's route hashed from "
-         "(seed, layer, position)", unit=MLP_UNIT, baseline=None, needs_calibration=False,
+         "random baseline of the MLP router: each token's route hashed from (seed, layer, position), the threshold "
+         "set so that the calibration tokens skip the same share of MLP sublayers", unit=MLP_UNIT, baseline=None,
+         needs_calibration=True,
          max_sparsity=_max_sparsity, ladder=grid(0.05))(_method("mlp", random=True))

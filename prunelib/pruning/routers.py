@@ -96,14 +96,22 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
     return routers
 
 
-def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0) -> Routers:
-    """Routers of the random baseline: uniform scores, so the threshold is the skip rate itself."""
+def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0, calibration=None) -> Routers:
+    """Routers of the random baseline: uniform scores hashed from positions. With ``calibration`` (what
+    ``prune`` gives), each threshold is the skip-rate quantile of its scores on the calibration tokens, exactly as
+    the trained router's: both then skip the target share of the calibration text (up to one token), so criterion
+    and random are compared at the same realised sparsity there, not at a threshold that only skips the target in
+    expectation (26.2% against the router's 30.0% at 25% on the quick tasks before). Without it, the threshold is
+    the skip rate itself."""
     _check_variant(variant)
     a = _check_model(model)
     skip = layer_skip_rate(model, sparsity)
     layers = routed_layers(len(a.layers))
-    return Routers(fingerprint(model), a.hidden_size, variant, tuple(layers), skip,
-                   torch.full((len(layers),), skip), seed=seed)
+    routers = Routers(fingerprint(model), a.hidden_size, variant, tuple(layers), skip,
+                      torch.full((len(layers),), skip), seed=seed)
+    if calibration is not None and skip > 0:
+        routers.threshold = _calibrate_thresholds(model, routers, calibration)
+    return routers
 
 
 class _Stop(Exception):
