@@ -296,3 +296,40 @@ def test_partial_rotary_phi3_keeps_the_function():
     torch.testing.assert_close(logits(dense, ids), logits(model, ids), rtol=0, atol=1e-5)
     sparse, _ = pruning.prune(model, "sparse_attn_block", 0.5, block=8, page=4)
     assert not torch.allclose(logits(sparse, ids), logits(model, ids), atol=1e-3) and sa.realised_sparsity(sparse) > 0
+
+
+def test_active_share_counts_where_a_sparse_rule_shaped_the_served_positions(tiny_model):
+    """Short prompts and short caches run dense: a loss scored there barely measures the rule (6 of 1,179
+    quick-suite requests ran the prefill rule); a long prompt makes every served position count."""
+    from prunelib.measure.servinglm import prompt_lengths
+
+    pruned, _ = pruning.prune(tiny_model, "sparse_attn_block", 0.75, block=16, page=16)
+    sa.reset_stats(pruned)
+    assert sa.active_share(pruned) is None  # nothing served yet
+    with prompt_lengths(pruned, [20, 20]):  # one block and a bit: dense prefill; continuation's cache <= 2 pages
+        logits(pruned, IDS[:, :30])
+    assert sa.active_share(pruned) == 0.0
+    sa.reset_stats(pruned)
+    with prompt_lengths(pruned, [160, 160]):  # 10 blocks: the prefill rule ran
+        logits(pruned, IDS[:, :200])
+    assert sa.active_share(pruned) == 1.0
+    from prunelib.run.pipeline import active_share
+
+    assert active_share("sparse_attn_block", pruned) == 1.0 and active_share("shortgpt", tiny_model) is None
+
+
+def test_inactive_quality_rows_leave_the_band_answers():
+    import pandas as pd
+
+    from prunelib.results import pareto
+
+    base = dict(model="m", cell="dynamic_nk_attention", sparsity=0.75, device="cpu", dtype="float32", phase="prefill",
+                batch=1, length=512)
+    rows = [dict(base, method="sparse_attn_block", metric="speedup", value=1.2, ci_low=1.1, ci_high=1.3, bound=1.4,
+                 config_hash="s", extra={"calibration": {"seed": 0}}),
+            dict(base, method="sparse_attn_block", phase="quality", metric="quality_loss_pct", value=1.0, ci_low=0.0,
+                 ci_high=2.0, config_hash="q", extra={"seed": 0, "active_share_scoring": 0.005})]
+    pts = pareto.points(pd.DataFrame(rows))
+    assert pts.inactive.tolist() == [True] and pts.active_share.tolist() == [0.005]
+    t = pareto.best_per_band(pts, [(0, 4)])
+    assert t.winners.tolist() == ["(none measured)"] and t.excluded_inactive.tolist() == [1]

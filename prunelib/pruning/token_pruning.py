@@ -132,6 +132,7 @@ class TokenPruner:
     def reset(self) -> None:
         self.seen = self.kept_tokens = 0  # prefill tokens reaching layer l / kept from there on
         self.kv_seen = self.kv_kept = 0  # later forwards: full KV length / KV length of layers >= l
+        self.scored = [0, 0]  # served positions after a prompt that was pruned / all served positions
 
     def _clear(self) -> None:
         self.kept = self.full = self.mask = self.rope = self.position_ids = self.filler = None
@@ -162,6 +163,10 @@ class TokenPruner:
             _visible(mask[:, 0, -1, :]).expand(B, S)
         ctx = real & prompt  # the prunable tokens
         keep = torch.tensor([keep_count(int(n), self.sparsity) for n in ctx.sum(-1).tolist()], device=hidden.device)
+        if self.prompt_lengths is not None:  # served: the prompt's last position and every later real one
+            served = (real & ~prompt).sum(-1) + (ctx.sum(-1) > 0).long()
+            self.scored[0] += int(served[keep < ctx.sum(-1)].sum())
+            self.scored[1] += int(served.sum())
         runs = keep + (~prompt).sum(-1)  # positions each row runs from layer l on
         K = int(runs.max())
         n_prompt = int(ctx.sum())  # counted per request: a row's padding and batch fillers are not its work
@@ -360,6 +365,15 @@ def _pruner(model) -> TokenPruner | None:
         if isinstance(layer, TokenPrunedLayer):
             return layer.token_pruner
     return None
+
+
+def active_share(model) -> float | None:
+    """The share of served positions (scored through prompt lengths, since ``reset_stats()``) that follow a prompt
+    from which tokens were actually dropped; None when nothing was served (a short prompt keeps every token)."""
+    p = _pruner(model)
+    if p is None or not p.scored[1]:
+        return None
+    return p.scored[0] / p.scored[1]
 
 
 def realised_sparsity(model) -> float:

@@ -39,7 +39,9 @@ X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the cho
             "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",
             "fidelity_dnll": "NLL increase over dense, nats per token, held-out {domain} text"}
 COLUMNS = KEY + ["cell", "label", *SHAPE, "speedup", "ci_low", "ci_high", "bound", "loss", "loss_low", "loss_high",
-                 "loss_stderr", "ci_method", "x_metric", "domain", "weight_ratio", "mem_ratio"]
+                 "loss_stderr", "ci_method", "x_metric", "domain", "weight_ratio", "mem_ratio", "active_share", "inactive"]
+#: a quality row whose rule shaped fewer than this share of its scored positions is flagged and left out of bands
+ACTIVE_MIN = 0.5
 
 
 def x_label(pts: pd.DataFrame) -> str:
@@ -90,6 +92,9 @@ def quality(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFr
     q = _keyed(q, lambda e: e.get("seed", 0)).drop_duplicates(KEY, keep="last")
     q["loss_stderr"] = [e.get("stderr") for e in q.extra]
     q["ci_method"] = [e.get("ci_method", "unpaired" if x == "loss" else "paired_bootstrap") for e in q.extra]
+    q["active_share"] = [e.get("active_share_scoring") for e in q.extra]
+    # a loss scored where the method's rule barely ran does not measure the rule: flagged, and left out of bands
+    q["inactive"] = [a is not None and a < ACTIVE_MIN for a in q.active_share]
     return q
 
 
@@ -107,8 +112,8 @@ def join(df: pd.DataFrame, x: str = "loss", domain: str = "ptb", how: str = "inn
         return empty
     sp = speed(df).rename(columns={"value": "speedup"})
     q = quality(df, x, domain).rename(columns={"value": "loss", "ci_low": "loss_low", "ci_high": "loss_high"})
-    q = q[KEY + ["cell", "loss", "loss_low", "loss_high", "loss_stderr", "ci_method"]]
-    out = sp.drop(columns=[c for c in ("loss_stderr", "ci_method") if c in sp]).merge(
+    q = q[KEY + ["cell", "loss", "loss_low", "loss_high", "loss_stderr", "ci_method", "active_share", "inactive"]]
+    out = sp.drop(columns=[c for c in ("loss_stderr", "ci_method", "active_share", "inactive") if c in sp]).merge(
         q, on=KEY, how=how, suffixes=("", "_quality"))
     if out.empty:
         return empty
@@ -194,14 +199,17 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
 
     A point is tied with the band's fastest when their speedup CIs overlap: the data cannot
     tell them apart, so the row names them all (``winners``) and says ``tie``. ``vs_dense``
-    says whether the fastest is significantly faster or slower than not pruning at all.
+    says whether the fastest is significantly faster or slower than not pruning at all. Points whose rule shaped
+    under half of their scored positions (``inactive``) are left out and counted (``excluded_inactive``).
     """
     out = []
     shape = [c for c in SHAPE if c in pts]
     for key, group in pts.groupby(shape, dropna=False):
+        flagged = group.inactive.fillna(False).astype(bool) if "inactive" in group else pd.Series(False, group.index)
+        group = group[~flagged]  # a loss scored where the rule barely ran does not answer a band
         for (lo, hi), (start, stop) in zip(bands, band_edges(bands)):
             inband = group[(group.loss >= start) & (group.loss < stop)].sort_values("speedup", ascending=False)
-            row = dict(zip(shape, key), band=f"{lo}-{hi}%")
+            row = dict(zip(shape, key), band=f"{lo}-{hi}%", excluded_inactive=int(flagged.sum()))
             if not len(inband):
                 out.append(dict(row, winners="(none measured)", tie=False))
                 continue

@@ -29,6 +29,7 @@ from prunelib.model.adapter import ModelAdapter
 from prunelib.model.calibration import calibration_batch
 from prunelib.model.models import EMBEDDED, fingerprint, load_model, parameter_count
 from prunelib.pruning import get, prune
+from prunelib.pruning.registry import rungs
 from prunelib.run import checks
 
 
@@ -41,6 +42,13 @@ def realised_sparsity(method: str, model) -> float | None:
     """What a dynamic method actually skipped since its counters were reset (None for static methods)."""
     fn = get(method).hook("realised_sparsity")
     return None if fn is None else float(fn(model))
+
+
+def active_share(method: str, model) -> float | None:
+    """For a method whose rule depends on the prompt (sparse attention, token pruning): the share of the positions
+    scored since its counters were reset that its rule shaped; None for other methods or when nothing was served."""
+    fn = get(method).hook("active_share")
+    return None if fn is None else fn(model)
 
 
 QUALITY_BATCH = 16
@@ -190,7 +198,7 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                                      batch_size=QUALITY_BATCH, cell=report.cell, method=method,
                                      sparsity=sparsity, extra=extra)
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
-                            realised_sparsity(method, pruned), seed, options)
+                            realised_sparsity(method, pruned), seed, options, active_share(method, pruned))
             if fidelity and tok is not None:
                 fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
                                      sparsity=sparsity, cell=report.cell, seed=seed, extra=extra)
@@ -245,7 +253,7 @@ def _loss_key(dense_hashes, pruned_hashes, seed) -> str:
 
 
 def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, dtype, preset, realised=None, seed=0,
-                options=None):
+                options=None, active=None):
     """The quality-loss row: value, the paired-bootstrap 95% CI (or ±1.96 se, labelled ``unpaired``, where a
     score has no per-document outcomes), the independent-error se, and what defines the pruned model."""
     key = _loss_key(dense_q.config_hash, q.config_hash, seed)
@@ -262,6 +270,7 @@ def _store_loss(store, model_name, method, sparsity, cell, dense_q, q, device, d
                       extra={"stderr": r["stderr_pct"], "ci_method": r["ci_method"], "unpaired_tasks": r["unpaired_tasks"],
                              "bootstrap": r["bootstrap"], "per_task": per_task, "preset": preset, "seed": seed,
                              "options": options or {}, "realised_sparsity_scoring": realised,
+                             "active_share_scoring": active,
                              "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"],
                              "seconds": sum(v for v in seconds.values() if v is not None),
                              "scores": {"dense": _by_task(dense_q), "pruned": _by_task(q)}}))
