@@ -163,3 +163,21 @@ def test_fidelity_ci_covers_the_many_window_mean():
     assert 0.91 <= t32 <= 0.98, t32
     boot8 = coverage(8, lambda x: fidelity.bootstrap_ci(x, iters=400, seed=int(rng.integers(1 << 30))))
     assert boot8 < 0.90, boot8
+
+
+@needs_data
+def test_long_prefill_windows_score_sparse_attention_where_its_prefill_rule_runs(tiny_lm, tmp_path):
+    """ptb-long prefills 1536 tokens and scores 512: the block-sparse prefill rule runs on every window, and the row
+    says so (realised prefill sparsity while scoring, active share 1); the short windows barely run it."""
+    from prunelib import pruning
+
+    model, tok = tiny_lm
+    pruned, _ = pruning.prune(model, "sparse_attn_block", 0.75)
+    store = ResultsStore(tmp_path / "r.jsonl")
+    rows = fidelity.measure(model, pruned, tok, store=store, method="sparse_attn_block", sparsity=0.75,
+                            cell="dynamic_nk_attention", domains=("ptb", "ptb-long"), iters=50)
+    kl = rows[rows.metric == "fidelity_kl"].set_index(rows[rows.metric == "fidelity_kl"].extra.map(lambda e: e["domain"]))
+    long, short = kl.loc["ptb-long"].extra, kl.loc["ptb"].extra
+    assert (long["windows"], long["window_len"], long["context"], long["scored_tokens"]) == (8, 2048, 1536, 8 * 512)
+    assert long["active_share"] == 1.0 and long["realised_prefill"] > 0.5
+    assert short["context"] == 64 and short["realised_prefill"] == 0.0  # 64-token prompts: one block, dense prefill

@@ -43,6 +43,7 @@ with CIs, seconds) and the Spearman rank correlation of KL on PTB with the quick
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 import numpy as np
@@ -53,7 +54,12 @@ from prunelib.core.config import data_dir
 from prunelib.model.models import fingerprint
 from prunelib.core.store import ResultsStore, config_hash
 
-DOMAINS = {"ptb": "ptb/ptb.test.txt", "wikitext2": "wikitext2/wiki.test.raw"}
+DOMAINS = {"ptb": "ptb/ptb.test.txt", "wikitext2": "wikitext2/wiki.test.raw", "ptb-long": "ptb/ptb.test.txt"}
+#: domains scored at another window shape (windows, length, prompt): "ptb-long" prefills 1536 tokens and scores 512,
+#: the timing shape, so a rule that acts on long prompts (sparse attention, token pruning) runs where it is scored
+SHAPES = {"ptb-long": (8, 2048, 1536)}
+#: what a plain measure scores: the short windows (long ones are asked for by name, e.g. for prompt-aware methods)
+DEFAULT_DOMAINS = ("ptb", "wikitext2")
 #: 32 windows of 128 tokens per domain (2k scored tokens per model, seconds on 2 cores): with 8, even a t-interval
 #: covered the many-window mean only 91% of the time, the percentile bootstrap 78-85% (tests/test_fidelity.py)
 WINDOWS, LENGTH, ITERS = 32, 128, 2000
@@ -70,7 +76,7 @@ def text(domain: str, root=None) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"evaluation file {path} is missing (set PRUNELIB_DATA)")
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    if domain == "wikitext2":
+    if domain.startswith("wikitext2"):
         return "\n\n".join("" if line.strip() == "" else line for line in lines)
     return " ".join(line.strip() for line in lines)
 
@@ -91,18 +97,19 @@ def windows(tokenizer, domain: str, n: int = WINDOWS, length: int = LENGTH, root
 
 
 @torch.no_grad()
-def served_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probs ``[n, L - L//2, vocab]`` predicting the second half of each window, as served.
+def served_logprobs(model, ids: torch.Tensor, context: int | None = None) -> torch.Tensor:
+    """Log-probs ``[n, L - c, vocab]`` predicting the tokens after the first ``c = context`` (default: half) of each
+    window, as served.
 
     One forward of ``ids[:, :-1]`` inside :func:`prunelib.measure.servinglm.prompt_lengths` with the
-    first half as the prompt: a dynamic method treats that half by its prefill rules and the
+    first ``c`` tokens as the prompt: a dynamic method treats them by its prefill rules and the
     rest as decode steps (equal to a prefill and token-by-token cached decode); a static model
     is untouched. Only the scored positions' logits are computed.
     """
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     n, length = ids.shape
-    c = length // 2
+    c = length // 2 if context is None else context
     with _serving(model, [c] * n):
         logits = model(ids[:, :-1], logits_to_keep=length - c).logits.float()
     return torch.log_softmax(logits, dim=-1).cpu()
@@ -145,21 +152,48 @@ def bootstrap_ci(per_window: np.ndarray, iters: int = ITERS, seed: int = 0, leve
     return float(lo), float(hi)
 
 
-def _dense_logprobs(dense, fp, domain, ids):
+def _reset(model) -> None:
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_stats"):
+            m.reset_stats()
+
+
+def _while_scoring(model, method: str) -> dict:
+    """What the pruned model's rule did on the windows just scored: its realised sparsity per phase and the share of
+    scored positions it shaped (hooks of the method's module; nothing for static methods)."""
+    from prunelib.pruning import REGISTRY
+
+    m = REGISTRY.get(method)
+    if m is None or m.static:
+        return {}
+    out = {}
+    realised, active = m.hook("realised_sparsity"), m.hook("active_share")
+    if "phase" in inspect.signature(realised).parameters:
+        out.update({f"realised_{phase}": float(realised(model, phase)) for phase in ("prefill", "decode")})
+    else:  # the hook counts what the whole forward skipped
+        out["realised"] = float(realised(model))
+    if active is not None:
+        out["active_share"] = active(model)
+    return out
+
+
+def _dense_logprobs(dense, fp, domain, ids, context=None):
     key = (fp, domain, *ids.shape)
     if key not in _DENSE:
         if _DENSE and next(iter(_DENSE))[0] != fp:
             _DENSE.clear()  # one dense model at a time: its log-probs are ~100 MB per domain
         t0 = time.perf_counter()
-        _DENSE[key] = (served_logprobs(dense, ids), time.perf_counter() - t0)
+        _DENSE[key] = (served_logprobs(dense, ids, context), time.perf_counter() - t0)
     return _DENSE[key]
 
 
 def measure(dense, pruned, tokenizer, *, store: ResultsStore | None = None, model_name: str = "",
-            method: str = "dense", sparsity: float = 0.0, cell: str = "dense", domains=tuple(DOMAINS),
+            method: str = "dense", sparsity: float = 0.0, cell: str = "dense", domains=DEFAULT_DOMAINS,
             n: int = WINDOWS, length: int = LENGTH, iters: int = ITERS, seed: int = 0, extra: dict | None = None,
             root=None) -> pd.DataFrame:
-    """KL and ΔNLL of ``pruned`` against ``dense`` on each domain, stored once; returns their rows."""
+    """KL and ΔNLL of ``pruned`` against ``dense`` on each domain, stored once; returns their rows. A domain of
+    :data:`SHAPES` has its own window shape; each row keeps the realised sparsity of the pruned model's rule per phase
+    while scoring, and the share of scored positions its rule shaped (prompt-aware methods)."""
     from prunelib.measure.scoring import code_version
 
     store = ResultsStore() if store is None else store
@@ -172,28 +206,32 @@ def measure(dense, pruned, tokenizer, *, store: ResultsStore | None = None, mode
     dtype = str(next(pruned.parameters()).dtype).removeprefix("torch.")
     keys = []
     for domain in domains:
+        nd, ld, cd = SHAPES.get(domain, (n, length, length // 2))
         key = config_hash({"kind": "fidelity", "dense": fp_d, "pruned": fp_p, "code": code, "domain": domain,
-                           "windows": n, "length": length, "iters": iters, "seed": seed, "device": device})
+                           "windows": nd, "length": ld, "iters": iters, "seed": seed, "device": device}
+                          | ({"context": cd} if cd != ld // 2 else {}))
         keys.append(key)
         if store.has(key, "fidelity_kl") and store.has(key, "fidelity_dnll"):
             continue
-        ids = windows(tokenizer, domain, n, length, root)
-        dense_lp, dense_s = _dense_logprobs(dense, fp_d, domain, ids)
+        ids = windows(tokenizer, domain, nd, ld, root)
+        dense_lp, dense_s = _dense_logprobs(dense, fp_d, domain, ids, cd)
         t0 = time.perf_counter()
-        pruned_lp = dense_lp if pruned is dense else served_logprobs(pruned, ids)
-        r = divergence(dense_lp, pruned_lp, ids[:, length // 2:])
+        _reset(pruned)
+        pruned_lp = dense_lp if pruned is dense else served_logprobs(pruned, ids, cd)
+        r = divergence(dense_lp, pruned_lp, ids[:, cd:])
         seconds = time.perf_counter() - t0
-        common = dict(extra or {}, domain=domain, windows=n, window_len=length, context=length // 2,
-                      scored_tokens=n * (length - length // 2), seconds=seconds, dense_seconds=dense_s, seed=seed,
-                      iters=iters, ci_method="t_interval", ci_unit="window", fingerprint=fp_p, dense_fingerprint=fp_d, code=code,
-                      nll_dense=float(r["nll_dense"].mean()), nll_pruned=float(r["nll_pruned"].mean()),
-                      ppl_dense=float(np.exp(r["nll_dense"].mean())), ppl_pruned=float(np.exp(r["nll_pruned"].mean())))
+        common = dict(extra or {}, domain=domain, windows=nd, window_len=ld, context=cd,
+                      scored_tokens=nd * (ld - cd), seconds=seconds, dense_seconds=dense_s, seed=seed,
+                      iters=iters, ci_method="t_interval", ci_unit="window", fingerprint=fp_p, dense_fingerprint=fp_d,
+                      code=code, nll_dense=float(r["nll_dense"].mean()), nll_pruned=float(r["nll_pruned"].mean()),
+                      ppl_dense=float(np.exp(r["nll_dense"].mean())), ppl_pruned=float(np.exp(r["nll_pruned"].mean())),
+                      **_while_scoring(pruned, method))
         rows = []
         for metric, values in (("fidelity_kl", r["kl"]), ("fidelity_dnll", r["dnll"])):
             lo, hi = t_interval(values)
             rows.append(dict(model=model_name or getattr(pruned.config, "name_or_path", ""), cell=cell, method=method,
                              sparsity=sparsity, phase="quality", device=device, dtype=dtype, metric=metric,
-                             value=float(values.mean()), ci_low=lo, ci_high=hi, n=n * (length - length // 2),
+                             value=float(values.mean()), ci_low=lo, ci_high=hi, n=nd * (ld - cd),
                              config_hash=key, extra=dict(common, per_window=values.tolist())))
         store.append(rows)
     df = store.load()

@@ -344,13 +344,13 @@ def reset_stats(model) -> None:
         m.reset_stats()
 
 
-def realised_sparsity(model) -> float:
-    """Fraction of causal blocks (prefill) / KV tokens (decode) skipped since ``reset_stats()``, for the
-    phase that ran last; 0 if nothing ran."""
+def realised_sparsity(model, phase: str | None = None) -> float:
+    """Fraction of causal blocks (prefill) / KV tokens (decode) skipped since ``reset_stats()``, for ``phase`` or
+    the phase that ran last; 0 if nothing ran."""
     mods = [m for m in sparse_modules(model) if m.last_phase is not None]
     if not mods:
         return 0.0
-    phase = mods[0].last_phase
+    phase = phase or mods[0].last_phase
     total = sum(m.total[phase] for m in mods)
     return 1 - sum(m.kept[phase] for m in mods) / total if total else 0.0
 

@@ -33,7 +33,7 @@ PAPER_BANDS = ((0, 4), (5, 16), (17, 26))
 FINE_BANDS = ((0, 2), (2, 5), (5, 10), (10, 16), (16, 26), (26, 50))
 KEY = ["model", "method", "sparsity", "seed", "options"]
 SHAPE = ["phase", "batch", "length", "device", "timing_mode"]
-DOMAINS = ("ptb", "wikitext2")  # held-out text the fidelity rows are measured on
+DOMAINS = ("ptb", "wikitext2", "ptb-long")  # held-out text of the fidelity rows (ptb-long: 1536 prefilled, 512 scored)
 X_METRICS = {"loss": "quality_loss_pct", "kl": "fidelity_kl", "dnll": "fidelity_dnll"}
 X_LABELS = {"quality_loss_pct": "quality loss (%): mean relative drop of the chosen accuracies vs dense",
             "fidelity_kl": "KL(dense || pruned), nats per token, held-out {domain} text",

@@ -200,8 +200,11 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                 _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
                             realised_sparsity(method, pruned), seed, options, active_share(method, pruned))
             if fidelity and tok is not None:
+                # a rule that acts on long prompts is also scored where it runs: 1536 tokens prefilled, 512 scored
+                long = ("ptb-long",) if get(method).hook("active_share") is not None else ()
                 fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
-                                     sparsity=sparsity, cell=report.cell, seed=seed, extra=extra)
+                                     sparsity=sparsity, cell=report.cell, seed=seed, extra=extra,
+                                     domains=fidelity_mod.DEFAULT_DOMAINS + long)
             del pruned
             bar.update()
     bar.close()
