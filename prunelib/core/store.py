@@ -18,13 +18,27 @@ Skipping: every measurement is keyed by ``config_hash`` (a hash of everything th
 defines it) plus ``metric``; :meth:`ResultsStore.has` lets a sweep skip what is stored,
 and counts only finite values, so a NaN or failed row is measured again. Where a key has
 both, loading keeps its finite rows only: a failed re-measurement never hides a good one.
+
+One writer at a time: :meth:`ResultsStore.append` holds an exclusive lock on the store file
+(``fcntl.flock``, which other processes and, on a shared file system, other hosts see) while it
+re-reads what others stored and writes, and drops rows whose key is stored with a finite value
+by then. So two processes that both found a key missing with :meth:`ResultsStore.has` and
+measured it store it once, and ``has`` sees what other processes appended since it last read.
+:meth:`ResultsStore.lock` holds the same lock around longer steps (a sweep's merge of a job).
+A sweep driver also claims the store for its whole run (:meth:`ResultsStore.claim_driver`, a
+lock on ``<store>.driver.lock``, which names its holder); a second driver is refused with a
+message naming the first (pid, host, since when), before it touches the first one's shards.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
+import threading
 import uuid
 import platform
 import time
@@ -47,6 +61,82 @@ class CorruptRowError(ValueError):
 
 class CorruptRowWarning(UserWarning):
     pass
+
+
+class StoreBusy(RuntimeError):
+    """Another process holds the store (a sweep driver, or a writer that did not let go); the message names it."""
+
+
+class _FileLock:
+    """An exclusive ``flock`` on one file, re-entrant in the thread that holds it (other threads wait), one per
+    file in a process (the lock belongs to an open file, so two in one process would exclude each other)."""
+
+    _all: dict[str, "_FileLock"] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path, self.fd, self.depth, self.mutex = path, None, 0, threading.RLock()
+
+    @classmethod
+    def of(cls, path: Path) -> "_FileLock":
+        with cls._guard:
+            return cls._all.setdefault(os.path.realpath(path), cls(path))
+
+    @contextlib.contextmanager
+    def held(self, timeout: float, what: str):
+        with self.mutex:
+            if self.depth == 0:
+                self.fd = _flock(self.path, timeout, what)
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    os.close(self.fd)  # closing the file releases its lock
+                    self.fd = None
+
+
+def _flock(path: Path, timeout: float, what: str, note: bool = False) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock, after waiting up to ``timeout`` s, else
+    :class:`StoreBusy` naming the holder (``note``: the holder writes pid, host and time into the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, t0, pause = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), time.monotonic(), 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() - t0 >= timeout:
+                holder = _holder(fd, note)
+                os.close(fd)
+                raise StoreBusy(f"{path} is held by {holder}: {what}") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+    if note:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+    return fd
+
+
+def _holder(fd: int, note: bool) -> str:
+    """Who holds the lock on ``fd``'s file: its note (pid, host, since), else the pid Linux lists in /proc/locks."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        if note:
+            h = json.loads(os.pread(fd, 4096, 0))
+            return f"process {h['pid']} on {h['host']} (since {h['since']})"
+        inode = os.fstat(fd).st_ino
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 12345 08:02:1234567 0 EOF"
+                parts = [p for p in line.split() if p != "->"]  # "->": a waiter's line
+                if "FLOCK" in parts and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return f"process {parts[4]} on {socket.gethostname()}"
+    return "another process"
+
+
+_CLAIMS: dict[str, int] = {}  # store driver lock file -> the descriptor holding it (this process drives that store)
+_CLAIMS_GUARD = threading.Lock()
 
 
 def config_hash(config: dict) -> str:
@@ -85,32 +175,73 @@ def make_row(**fields) -> dict:
 class ResultsStore:
     """Append-only JSONL store (default ``data/results.jsonl``, see prunelib.core.config)."""
 
+    #: how long a writer waits for another's lock (held for one append or one merge) before naming it
+    WAIT_S = 600.0
+
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else results_dir() / "results.jsonl"
         self._keys: set[tuple[str, str]] | None = None
+        self._seen = None  # the file's (inode, size, mtime) when _keys was read: another writer changes it
+
+    # --- one writer ----------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, timeout: float | None = None):
+        """Hold the store's write lock (re-entrant in this thread): no other process or thread appends meanwhile.
+
+        Waits for another holder up to ``timeout`` s (default :attr:`WAIT_S`), then raises :class:`StoreBusy`.
+        """
+        with _FileLock.of(self.path).held(self.WAIT_S if timeout is None else timeout,
+                                          "its appends and merges take seconds; is that process stuck?"):
+            yield self
+
+    @property
+    def driver_lock(self) -> Path:
+        return self.path.with_name(self.path.name + ".driver.lock")
+
+    def claim_driver(self) -> None:
+        """Make this process the store's one sweep driver until :meth:`release_driver` (or the process ends);
+        while it is, another process's claim raises :class:`StoreBusy` naming this one (pid, host, since when).
+        A second claim by the same process is the same claim."""
+        key = os.path.realpath(self.driver_lock)
+        with _CLAIMS_GUARD:
+            if key not in _CLAIMS:
+                _CLAIMS[key] = _flock(self.driver_lock, 0, f"a sweep into {self.path} is running there. Wait for "
+                                      "it to end (or stop it) and run again: a sweep skips what is stored", note=True)
+
+    def release_driver(self) -> None:
+        with _CLAIMS_GUARD:
+            fd = _CLAIMS.pop(os.path.realpath(self.driver_lock), None)
+            if fd is not None:
+                os.close(fd)
 
     # --- writing -------------------------------------------------------------
     def append(self, rows) -> int:
         """Append rows (dicts passed through :func:`make_row`) as one unit; returns how many were written.
 
-        The rows land together or, if the writer dies part-way, are all dropped by the next load.
+        The rows land together or, if the writer dies part-way, are all dropped by the next load. Under the
+        store's lock, rows whose key is stored with a finite value (by another process since this one checked
+        :meth:`has`, say) are left out: a measurement is stored once.
         """
         rows = [rows] if isinstance(rows, dict) else list(rows)
         full = [make_row(**dict(r)) for r in rows]
-        unit = {"unit": uuid.uuid4().hex[:16], "unit_size": len(full)}
-        data = "".join(json.dumps({**r, **unit}, default=_jsonable, allow_nan=True) + "\n" for r in full).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if _ends_without_newline(self.path):
-                os.write(fd, b"\n")  # seal a partial line left by a killed writer
-            while data:  # one write for the whole unit (a short write continues; a kill leaves a partial unit)
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self._keys is not None:
+        with self.lock():
+            self._refresh()  # what other processes stored meanwhile
+            full = [r for r in full if (r["config_hash"], r["metric"]) not in self._keys]
+            if not full:
+                return 0
+            unit = {"unit": uuid.uuid4().hex[:16], "unit_size": len(full)}
+            data = "".join(json.dumps({**r, **unit}, default=_jsonable, allow_nan=True) + "\n" for r in full).encode()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if _ends_without_newline(self.path):
+                    os.write(fd, b"\n")  # seal a partial line left by a killed writer
+                while data:  # one write for the whole unit (a short write continues; a kill leaves a partial unit)
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             self._keys.update((r["config_hash"], r["metric"]) for r in full if _finite(r["value"]))
+            self._seen = _signature(self.path)
         return len(full)
 
     # --- reading -------------------------------------------------------------
@@ -164,10 +295,7 @@ class ResultsStore:
         ``metric``: one metric name or several (all must be stored); None: any metric of that hash.
         Rows of an incomplete unit and non-finite values do not count, so a resume redoes them.
         """
-        if self._keys is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CorruptRowWarning)
-                self._keys = {(r["config_hash"], r["metric"]) for r in self.rows() if _finite(r["value"])}
+        self._refresh()
         if metric is None:
             return any(h == config_hash_ for h, _ in self._keys)
         metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -175,6 +303,24 @@ class ResultsStore:
 
     def __len__(self) -> int:
         return len(self.rows())
+
+    def _refresh(self) -> None:
+        """Read the stored keys again if the file changed since they were read (another process appended)."""
+        seen = _signature(self.path)
+        if self._keys is None or seen != self._seen:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CorruptRowWarning)
+                self._keys = {(r["config_hash"], r["metric"]) for r in self.rows() if _finite(r["value"])}
+            self._seen = seen
+
+
+def _signature(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
 
 
 def _finite(value) -> bool:
