@@ -25,13 +25,15 @@ the node's one ``timing_slot``, so timings on one node never overlap; quality-on
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import pandas as pd
 
 from prunelib.core.store import ResultsStore
 from prunelib.results.summary import DONE, FAILURE, failures, print_table  # noqa: F401
-from prunelib.run.executors import InProcess, LocalPool, RayCluster, connect, lost, run_job, status_row  # noqa: F401
+from prunelib.run.executors import (InProcess, LocalPool, RayCluster, RayStartError, connect, lost, run_job,  # noqa: F401
+                                     status_row)
 from prunelib.run.merge import _drop_partial, _recover, merge
 from prunelib.run.spec import EXECUTORS, Job, Spec, SpecError, jobs, load_spec  # noqa: F401
 
@@ -88,7 +90,11 @@ def main(argv=None, spec: str | None = None, executor: str = "inprocess", worker
         raise ValueError(f"--address {address!r} is for --executor ray, not {executor!r}")
     s = load_spec(spec, executor=executor)
     t0 = time.perf_counter()
-    df = run(s, executor, workers, address)
+    try:
+        df = run(s, executor, workers, address)
+    except RayStartError as err:  # Ray did not start or answer: what to try, and a non-zero exit
+        print(f"sweep {spec}: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     print(f"\nsweep {spec} through {executor} ({workers} worker(s)): {time.perf_counter() - t0:.1f} s")
     print_tables(df, s.batches[0], s.lengths[0])
     return df

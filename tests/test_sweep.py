@@ -1,4 +1,6 @@
 """Sweeps from a spec: validation, the three executors, failures, killed workers, resume."""
+import contextlib
+import os
 import textwrap
 
 import pandas as pd
@@ -62,16 +64,42 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray instance with 2 CPUs and one timing slot, shared by this module's Ray tests."""
+def ray_tmp():
+    """Ray's temp folder for this module (RAY_TMPDIR), holding a *stale* ``ray_current_cluster`` file: the address of
+    a cluster that is gone, as an earlier ``ray start`` + ``ray stop`` leaves it. Short, for Ray's socket paths."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (folder / "ray").mkdir()
+    with socket_free_port() as port:
+        (folder / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TMPDIR", str(folder))
+    yield folder
+    mp.undo()
+
+
+@contextlib.contextmanager
+def socket_free_port():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_tmp):
+    """A private local Ray instance with 2 CPUs and one timing slot, shared by this module's Ray tests; started
+    while a stale cluster file is present, which it must not try to join."""
     import ray
 
     try:
         sweep.connect(None, workers=2)
-    except Exception as err:  # noqa: BLE001
-        if "timed out during startup" not in str(err):
-            raise
-        pytest.skip(f"Ray could not start its node on this loaded machine (ray#65983: agents get 15 s): {err}")
+    except executors.RayStartError as err:
+        pytest.skip(f"Ray could not start its node on this loaded machine: {err}")
     yield ray
     ray.shutdown()
 
@@ -155,14 +183,52 @@ def test_toml_spec_and_its_errors(tmp_path, tiny_dir):
                                                             (str(tiny_dir), "last_n"), ("random:llama-3.1-8b", "last_n")]
 
 
-def test_unreachable_ray_address_is_named():
-    import socket
+def test_unreachable_ray_address_is_named(ray_tmp):
+    with socket_free_port() as port:
+        with pytest.raises(ConnectionError, match=f"cannot reach the Ray cluster at --address '127.0.0.1:{port}'"):
+            sweep.connect(f"127.0.0.1:{port}")
+    # 'auto' follows the stale cluster file to a port where nothing answers: named, within seconds
+    with pytest.raises(ConnectionError, match=r"--address 'auto' \(recorded as [\d.]+:\d+\)"):
+        sweep.connect("auto")
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConnectionError, match=f"cannot reach the Ray cluster at --address '127.0.0.1:{port}'"):
-        sweep.connect(f"127.0.0.1:{port}")
+
+@pytest.mark.slow
+def test_a_stale_cluster_file_starts_a_private_instance(local_ray, ray_tmp):
+    """Without --address the sweep starts its own Ray whatever the machine saw before (it joined the stale
+    cluster and failed with 'num_cpus and num_gpus must not be provided')."""
+    assert local_ray.is_initialized()
+    assert local_ray.cluster_resources().get("timing_slot") == 1 and local_ray.cluster_resources()["CPU"] == 2
+
+
+@pytest.mark.slow
+def test_address_auto_joins_a_running_cluster(tmp_path, tiny_dir, plugin, inprocess_rows):
+    """A real `ray start --head` cluster: --address auto joins it (no num_cpus passed) and the rows equal the
+    in-process executor's."""
+    import subprocess
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    folder = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=folder)
+    start = subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--resources", '{"timing_slot": 1}',
+                            "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    if start.returncode != 0:
+        pytest.skip(f"ray start --head failed on this machine: {start.stderr[-500:]}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TMPDIR", folder)
+    try:
+        spec = sweep.load_spec(write_spec(tmp_path, tiny_dir, plugin), executor="ray")
+        df = sweep.run(spec, "ray", workers=2, address="auto", store=store_of(tmp_path, "auto"), progress=False)
+        pd.testing.assert_frame_equal(comparable(df), inprocess_rows, obj="ray --address auto")
+    finally:
+        mp.undo()
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 # --- running -----------------------------------------------------------------------------------

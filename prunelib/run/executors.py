@@ -245,30 +245,53 @@ class RayCluster(InProcess):
                 yield lost(job, f"{type(err).__name__} after {self.retries} retries: {str(err)[:500]}")
 
 
+START_ATTEMPTS = 5  # Ray waits 30 s for its node (hard-coded); a loaded 2-core machine has needed more than one try
+
+
+class RayStartError(ConnectionError):
+    """Ray could not start or reach a cluster; the message says what to try."""
+
+
 def connect(address: str | None, workers: int = 1) -> None:
-    """Start a local Ray instance (``address`` None) or join a cluster; an unreachable address is named."""
+    """Start a private local Ray instance (``address`` None: ``address="local"``, so a cluster file left by an
+    earlier ``ray start`` is never joined by accident) or join a running cluster ('auto' or host:port, without
+    ``num_cpus``: the cluster has its own). An address where nothing answers fails within seconds, named."""
     import ray
 
     if address is None:
-        for attempt in range(3):  # Ray gives its agents 15 s to start (ray#65983): a loaded machine may need more
+        for attempt in range(START_ATTEMPTS):
             try:
-                ray.init(num_cpus=workers, resources={"timing_slot": 1}, include_dashboard=False, log_to_driver=False)
+                ray.init(address="local", num_cpus=workers, resources={"timing_slot": 1}, include_dashboard=False,
+                         log_to_driver=False)
                 return
             except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception when its node does not start)
                 ray.shutdown()
-                if attempt == 2 or "timed out during startup" not in str(err):
+                if "timed out during startup" not in str(err):
                     raise
-    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+        raise RayStartError(f"Ray could not start a private node on this machine ({START_ATTEMPTS} tries of 30 s: "
+                            "'node timed out during startup', as on a loaded machine). Try: ray start --head "
+                            f"--num-cpus {workers} --resources '{{\"timing_slot\": 1}}', then rerun with --address auto")
+    target = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        target = canonicalize_bootstrap_address("auto")
+        if target is None:
+            raise RayStartError("--address auto: no Ray cluster is recorded on this machine; start one with "
+                                "ray start --head --resources '{\"timing_slot\": 1}', or leave out --address for a "
+                                "private one")
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", target)
     if m:  # a host:port that does not answer would make ray.init wait for minutes
         try:
             socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
         except OSError as err:
-            raise ConnectionError(f"cannot reach the Ray cluster at --address {address!r}: {err}. Is `ray start "
-                                  "--head` running there, and is the port open?") from err
+            raise RayStartError(f"cannot reach the Ray cluster at --address {address!r}"
+                                + (f" (recorded as {target})" if target != address else "")
+                                + f": {err}. Is `ray start --head` running there, and is the port open?") from err
     try:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=target if address == "auto" else address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConnectionError(f"cannot reach the Ray cluster at --address {address!r}: {err}") from err
+        raise RayStartError(f"cannot reach the Ray cluster at --address {address!r}: {err}") from err
 
 
 # --- the driver --------------------------------------------------------------------------------
