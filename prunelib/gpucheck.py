@@ -47,17 +47,9 @@ import torch
 
 from prunelib.core.config import results_dir
 from prunelib.cost import hardware
-from prunelib.run.gpucells import CELLS, Budget, _lowrank, build, cell_rows, run_cell, tiny_model  # noqa: F401
+from prunelib.run.gpucells import (CELLS, FULL, SMOKE, Budget, _lowrank, build, cell_rows, run_cell,  # noqa: F401
+                                   tiny_model)
 
-FULL = dict(model="random:llama-3.1-8b", dtype="bfloat16", shapes=(("prefill", 1, 2048), ("decode", 1, 2048),
-                                                                    ("decode", 16, 2048)),
-            modes=("graph", "eager", "static"), reps=10, warmup=3, budget_s=4.0, target="auto", profile=3)
-# one thread: on a loaded 2-core machine the barriers of a multi-threaded microsecond op cost ~100x the op;
-# bfloat16: the 2:4 cell's (faked) cuSPARSELt kernels take 16-bit weights; compile backend "eager": dynamo's
-# capture (fullgraph) checked in seconds, without inductor's code generation
-SMOKE = dict(model="tiny", dtype="bfloat16", shapes=(("prefill", 1, 32), ("decode", 1, 32), ("decode", 4, 32)),
-             modes=("graph", "eager", "static"), reps=3, warmup=1, budget_s=None, target=None, threads=1,
-             compile_backend="eager", profile=1)
 BUDGET_S = 420.0
 
 
@@ -150,10 +142,15 @@ def main(argv=None) -> pd.DataFrame:
                    help="seconds of timed loop per comparison at most (default 4)")
     p.add_argument("--cells", default=None, help="comma-separated subset of: " + ", ".join(c[0] for c in CELLS))
     p.add_argument("--debug", action="store_true", help="print the traceback of every failing cell")
+    p.add_argument("--estimate", default=None, metavar="SPEC",
+                   help="no GPU: estimate each cell's seconds on SPEC (e.g. h200-sxm) from host costs measured "
+                        "here and the roofline (prunelib.run.gpubudget)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     env = environment(a.device)
     print(describe(env), flush=True)
+    if a.estimate:
+        return _estimate(a.estimate, a.csv)
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit(f"gpu-check needs a CUDA device (none here: {describe(env)}); `--smoke` runs the same "
                          "code on the CPU")
@@ -174,6 +171,18 @@ def main(argv=None) -> pd.DataFrame:
         print(df[cols].round(3).to_string(index=False))
     print(f"\n{df.hw.iloc[0]} ({df.device.iloc[0]}), {df.model.iloc[0]} {df.dtype.iloc[0]}; "
           f"{time.perf_counter() - t0:.0f} s{f' of a {budget:.0f} s budget' if budget else ''}; CSV: {csv}")
+    return df
+
+
+def _estimate(spec: str, csv) -> pd.DataFrame:
+    from prunelib.run.gpubudget import estimate
+
+    df = estimate(spec)
+    print(df.round(1).to_string(index=False))
+    print(f"\nESTIMATE for {df.attrs['spec']} (nothing ran on a GPU): model creation ~{df.attrs['model_creation_s']:.0f} s, "
+          f"all cells ~{df.attrs['total_s']:.0f} s against a {BUDGET_S:.0f} s budget")
+    if csv:
+        df.to_csv(csv, index=False)
     return df
 
 

@@ -97,9 +97,11 @@ def test_workloads_and_pruned_models_are_freed_without_a_gc_pass(monkeypatch):
             timing.compare(dense, pruned, phase, 1, 16, reps=2, warmup=1, static_cache=static, profile=phase == "decode")
         assert len(made) == 6 and all(r() is None for r in made)  # dead once compare() returned
         work = timing.Workload(pruned, "decode", 1, 16)
-        work_ref = weakref.ref(work)
-        del work, pruned
-        assert work_ref() is None and model_ref() is None
+        compiled = timing.Workload(pruned, "decode", 1, 16, mode="compiled", compile_backend="eager")
+        compiled()
+        refs = [weakref.ref(work), weakref.ref(compiled)]
+        del work, compiled, pruned
+        assert all(r() is None for r in refs) and model_ref() is None
         assert not gc.isenabled()
     finally:
         if was:
@@ -165,7 +167,8 @@ def test_decode_graph_replays_the_eager_static_step(monkeypatch, sdpa_calls):
 def test_gpu_check_times_eager_over_a_static_cache_too():
     dense = gpucells.tiny_model()
     pruned = gpucells.build(dense, "last_n", 0.25, {})
-    rows = gpucells.cell_rows(dense, pruned, "static depth", "last_n", 0.25, cfg(modes=("eager", "static")), CPU_HW)
+    c = cfg(modes=("eager", "static"), shapes=(("prefill", 1, 16), ("decode", 2, 16)), profile=0)
+    rows = gpucells.cell_rows(dense, pruned, "static depth", "last_n", 0.25, c, CPU_HW)
     for r in rows:
         assert r["eager_speedup"] > 0 and r["static_speedup"] > 0 and r["static_efficiency"] > 0, r
         assert "StaticCache" in r["timing_mode_reason"] and "cache effect" in r["timing_mode_reason"]
@@ -206,15 +209,31 @@ def test_dynamic_cells_try_torch_compile_and_report_host_share(cell, method):
     assert 0 <= row["host_share"] <= 1 and 0 <= row["dense_host_share"] <= 1 and row["eager_speedup"] > 0
 
 
+def test_the_compile_probe_fails_in_dynamos_trace_where_a_step_cannot_be_one_graph():
+    dense = gpucells.tiny_model()
+    assert timing.probe_compile(dense, "decode", 1, 8) > 0
+    with pytest.raises(Exception, match="data-dependent"):
+        timing.probe_compile(gpucells.build(dense, "dyn_depth_random", 0.25, {}), "decode", 1, 8)
+
+
+def test_a_compiled_step_is_not_reused_for_a_model_whose_hooks_differ():
+    """Every compiled workload compiles the same code; dynamo skips hook guards by default, so a model of the
+    same shapes with a hook (as token pruning's taps) would have run the hook-free graph of another model."""
+    plain, hooked = gpucells.tiny_model(), gpucells.tiny_model()
+    timing.Workload(plain, "decode", 1, 8, mode="compiled", compile_backend="eager")()
+    hooked.model.norm.register_forward_hook(lambda mod, args, out: out * 0)
+    out = timing.Workload(hooked, "decode", 1, 8, mode="compiled", compile_backend="eager")().logits
+    assert torch.equal(out, timing.Workload(hooked, "decode", 1, 8)().logits)
+
+
 def test_a_step_that_recompiles_every_call_is_refused_before_timing():
     model = gpucells.tiny_model()
-    calls = [0]
 
-    def count(mod, args, kwargs):  # host state a compiled step guards on, changing every call
-        calls[0] += 1
-        mod.calls_seen = calls[0]
+    def scale(mod, args, out):  # host state the compiled step guards on (a float), new every call
+        mod.scale = getattr(mod, "scale", 1.0) + 1e-9
+        return out * mod.scale
 
-    model.model.register_forward_pre_hook(count, with_kwargs=True)
+    model.model.norm.register_forward_hook(scale)
     with pytest.raises(RuntimeError, match="compiled the step again on its second call"):
         timing.compare(model, model, "decode", 1, 8, reps=2, warmup=1, mode="compiled", compile_backend="eager")
 
@@ -306,6 +325,7 @@ def test_a_failing_cell_is_a_row_and_a_killed_run_keeps_its_csv(tmp_path, monkey
         return real(model, method, *a, **k)
 
     monkeypatch.setattr(gpucells, "build", build)
+    monkeypatch.setattr(hardware, "for_device", lambda device: CPU_HW)  # no CPU micro-benchmark: not under test
     csv = tmp_path / "check.csv"
     with pytest.raises(KeyboardInterrupt):
         gpucheck.run(True, csv=csv, cells=["dense", "static depth", "static width"], memory=False, profile=0,
@@ -314,3 +334,30 @@ def test_a_failing_cell_is_a_row_and_a_killed_run_keeps_its_csv(tmp_path, monkey
     assert list(df.cell) == ["dense"] * 3 + ["static depth"] and df.eager_speedup.iloc[:3].notna().all()
     assert df.error.iloc[3] == "prune: RuntimeError: CUDA out of memory (simulated)"
     assert (df.torch == torch.__version__).all()
+
+
+# --- the budget estimate made without a GPU --------------------------------------------------------------------
+def test_device_setup_of_each_cell_at_8b_shapes():
+    from prunelib.cost import costmodel
+    from prunelib.model.models import random_config
+    from prunelib.run import gpubudget
+
+    shape, h200 = costmodel.ModelShape.from_config(random_config("llama-3.1-8b")), hardware.spec("h200-sxm")
+    s = {m: gpubudget.device_setup(m, shape, h200) for m in ("dense", "last_n", "sparse24_random", "slicegpt_random")}
+    assert s["dense"] == 0 and 0.005 < s["last_n"] < 0.01  # 2 x 16 GB at 4.8 TB/s
+    assert s["last_n"] < s["sparse24_random"] < 0.2 and 0.5 < s["slicegpt_random"] < 2  # 65 QRs + fp64 rotations
+
+
+def test_host_step_of_the_8b_topology_is_its_python_not_its_arithmetic():
+    from prunelib.run import gpubudget
+
+    topo, created = gpubudget.topology_model()
+    assert len(topo.model.layers) == 32 and topo.config.hidden_size == 64 and created < 10
+    assert 0 < gpubudget.host_step(topo, "decode", 1) < 2
+
+
+@pytest.mark.slow  # every cell built and probed on the topology: minutes
+def test_the_estimate_covers_every_cell(tmp_path):
+    df = gpucheck.main(["--estimate", "h200-sxm", "--csv", str(tmp_path / "est.csv")])
+    assert list(df.cell) == [c[0] for c in gpucells.CELLS] and (df.total_s > 0).all()
+    assert df.attrs["total_s"] > df.total_s.sum()  # model creation on top

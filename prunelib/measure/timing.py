@@ -57,6 +57,14 @@ def _built(model, phase, batch, length, kw) -> tuple[Workload, float]:
     return work, seconds
 
 
+def probe_compile(model, phase: str, batch: int, length: int, **kw) -> float:
+    """Seconds to trace one step of ``model`` with torch.compile's ``eager`` backend (dynamo's capture, no code
+    generation) and check that a second call compiles nothing; raises where the step cannot be one graph.
+    A cheap test before paying inductor's compilation for a step that would fail anyway."""
+    kw = dict(kw, mode="compiled", compile_backend="eager")
+    return _built(model, phase, batch, length, kw)[1]
+
+
 def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 

@@ -348,9 +348,14 @@ def _check_window(config, slots: int) -> None:
 
 def _raise_recompile_limit(limit: int = 256) -> None:
     """Every compiled workload is a new closure of the same code: raise dynamo's recompile limit so that a
-    sweep never silently falls back to eager, and make hitting it an error rather than a fallback."""
+    sweep never silently falls back to eager, make hitting it an error rather than a fallback, and guard
+    on module hooks."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), limit))
     if hasattr(cfg, "fail_on_recompile_limit_hit"):
         cfg.fail_on_recompile_limit_hit = True
+    # guard on module hooks too (dynamo skips them by default): every workload compiles the same code, so
+    # without it a step compiled for one model is reused for another of the same shapes whose hooks differ
+    if hasattr(cfg, "skip_nnmodule_hook_guards"):
+        cfg.skip_nnmodule_hook_guards = False

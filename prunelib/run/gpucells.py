@@ -52,6 +52,18 @@ CELLS = (  # (cell, method, sparsity, options); method "lowrank_shape": built he
 SETUP_S_8B = {"dense": 0.0, "last_n": 0.5, "width_random": 1.0, "slicegpt_random": 4.0, "sparse24_random": 2.0,
               "lowrank_shape": 1.0, "dyn_depth_random": 0.5, "token_prune_random": 0.5, "sparse_attn_block": 0.5}
 FLEX_COMPILE_S = 40.0  # flex_attention's compile per prefill shape on CUDA (20-60 s), before the first timed call
+COMPILE_S = 60.0  # inductor's compile of one 8B step (an assumption until measured on a GPU): the budget's first guess
+# the configurations of python -m prunelib.gpucheck and of its --smoke
+FULL = dict(model="random:llama-3.1-8b", dtype="bfloat16", shapes=(("prefill", 1, 2048), ("decode", 1, 2048),
+                                                                    ("decode", 16, 2048)),
+            modes=("graph", "eager", "static"), reps=10, warmup=3, budget_s=4.0, target="auto", profile=3,
+            compile_probe=True)
+# one thread: on a loaded 2-core machine the barriers of a multi-threaded microsecond op cost ~100x the op;
+# bfloat16: the 2:4 cell's (faked) cuSPARSELt kernels take 16-bit weights; compile backend "eager": dynamo's
+# capture (fullgraph) checked in seconds, without inductor's code generation
+SMOKE = dict(model="tiny", dtype="bfloat16", shapes=(("prefill", 1, 32), ("decode", 1, 32), ("decode", 4, 32)),
+             modes=("graph", "eager", "static"), reps=3, warmup=1, budget_s=None, target=None, threads=1,
+             compile_backend="eager", profile=1)
 MODE_REASON = {
     "static": "static: eager over a StaticCache (the step a graph replays): static vs eager = the cache effect",
     "graph": "graph: the static step replayed as a CUDA graph: graph vs static = the launch overhead",
@@ -149,8 +161,9 @@ def _modes(method: str, pruned, cfg: dict) -> tuple[list, dict]:
     allowed = timing_modes(_method_for_modes(method), pruned)
     third = "graph" if allowed["graph_ok"] else "compiled"
     kw = {"eager": {"mode": "eager"}, "static": {"mode": "eager", "static_cache": True}, "graph": {"mode": third}}
-    return [("graph" if m == "graph" and third == "graph" else "compiled" if m == "graph" else m, kw[m])
-            for m in cfg["modes"]], allowed
+    out = [(third if m == "graph" else m, kw[m]) for m in cfg["modes"]]
+    # compilation (a minute a model with inductor) goes last, after the cheap modes, where the budget allows it
+    return sorted(out, key=lambda mode: mode[0] == "compiled"), allowed
 
 
 def _reason(phase: str, labels, allowed: dict) -> str:
@@ -184,7 +197,8 @@ def cell_rows(dense, pruned, cell: str, method: str, sparsity: float, cfg: dict,
         errors, skipped = [], []
         for label, kw in modes:
             key = (phase, b, s, label)
-            if not budget.fits(budget.estimate(key)):
+            first = 2 * COMPILE_S if label == "compiled" and cfg.get("compile_probe") else 0.0  # no cost seen yet
+            if not budget.fits(budget.costs.get(key, first)):
                 skipped.append(label)
                 errors.append(f"{label}: skipped: budget")
                 continue
@@ -192,6 +206,8 @@ def cell_rows(dense, pruned, cell: str, method: str, sparsity: float, cfg: dict,
             try:
                 if kw["mode"] == "graph":
                     timing.choose_mode(dev, "graph", **allowed)
+                if label == "compiled" and cfg.get("compile_probe"):  # dynamo's trace first: fails in seconds
+                    timing.probe_compile(pruned, phase, b, s)
                 c = timing.compare(dense, pruned, phase, b, s, reps=cfg["reps"], warmup=cfg["warmup"],
                                    target=cfg["target"], budget_s=min(cfg["budget_s"] or timing.BUDGET_S,
                                                                      max(budget.left() / 4, 0.5)),
