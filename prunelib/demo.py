@@ -13,9 +13,10 @@ repetitions, the quick preset's ~80 s of scoring and fidelity), sparse attention
 (2048 tokens and one long-context perplexity article), Pareto 14 s. ``demo took ... s`` is
 printed at the end. (Before: 40 minutes with two sparsities per axis and 10 repetitions.)
 
-Plotly figures are rendered as HTML with plotly.js embedded once per notebook (renderer
-``notebook``; set ``PLOTLY_RENDERER`` to override), so the executed notebooks and their
-HTML rendering (``make report``) show the interactive figures offline. Each notebook's
+Plotly figures carry HTML with plotly.js embedded once per notebook and a PNG fallback
+(:func:`prunelib.report.notebook_figures`, set by every notebook's first cell; ``PLOTLY_RENDERER``
+overrides it), so the executed notebooks, their HTML rendering (``make report``) and a plain
+``jupyter nbconvert --to html`` show the figures offline. Each notebook's
 library logs go to ``<notebook>.log`` beside it (:func:`prunelib.report.route_logs`).
 """
 from __future__ import annotations
@@ -73,8 +74,8 @@ def execute(name: str, out: Path, params: dict, progress_bar: bool = True) -> Pa
     from prunelib.report import LOG_ENV
 
     path = Path(out) / f"{name}.ipynb"
-    env = {"PLOTLY_RENDERER": os.environ.get("PLOTLY_RENDERER", "notebook"),  # figures as HTML, plotly.js inline
-           LOG_ENV: str(path.with_suffix(".log"))}  # the kernel's library logs, beside the notebook
+    env = {LOG_ENV: str(path.with_suffix(".log"))}  # the kernel's library logs, beside the notebook (the first
+    # cell's report.route_logs also sets plotly's renderers: HTML with plotly.js inline, a PNG fallback)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits them
     try:

@@ -3,7 +3,8 @@
 :func:`route_logs`, called in every notebook's first cell, keeps what is sent readable:
 library logs and progress bars written to stderr (lm-eval's per-request bars, its
 "Overwriting default num_fewshot" warnings, transformers' and torch's warnings) go to a log
-file beside the executed notebook instead of into its outputs.
+file beside the executed notebook instead of into its outputs; and it sets plotly's renderers
+(:func:`notebook_figures`) so that figures survive HTML export offline, with a PNG fallback.
 """
 from __future__ import annotations
 
@@ -45,6 +46,29 @@ def route_logs(path: str | os.PathLike | None = None) -> None:
     except OSError:
         pass
     print(f"library logs: {path}")
+    notebook_figures()
+
+
+def static_export() -> bool:
+    """Whether plotly figures can be exported as PNG here: kaleido and a Chromium it can drive."""
+    try:
+        import kaleido  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        return False
+    return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")) or \
+        bool(os.environ.get("BROWSER_PATH"))
+
+
+def notebook_figures() -> str:
+    """Make every plotly figure a notebook shows carry outputs that render anywhere: plotly's own mimetype
+    (JupyterLab keeps its interactive figure), HTML with plotly.js embedded once per notebook (nbconvert's HTML,
+    ``make report``, offline), and, where kaleido and Chromium are installed, a PNG fallback. ``PLOTLY_RENDERER``
+    overrides it. Returns the renderer set."""
+    import plotly.io as pio
+
+    names = ["plotly_mimetype", "notebook"] + (["png"] if static_export() else [])
+    pio.renderers.default = os.environ.get("PLOTLY_RENDERER") or "+".join(names)
+    return pio.renderers.default
 
 
 def _quiet_library_bars() -> None:

@@ -18,8 +18,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make setup-browser)")]
 
-PLOTLY_COLOURS = [(0x63, 0x6E, 0xFA), (0x00, 0xCC, 0x96)]  # plotly's colours of the two methods' traces
-MPL_COLOURS = [(0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)]  # matplotlib / seaborn's first two (tab10 blue, orange)
+# one colour per taxonomy cell (prunelib.results.plots): static depth and static width, in plotly and matplotlib
+PLOTLY_COLOURS = [(0x2C, 0xA0, 0x2C), (0xE3, 0x77, 0xC2)]
+MPL_COLOURS = PLOTLY_COLOURS  # tab10's C2 and C6 are the same two colours
 
 
 def fill_store():
@@ -38,8 +39,10 @@ def fill_store():
 
 
 def screenshot(page, png, height=900):
-    """Headless Chromium; the virtual-time budget lets the page's scripts finish before the shot."""
+    """Headless Chromium with the network off (every host name fails to resolve: a CDN script cannot load); the
+    virtual-time budget lets the page's scripts finish before the shot."""
     subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--host-resolver-rules=MAP * ~NOTFOUND", "--disable-background-networking",
                     "--virtual-time-budget=15000", f"--screenshot={png}", f"--window-size=1200,{height}",
                     page.as_uri()], check=True, capture_output=True, timeout=180)
     from PIL import Image
@@ -68,7 +71,7 @@ def report(tmp_path_factory):
         mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
         mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
         mp.setenv("PLOTLY_RENDERER", "")
-        mp.delenv("PLOTLY_RENDERER")  # demo.execute chooses the renderer; restored afterwards
+        mp.delenv("PLOTLY_RENDERER")  # the notebook's first cell chooses the renderers; restored afterwards
         fill_store()
         (tmp / "exec").mkdir()
         demo.execute("pareto", tmp / "exec", {}, progress_bar=False)
@@ -96,3 +99,55 @@ def test_standalone_plotly_figure_renders_offline(report, tmp_path):
     figs = sorted((report / "figures").glob("pareto_prefill_*.html"))
     assert figs and (report / "figures" / "plotly.min.js").exists()
     assert_plot_drawn(screenshot(figs[0], tmp_path / "fig.png"), PLOTLY_COLOURS, figs[0].name)
+
+
+def nbconvert_html(executed, out):
+    """A plain ``jupyter nbconvert --to html`` of an executed notebook (not make report)."""
+    subprocess.run(["jupyter", "nbconvert", "--to", "html", str(executed), "--output-dir", str(out.parent),
+                    "--output", out.stem], check=True, capture_output=True, timeout=300)
+    return out
+
+
+def plotly_outputs(executed):
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "application/vnd.plotly.v1+json" in o.get("data", {})]
+
+
+@pytest.fixture(scope="module")
+def plain_pareto(tmp_path_factory):
+    """The Pareto notebook executed by plain papermill (no make demo, no PLOTLY_RENDERER) on a small store."""
+    import os
+
+    import papermill as pm
+
+    from prunelib.core.config import REPO_ROOT
+
+    tmp = tmp_path_factory.mktemp("plain")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
+        mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
+        mp.delenv("PLOTLY_RENDERER", raising=False)
+        fill_store()
+        out = tmp / "pareto.ipynb"
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "pareto.ipynb"), str(out), cwd=str(REPO_ROOT / "notebooks"),
+                            progress_bar=False, kernel_name="python3", env=dict(os.environ))
+        yield out
+    finally:
+        mp.undo()
+
+
+def test_plain_papermill_and_nbconvert_show_the_pareto_figure_offline(plain_pareto, tmp_path):
+    outs = plotly_outputs(plain_pareto)
+    assert outs, "the executed Pareto notebook shows no plotly figure"
+    for o in outs:  # JupyterLab's interactive figure, HTML for nbconvert, a static fallback
+        assert {"text/html", "image/png"} <= set(o["data"]), sorted(o["data"])
+    page = nbconvert_html(plain_pareto, tmp_path / "pareto.html")
+    text = page.read_text()
+    assert "plotly.js v" in text and text.count("plotly.js v") == 1  # plotly.js embedded once per page
+    img = screenshot(page, tmp_path / "p.png", height=1600)
+    assert_plot_drawn(img[600:], PLOTLY_COLOURS, "nbconvert Pareto page")
+

@@ -369,3 +369,14 @@ def test_what_if_ignores_scores_of_an_older_code_version(tmp_path, monkeypatch):
     monkeypatch.setattr(lossstats, "code_version_of", lambda methods: "new-code")
     got = quality.what_if({"piqa": 8}, store, model="m")
     assert got.loss_pct.tolist() == pytest.approx([25.0])  # the new code's 2 misses of 8, not the old 8 of 8
+
+
+def test_lm_eval_bootstrap_lines_do_not_reach_stdout(tiny_lm, tmp_path, capfd):
+    """lm-eval prints 'bootstrapping for stddev: ...' to stdout; in a notebook that lands in the outputs. Scoring
+    sends it to stderr, which a notebook's first cell routes to its log file."""
+    model, tok = tiny_lm
+    quality.evaluate(model, tok, ["lambada_openai"], limit=3, store=ResultsStore(tmp_path / "r.jsonl"), bootstrap_iters=10,
+                     batch_size=1, max_length=128)
+    out, err = capfd.readouterr()
+    assert "bootstrapping for stddev" not in out
+    assert "bootstrapping for stddev" in err  # not lost: it went to stderr

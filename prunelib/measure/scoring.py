@@ -19,7 +19,9 @@ reported beside the loss, not averaged into it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -154,10 +156,11 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
         for chunk in tqdm(runs, desc="lm-eval tasks", leave=False):  # each chunk lands in the store when done
             tm = evaltasks.task_manager(chunk, offline=offline, data_dir=data_dir)
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0,
-                                          limit=limit_of(chunk[0]), bootstrap_iters=bootstrap_iters, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                          log_samples=True)
+            with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints "bootstrapping for stddev" lines
+                out = lm_eval.simple_evaluate(model=lm, tasks=chunk, task_manager=tm, num_fewshot=0,
+                                              limit=limit_of(chunk[0]), bootstrap_iters=bootstrap_iters, random_seed=seed,
+                                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                              log_samples=True)
             seconds = (time.perf_counter() - t0) / len(chunk)  # a chunk's time, shared by its tasks
             rows = []
             for task in chunk:

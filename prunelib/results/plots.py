@@ -164,6 +164,25 @@ def pareto_figures(pts: pd.DataFrame, title: str) -> dict:
     return figs
 
 
+def curves_vs_random(df: pd.DataFrame, methods, batch: int, length: int, phase: str = "prefill", title: str = ""):
+    """An axis notebook's curves: each of ``methods`` and its random baseline across their rungs at one shape
+    (speedup against quality loss, both CIs, isotonic curves, dense and the staircase), as plotly; the PNG twin is
+    saved as ``figures/curves_<methods>_<phase>.png``. None when nothing is both timed and scored."""
+    from prunelib.pruning import REGISTRY
+    from prunelib.results.pareto import points
+
+    wanted = set(methods) | {REGISTRY[m].baseline for m in methods if m in REGISTRY and REGISTRY[m].baseline}
+    pts = points(df)
+    pts = pts[pts.method.isin(wanted) & (pts.phase == phase) & (pts.batch == batch) & (pts.length == length)]
+    if pts.empty:
+        return None
+    mode = sorted(set(pts.timing_mode))[0]
+    pts = pts[pts.timing_mode == mode]
+    head = title or f"{', '.join(sorted(methods))} against random: {phase}, B={batch}, S={length}, {mode} timing"
+    pareto_static(pts, head, figures_dir() / f"curves_{'_'.join(sorted(methods))[:60]}_{phase}.png")
+    return pareto_plotly(pts, head)
+
+
 def memory_vs_loss(pts: pd.DataFrame, path: Path | None = None):
     """Memory relative to dense against quality cost (with its CI): weight bytes (o) and the peak
     measured in decode (x, one per batch and length); None when no memory was stored."""
