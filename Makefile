@@ -35,9 +35,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m prunelib.bench $(BENCH_ARGS)
 
-# One offline GPU validation, at most 8 min on one H100/H200: random-weight Llama-3.1-8B (bf16), every
-# taxonomy cell against dense in eager and CUDA-graph modes; prints the table, writes data/gpu_check.csv.
-# `python -m prunelib.gpucheck --smoke` runs the same code on the CPU in seconds (the tests run it).
+# One offline GPU validation within a 420 s deadline it enforces (--budget; what would not fit is a row
+# saying "skipped: budget"): random-weight Llama-3.1-8B (bf16), every taxonomy cell against dense in eager
+# (DynamicCache), eager over a StaticCache and CUDA-graph modes (torch.compile for methods that refuse graphs);
+# prints the torch, CUDA and GPU it found and the table, writes data/gpu_check.csv as rows finish.
+# No install step: it runs wherever `import prunelib` works. `python -m prunelib.gpucheck --smoke` runs the
+# same code on the CPU (the tests run it); `--estimate h200-sxm` estimates each cell's time without a GPU.
 gpu-check:
 	$(PY) -m prunelib.gpucheck
 
