@@ -167,7 +167,11 @@ def load(path) -> nn.Module:
     path = Path(path)
     s = read_structure(path)
     config = config_of(s, path / STRUCTURE_FILE)
-    skel = skeleton(config, s["attn_implementation"])
+    try:
+        skel = skeleton(config, s["attn_implementation"])
+    except (TypeError, ValueError, AttributeError, KeyError, RuntimeError, ImportError) as err:
+        raise CheckpointError(f"{path / STRUCTURE_FILE}: transformers cannot build a model of its config: "
+                              f"{type(err).__name__}: {err}") from None
     tensors, files = read_tensors(path, s)
     try:
         model = Builder(skel, tensors, files, DTYPES[s["dtype"]], s["shared"]).model(s["tree"])
@@ -184,5 +188,9 @@ def load(path) -> nn.Module:
     on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if on_meta:
         raise CheckpointError(f"{path}: tensors {on_meta[:5]} were never filled")
-    check_model(model, config, path)
+    try:
+        check_model(model, config, path)
+    except (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(f"{path}: the rebuilt model does not fit its config: {type(err).__name__}: {err}") \
+            from None
     return model.eval()

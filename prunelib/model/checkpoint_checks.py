@@ -81,7 +81,7 @@ def config_of(s: dict, f):
     if not isinstance(fields, dict):
         raise CheckpointError(f"{f}: config is a {type(fields).__name__}, not an object")
     model_type = fields.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         what = "has no model_type" if model_type is None else f"model_type {str(model_type)[:60]!r} is not supported"
         raise CheckpointError(f"{f}: config {what}; supported: {sorted(FAMILIES)}")
     bad = sorted(k for k in fields if k in DENIED_CONFIG or k.startswith("_") and k not in KEPT_PRIVATE)
@@ -91,6 +91,12 @@ def config_of(s: dict, f):
     fields = dict(fields)
     try:
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        default = type(config)()
+        for k, v in fields.items():  # a field of the family's config keeps the type of its default
+            d = getattr(default, k, None)
+            if d is not None and v is not None and type(v) is not type(d) and not \
+                    (type(d) is float and type(v) is int) and isinstance(d, (bool, int, float, str, list, dict)):
+                raise ValueError(f"{k} = {str(v)[:60]!r} is a {type(v).__name__}, not a {type(d).__name__}")
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             v = getattr(config, k, None)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -98,8 +104,9 @@ def config_of(s: dict, f):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1 or head_dim % 2:
             raise ValueError(f"head_dim = {head_dim!r} is not a positive even integer")
-    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as err:
-        raise CheckpointError(f"{f}: config is not a valid {model_type} config: {err}") from None
+    except Exception as err:  # noqa: BLE001 (transformers validates fields with its own error classes)
+        raise CheckpointError(f"{f}: config is not a valid {model_type} config: {type(err).__name__}: "
+                              f"{str(err)[:300]}") from None
     return config
 
 
@@ -133,7 +140,8 @@ def read_tensors(path: Path, s: dict) -> tuple[dict, dict]:
             if t.dtype == torch.float64:
                 raise CheckpointError(f"tensor {k} in {path / name} is float64, which a checkpoint may not hold "
                                       "(float32, float16 or bfloat16)")
-            if set(d) != {"file", "shape", "dtype"} or d["dtype"] not in DTYPES or not isinstance(d["shape"], list):
+            if set(d) != {"file", "shape", "dtype"} or not isinstance(d["dtype"], str) or d["dtype"] not in DTYPES or \
+                    not isinstance(d["shape"], list):
                 raise CheckpointError(f"{path / STRUCTURE_FILE}: tensor {k} is declared as {str(d)[:80]}, not "
                                       f"{{file, shape, dtype}} with a dtype of {sorted(DTYPES)}")
             if list(t.shape) != d["shape"] or t.dtype != DTYPES[d["dtype"]]:

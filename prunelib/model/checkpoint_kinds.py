@@ -41,6 +41,7 @@ class Kind:
     module: bool  # an nn.Module (a node of the module tree) or a plain object (an attribute value, a hook)
     subclasses: bool = False  # also stands for classes made from it at run time (a mixin over a family's layer)
     hook: bool = False  # may be registered as a forward (pre-)hook
+    check: Callable | None = None  # (model) -> None: what instances of the kind must agree on across the model
 
 
 KINDS: dict[str, Kind] = {}
@@ -48,16 +49,17 @@ _BY_CLASS: dict[type, Kind] = {}
 
 
 def register_kind(cls: type, build: Callable, *, subclasses: bool = False, hook: bool = False,
-                  module: bool | None = None) -> Kind:
+                  module: bool | None = None, check: Callable | None = None) -> Kind:
     """Let checkpoints hold instances of ``cls``, rebuilt by ``build(r: Rebuild)`` from their saved attributes.
 
     ``build`` returns a new instance (modules on the meta device, tensors are filled after it) built from
     ``r``'s typed attributes and children; the loader then sets every saved attribute on it, so ``build``
     needs only what construction and validation need. ``subclasses``: ``cls`` is a mixin that classes made at
-    run time derive from (``module``: they are modules, though ``cls`` is not one); ``hook``: a forward hook.
+    run time derive from (``module``: they are modules, though ``cls`` is not one); ``hook``: a forward hook;
+    ``check(model)``: raises (CheckpointError, ValueError) if the rebuilt model's instances do not fit together.
     """
     module = issubclass(cls, nn.Module) if module is None else module
-    kind = Kind(f"{cls.__module__}.{cls.__qualname__}", build, module, subclasses, hook)
+    kind = Kind(f"{cls.__module__}.{cls.__qualname__}", build, module, subclasses, hook, check)
     KINDS[kind.name] = _BY_CLASS[cls] = kind
     return kind
 
@@ -147,6 +149,20 @@ class Rebuild:
             raise self.fail(f"child {name!r} is {type(mod).__name__}, not a {cls}")
         return mod
 
+    def only(self, *names: str) -> None:
+        """The node's children are exactly ``names`` (a kind runs those; another would be silently ignored)."""
+        if set(self.children) != set(names):
+            raise self.fail(f"children {sorted(self.children)}, but a {self.where.rsplit('.', 1)[-1]} of this kind has "
+                            f"{sorted(names)}")
+
+    def counters(self, name: str, value_type, keys=("prefill", "decode")) -> dict:
+        """A ``{phase: count}`` attribute (per-phase counters of a dynamic module)."""
+        d = self.get(name, dict)
+        if set(d) != set(keys) or not all(isinstance(v, value_type) and (value_type is bool or not isinstance(v, bool))
+                                          for v in d.values()):
+            raise self.fail(f"attribute {name!r} = {str(d)[:80]} is not {{{', '.join(keys)}: {value_type.__name__}}}")
+        return d
+
     def has_param(self, name: str) -> bool:
         return self.params.get(name) is not None
 
@@ -169,6 +185,16 @@ class Rebuild:
             if not isinstance(lin, nn.Module) or not 0 <= spec[1] < spec[2] <= out_features(lin):
                 raise self.fail(f"attribute {name!r}: role {role} = {spec!r} is not a row range of this layer's "
                                 f"{self.family.linear_of[role]}")
+        for lin_name in {spec[0] for spec in rows.values()}:  # a Linear's roles tile its rows, in the family's order
+            spans = [rows[r][1:] for r in ATTN_ROLES if rows[r][0] == lin_name]
+            ends = [0] + [stop for _, stop in spans]
+            if [start for start, _ in spans] != ends[:-1] or ends[-1] != out_features(getattr(attn, lin_name)):
+                raise self.fail(f"attribute {name!r}: the roles of {lin_name} ({spans}) do not tile its "
+                                f"{out_features(getattr(attn, lin_name))} rows")
+        hd = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        q, k, v = (rows[r][2] - rows[r][1] for r in "qkv")
+        if q % hd or k % hd or k != v or (q // hd) % (k // hd):
+            raise self.fail(f"attribute {name!r}: q / k / v have {q} / {k} / {v} rows, not whole heads of {hd}")
         return rows
 
     def new(self, cls: type):

@@ -128,12 +128,20 @@ class Builder:
         self.values = Decoder(skel.config, tensors, shared)
         self.slots: list = []  # (module, is_param, name, key, spec, expected meta tensor or None, where)
         self.hooks: list = []
+        self.kinds: dict = {}  # name -> kind, of every kind rebuilt (their checks run on the whole model)
 
     def model(self, tree) -> nn.Module:
         model = self.node(tree, "", 0)
         for register, hook, with_kwargs in self.hooks:
             register(hook, with_kwargs=with_kwargs)
         self._fill()
+        self.kinds.update({k.name: k for k in map(kind_of, self.values.built.values())})
+        for kind in self.kinds.values():
+            if kind.check is not None:
+                try:
+                    kind.check(model)
+                except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+                    raise CheckpointError(f"{kind.name}: {err}") from None
         return model
 
     def node(self, spec, path: str, depth: int) -> nn.Module:
@@ -167,7 +175,14 @@ class Builder:
                 raise CheckpointError(f"{where}: {kind.name} is not a module kind")
             mod = build(kind, Rebuild(where, attrs, children, base, self.config, params))
             set_attrs(mod, attrs, where)
+            self.kinds[kind.name] = kind
         expected = {**{k: (True, t) for k, t in mod._parameters.items()}, **{k: (False, t) for k, t in mod._buffers.items()}}
+        undeclared = sorted(set(expected) - set(params) - set(buffers))
+        if undeclared:  # the module uses them: each must be saved (or saved as empty)
+            raise CheckpointError(f"{where}: tensor slots {undeclared} of this {type(mod).__name__} are missing")
+        if "kind" not in spec and set(children) != set(mod._modules):  # the config's class runs its own, all
+            raise CheckpointError(f"{where}: children {sorted(children)}, but a {type(mod).__name__} of this config "
+                                  f"has {sorted(mod._modules)}")
         mod._parameters, mod._buffers, mod._modules = OrderedDict(), OrderedDict(), children
         mod._non_persistent_buffers_set = set()
         for is_param, specs in ((True, params), (False, buffers)):
@@ -178,7 +193,8 @@ class Builder:
                 (mod._parameters if is_param else mod._buffers)[k] = None
                 if s is None:
                     continue
-                allowed = {"alias"} if is_param and "alias" in s else {"key", "requires_grad" if is_param else "persistent"}
+                allowed = {"alias"} if is_param and isinstance(s, dict) and "alias" in s else \
+                    {"key", "requires_grad" if is_param else "persistent"}
                 if not isinstance(s, dict) or set(s) != allowed:
                     raise CheckpointError(f"{where}: slot {k!r} is {str(s)[:60]!r}, not one of {sorted(allowed)}")
                 if not is_param and not s["persistent"]:
@@ -204,7 +220,7 @@ class Builder:
         params = {}
         for mod, is_param, k, s, meta, where in sorted(self.slots, key=lambda x: "alias" in x[3]):
             if "alias" in s:
-                if s["alias"] not in params:
+                if not isinstance(s["alias"], str) or s["alias"] not in params:
                     raise CheckpointError(f"{where}: parameter {k!r} ties to {s['alias']!r}, which is no parameter")
                 t = params[s["alias"]]
                 if t.shape != _expected(mod, k, meta, where, str(s["alias"])):
