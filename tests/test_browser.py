@@ -151,3 +151,32 @@ def test_plain_papermill_and_nbconvert_show_the_pareto_figure_offline(plain_pare
     img = screenshot(page, tmp_path / "p.png", height=1600)
     assert_plot_drawn(img[600:], PLOTLY_COLOURS, "nbconvert Pareto page")
 
+
+
+def test_an_axis_notebook_shows_its_curves_offline(tmp_path):
+    """static_depth executed by plain papermill (a tiny run: one method and its random baseline, fidelity as the
+    quality axis), exported by nbconvert: its plotly curve figure draws with the network off."""
+    import os
+
+    import papermill as pm
+
+    from prunelib.core.config import REPO_ROOT
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("PRUNELIB_RESULTS", str(tmp_path / "results"))
+        mp.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
+        mp.delenv("PLOTLY_RENDERER", raising=False)
+        out = tmp_path / "static_depth.ipynb"
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "static_depth.ipynb"), str(out),
+                            parameters=dict(methods=["last_n", "depth_random"], sparsities=[0.1], lengths=[32], reps=2,
+                                            quality_preset=None, calib_n=4, calib_len=32),
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
+                            env=dict(os.environ))
+    finally:
+        mp.undo()
+    outs = plotly_outputs(out)
+    assert outs and all({"text/html", "image/png"} <= set(o["data"]) for o in outs)
+    page = nbconvert_html(out, tmp_path / "static_depth.html")
+    img = screenshot(page, tmp_path / "s.png", height=4000)
+    assert_plot_drawn(img, PLOTLY_COLOURS[:1], "static_depth page")

@@ -227,6 +227,10 @@ def test_axis_notebook_stores_rows_and_draws_figures(name, tmp_path, monkeypatch
         assert realised.between(0, 1).all() and (realised["prefill"] > 0).all()
     if name == "sparse24":  # on CPU no sparse kernel runs, and the rows say so
         assert not speed.extra.map(lambda e: e["removed"]["sparse_kernel"]).any()
+    nb = json.loads((tmp_path / f"{name}.ipynb").read_text())
+    curves = [o for c in nb["cells"] if "curves_vs_random" in "".join(c["source"]) for o in c["outputs"]]
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) and "text/html" in o.get("data", {})
+               for o in curves), "the curve against random is not shown"
     if name == "static_width":  # the round_to variant went to its own store, timed only
         side = ResultsStore(ResultsStore().path.parent / "results_round_to_64.jsonl").load()
         assert set(side.metric) == {"speedup"}

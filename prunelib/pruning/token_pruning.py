@@ -12,9 +12,8 @@ next to the layer and not costed. The top (1 - s) fraction is kept; the first to
 
 - ``token_prune_attn``: that criterion, recomputed for every prompt (nothing is learnt;
   calibration text only measures the realised sparsity reported in ``removed``).
-- ``token_prune_random``: the baseline, the same keep count of seeded random tokens
-  (first and last kept as well), so only the criterion differs. Its numbers are drawn
-  by position among the real tokens, so a prompt's choice depends on the prompt only.
+- ``token_prune_random``: the baseline, the same keep count of seeded random tokens (first and last
+  kept), drawn by position among the real tokens: a prompt's choice depends on the prompt only.
 
 What is served and scored: in serving, the prompt is one prefill and pruned there; every
 generated token is a decode step that runs at full depth. A forward's whole input is the
@@ -30,8 +29,8 @@ prompt tokens carry early-exit states; they are never served or scored. Perplexi
 (rolling loglikelihood) has a one-token prompt in every full window: nothing is pruned
 there (see :mod:`prunelib.measure.servinglm`).
 
-Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the
-first layer that runs the kept tokens only, 1 <= layer <= L - 1.
+Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the first layer
+that runs the kept tokens only, 1 <= layer <= L - 1.
 
 How the speedup is realised: layers >= l gather the kept hidden states and physically
 run on K tokens instead of S (M of every GEMM and both attention lengths shrink); the
