@@ -24,10 +24,9 @@ the prompt's keys, and every later position (the continuation being scored) runs
 layers, attending to the kept prompt and the continuation before it. So one full forward
 over prompt + continuation gives, at the last prompt token and at every continuation
 position, the logits that prefill(prompt) + cached decode give (tests check it to 1e-4,
-and that a later token never changes an earlier served position). Positions of pruned
-prompt tokens carry early-exit states; they are never served or scored. Perplexity
-(rolling loglikelihood) has a one-token prompt in every full window: nothing is pruned
-there (see :mod:`prunelib.measure.servinglm`).
+and that a later token never changes an earlier served position). Pruned prompt positions carry
+early-exit states, never served or scored. Perplexity windows have a one-token prompt: nothing is
+pruned there (see :mod:`prunelib.measure.servinglm`).
 
 Option ``layer`` (default ``max(1, L // 4)``, FastV's early layer at our depths): the first layer
 that runs the kept tokens only, 1 <= layer <= L - 1.
