@@ -25,7 +25,7 @@ from prunelib.model.adapters import ATTN_ROLES, FAMILIES, FamilyAdapter
 from prunelib.model.adapters.base import Removed, out_features
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_INTERNAL = frozenset(vars(nn.Module()))  # nn.Module bookkeeping: never an attribute of the file's
+INTERNAL = frozenset(vars(nn.Module()))  # nn.Module bookkeeping: never an attribute of the file's
 #: imported when a structure names a kind not registered yet: it imports every method, which registers its kinds
 METHODS_PACKAGE = "prunelib.pruning"
 
@@ -87,7 +87,7 @@ def lookup(name, where: str) -> Kind:
 def settable(obj, name, where: str) -> str:
     """``name`` if a checkpoint may set it on ``obj``: an identifier, not private to Python or to nn.Module,
     and not shadowing a method or property of the class (an attribute is data, never behaviour)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.startswith("__") or name in _INTERNAL:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name.startswith("__") or name in INTERNAL:
         raise CheckpointError(f"{where}: {name!r} is not an attribute a checkpoint may set")
     if name not in vars(obj):
         static = inspect.getattr_static(type(obj), name, None)

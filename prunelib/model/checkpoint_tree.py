@@ -22,8 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from prunelib.model.checkpoint_kinds import (_INTERNAL, NAME, CheckpointError, Rebuild, kind_of, lookup,
-                                             settable)
+from prunelib.model.checkpoint_kinds import INTERNAL, NAME, CheckpointError, Rebuild, kind_of, lookup, settable
 from prunelib.model.checkpoint_values import Decoder, Encoder, build, has_stored_value, is_config, set_attrs
 
 MAX_DEPTH = 16  # of the module tree (model.layers.3.self_attn.q_proj.first is 6)
@@ -97,7 +96,7 @@ def _changed_attrs(mod, skel_mod, enc: Encoder, skel_config, path: str) -> dict:
     """The attributes of a module of the config's own class that differ from what the config builds."""
     base, attrs, probe = vars(skel_mod), {}, Encoder(skel_config)
     for k, v in vars(mod).items():
-        if k in _INTERNAL:
+        if k in INTERNAL:
             continue
         try:
             e = enc(v, f"{path}:{k}" if path else k)
@@ -112,7 +111,7 @@ def _changed_attrs(mod, skel_mod, enc: Encoder, skel_config, path: str) -> dict:
             except CheckpointError:
                 pass
         attrs[k] = e
-    gone = sorted(k for k in base if k not in _INTERNAL and k not in vars(mod))
+    gone = sorted(k for k in base if k not in INTERNAL and k not in vars(mod))
     if gone:
         raise CheckpointError(f"module {path or 'model'}: attributes {gone} were deleted, which cannot be stored")
     return attrs

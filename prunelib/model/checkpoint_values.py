@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from prunelib.model.checkpoint_kinds import CheckpointError, Rebuild, kind_of, lookup, settable
+from prunelib.model.checkpoint_kinds import INTERNAL, CheckpointError, Rebuild, kind_of, lookup, settable
 
 #: config fields that make transformers load code (remote code, Hub kernels, quantisers): never set from a file
 DENIED_CONFIG = ("auto_map", "quantization_config", "attn_implementation", "experts_implementation",
@@ -79,13 +79,8 @@ class Encoder:
         raise CheckpointError(f"{where}: a {what} is not plain data and not of a registered checkpoint kind")
 
     def attrs(self, obj, where: str) -> dict:
-        return {k: self(x, f"{where}:{k}") for k, x in vars(obj).items() if k not in _skip(obj)}
-
-
-def _skip(obj) -> frozenset:
-    from prunelib.model.checkpoint_kinds import _INTERNAL
-
-    return _INTERNAL if isinstance(obj, torch.nn.Module) else frozenset()
+        skip = INTERNAL if isinstance(obj, torch.nn.Module) else ()  # nn.Module's bookkeeping is rebuilt, not saved
+        return {k: self(x, f"{where}:{k}") for k, x in vars(obj).items() if k not in skip}
 
 
 def has_stored_value(enc) -> bool:
