@@ -48,6 +48,8 @@ gpu-check:
 demo: $(STAMP)
 	$(PY) -m prunelib.demo
 
+# Every method's ladder on every axis notebook, full quality suite (resumable from the store). Not timed end to
+# end: hundreds of rungs at minutes each on 2 cores; --target-bands (README) finds the band rungs in a few scorings.
 sweep: $(STAMP)
 	$(PY) -m prunelib.demo --full
 
