@@ -60,6 +60,13 @@ def assert_plot_drawn(img, colours, what):
         assert pixels_near(img, rgb) >= 30, f"{what}: no plot drawn in colour {rgb}"
 
 
+def isolated(mp, tmp):
+    """Results and figures under ``tmp``; no PLOTLY_RENDERER (the notebook's first cell chooses the renderers)."""
+    mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
+    mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
+    mp.delenv("PLOTLY_RENDERER", raising=False)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from prunelib import demo
@@ -68,10 +75,7 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     mp = pytest.MonkeyPatch()
     try:
-        mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
-        mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
-        mp.setenv("PLOTLY_RENDERER", "")
-        mp.delenv("PLOTLY_RENDERER")  # the notebook's first cell chooses the renderers; restored afterwards
+        isolated(mp, tmp)
         fill_store()
         (tmp / "exec").mkdir()
         demo.execute("pareto", tmp / "exec", {}, progress_bar=False)
@@ -116,26 +120,29 @@ def plotly_outputs(executed):
             if "application/vnd.plotly.v1+json" in o.get("data", {})]
 
 
-@pytest.fixture(scope="module")
-def plain_pareto(tmp_path_factory):
-    """The Pareto notebook executed by plain papermill (no make demo, no PLOTLY_RENDERER) on a small store."""
+def plain_papermill(name, out, params=None):
+    """``notebooks/<name>.ipynb`` executed by plain papermill (no make demo, no PLOTLY_RENDERER) into ``out``."""
     import os
 
     import papermill as pm
 
     from prunelib.core.config import REPO_ROOT
 
+    pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(out), parameters=params or {},
+                        cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
+                        env=dict(os.environ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_pareto(tmp_path_factory):
+    """The Pareto notebook executed by plain papermill on a small store."""
     tmp = tmp_path_factory.mktemp("plain")
     mp = pytest.MonkeyPatch()
     try:
-        mp.setenv("PRUNELIB_RESULTS", str(tmp / "results"))
-        mp.setenv("PRUNELIB_FIGURES", str(tmp / "fig"))
-        mp.delenv("PLOTLY_RENDERER", raising=False)
+        isolated(mp, tmp)
         fill_store()
-        out = tmp / "pareto.ipynb"
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "pareto.ipynb"), str(out), cwd=str(REPO_ROOT / "notebooks"),
-                            progress_bar=False, kernel_name="python3", env=dict(os.environ))
-        yield out
+        yield plain_papermill("pareto", tmp / "pareto.ipynb")
     finally:
         mp.undo()
 
@@ -156,23 +163,12 @@ def test_plain_papermill_and_nbconvert_show_the_pareto_figure_offline(plain_pare
 def test_an_axis_notebook_shows_its_curves_offline(tmp_path):
     """static_depth executed by plain papermill (a tiny run: one method and its random baseline, fidelity as the
     quality axis), exported by nbconvert: its plotly curve figure draws with the network off."""
-    import os
-
-    import papermill as pm
-
-    from prunelib.core.config import REPO_ROOT
-
     mp = pytest.MonkeyPatch()
     try:
-        mp.setenv("PRUNELIB_RESULTS", str(tmp_path / "results"))
-        mp.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
-        mp.delenv("PLOTLY_RENDERER", raising=False)
-        out = tmp_path / "static_depth.ipynb"
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "static_depth.ipynb"), str(out),
-                            parameters=dict(methods=["last_n", "depth_random"], sparsities=[0.1], lengths=[32], reps=2,
-                                            quality_preset=None, calib_n=4, calib_len=32),
-                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
-                            env=dict(os.environ))
+        isolated(mp, tmp_path)
+        out = plain_papermill("static_depth", tmp_path / "static_depth.ipynb",
+                              dict(methods=["last_n", "depth_random"], sparsities=[0.1], lengths=[32], reps=2,
+                                   quality_preset=None, calib_n=4, calib_len=32))
     finally:
         mp.undo()
     outs = plotly_outputs(out)
