@@ -61,7 +61,12 @@ def main(argv=None):
                                                           "local Ray instance (ray without --address)")
     p.add_argument("--address", default=None, help="with --executor ray: the cluster ('auto', host:port)")
     a = p.parse_args(argv)
-    if a.spec:
+    if a.spec:  # the spec says what to run: a flag of a single run beside it would be ignored
+        ignored = [f"--{k.replace('_', '-')}={getattr(a, k)!r}" for k in vars(a)
+                   if k not in ("spec", "executor", "workers", "address") and getattr(a, k) != p.get_default(k)]
+        if ignored:
+            p.error(f"spec={a.spec!r} is not allowed with {', '.join(ignored)}: expected the spec alone (with "
+                    "--executor, --workers, --address); put models, methods and sparsities in the spec")
         return sweep.main(spec=a.spec, executor=a.executor, workers=a.workers, address=a.address)
     try:  # every argument checked before the model loads; the per-method ranges right after it (run)
         phases = () if a.phases == "none" else tuple(checks.csv("phases", a.phases))
@@ -72,13 +77,17 @@ def main(argv=None):
         options = {"round_to": a.round_to} if a.round_to is not None else {}
         preset = None if a.preset == "none" else a.preset
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
-                        preset=preset, seed=a.seed, options_=options)
+                        preset=preset, seed=a.seed, options_=options, budget_s=a.budget)
         if a.target_bands:
             checks.integer("scorings", a.scorings)
             return target_and_time(a.model, methods, a.scorings, phases=phases, batches=batches, lengths=lengths,
                                    reps=a.reps, seed=a.seed, budget_s=a.budget, **options)
         if a.table:  # measure nothing
             df = ResultsStore().load()
+            if not (df.model == a.model).any():
+                stored = sorted(set(df.model))
+                checks.fail("model", a.model, f"a model with stored rows: {stored}" if stored else
+                            "a model with stored rows, and the store is empty (run without --table first)")
             df = df[df.model == a.model]
         else:
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,

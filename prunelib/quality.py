@@ -10,13 +10,19 @@ import argparse
 
 import pandas as pd
 
-from prunelib.core.validate import integer
+from prunelib.core.store import ResultsStore
+from prunelib.core.validate import distinct, fail, integer
 from prunelib.core import evaltasks
 from prunelib.measure.lossstats import (paired_bootstrap, paired_difference, quality_loss, stored_pair,  # noqa: F401
                                         what_if)
 from prunelib.measure.scoring import (CHOSEN_METRIC, PRESETS, Preset, _check_limit, code_version,  # noqa: F401
                                       evaluate, scores)
-from prunelib.model.models import EMBEDDED, load_model, resolve_dtype
+from prunelib.model.models import EMBEDDED, _is_checkpoint, _tokenizer_files, load_model, resolve_dtype
+
+
+def _no_tokenizer(name: str) -> bool:
+    """A saved checkpoint folder without tokenizer files (random:* models have none either)."""
+    return name.startswith("random:") or (_is_checkpoint(name) and not _tokenizer_files(name))
 
 
 def _limit_arg(text: str):
@@ -54,8 +60,15 @@ def main(argv=None):
         print(f"{len(t)} models: paired 95% half-width max {t.half_width.max():.2f}, mean {t.half_width.mean():.2f} "
               f"points; seconds (stored, scaled to the documents kept) median {t.seconds.median():.0f}")
         return
-    tasks = a.tasks.split(",") if a.tasks else list(PRESETS[a.preset].tasks)
     try:  # bad names, limits, batch sizes or devices fail here, before the model loads
+        tasks = list(PRESETS[a.preset].tasks) if a.tasks is None else [t.strip() for t in a.tasks.split(",")]
+        if not all(tasks):
+            fail("tasks", a.tasks, "comma-separated task names, none empty (leave --tasks out for the preset's)")
+        distinct("tasks", tasks)
+        if _no_tokenizer(a.model):
+            fail("model", a.model, "a model with a tokenizer (this checkpoint was saved without one: "
+                 "save_pruned(model, path, tokenizer))")
+        ResultsStore().check_writable()
         _check_limit(a.limit)
         integer("batch_size", a.batch_size)
         resolve_dtype(a.dtype, a.device)

@@ -48,22 +48,25 @@ def run(spec: Spec, executor: str = "inprocess", workers: int = 1, address: str 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers {workers!r} is not an integer >= 1")
     store = ResultsStore() if store is None else store
-    store.path.parent.mkdir(parents=True, exist_ok=True)
+    store.check_writable()  # a read-only folder or a full disk is refused before any job runs
     _recover(store)
-    todo = [j for j in jobs(spec) if not store.has(j.key, DONE)]
-    ex = {"inprocess": InProcess, "local": LocalPool, "ray": RayCluster}[executor](workers, spec.retries, address)
-    counts = {"done": 0, "failed": 0}
-    with tqdm(total=len(todo), desc=f"sweep ({executor})", unit="job", disable=not progress) as bar, ex:
-        for stage in ([j for j in todo if j.method == "dense"], [j for j in todo if j.method != "dense"]):
-            base = [r for r in store.rows() if r["model"] in spec.models]  # dense rows first: pruned jobs read them
-            for result in ex.run(stage, base, store.path.parent):
-                merge(store, result)
-                counts["failed" if result["error"] else "done"] += 1
-                bar.set_postfix(counts, running=ex.running, refresh=False)
-                bar.update()
-                if result["error"]:
-                    bar.write(f"job {result['id']} failed: {result['error'].splitlines()[0][:300]}")
-    _drop_partial(store)
+    try:  # the driver claim is released however the sweep ends (an executor that fails to start, an interrupt)
+        todo = [j for j in jobs(spec) if not store.has(j.key, DONE)]
+        ex = {"inprocess": InProcess, "local": LocalPool, "ray": RayCluster}[executor](workers, spec.retries, address)
+        counts = {"done": 0, "failed": 0}
+        with tqdm(total=len(todo), desc=f"sweep ({executor})", unit="job", disable=not progress) as bar, ex:
+            for stage in ([j for j in todo if j.method == "dense"], [j for j in todo if j.method != "dense"]):
+                base = [r for r in store.rows() if r["model"] in spec.models]  # dense rows first: pruned jobs read them
+                for result in ex.run(stage, base, store.path.parent):
+                    merge(store, result)
+                    counts["failed" if result["error"] else "done"] += 1
+                    bar.set_postfix(counts, running=ex.running, refresh=False)
+                    bar.update()
+                    if result["error"]:
+                        bar.write(f"job {result['id']} failed: {result['error'].splitlines()[0][:300]}")
+        _drop_partial(store)  # what killed workers left; releases the claim
+    finally:
+        store.release_driver()  # a sweep that raised part-way (a second release is a no-op)
     df = store.load()
     return df[df.model.isin(spec.models)].reset_index(drop=True)
 

@@ -253,3 +253,248 @@ def test_truncated_data_file_is_named_with_its_path(tmp_path, rel):
     target.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"malformed data for task '{rel.split('/')[0]}' in {target}"):
         evaltasks.prepare_tasks([rel.split("/")[0]], data_dir=tmp_path / "data")
+
+
+# --- issue 27's bad-input table: every input the campaign found silent, late, crashing or misleading, plus our own.
+# Each is refused before any model loads (load_model fails the test) and before any row is written (the store's
+# rows and bytes are unchanged), with a message naming the parameter, the value and what is allowed.
+class _FakeTokenizer:  # a tokenizer of 1,000 ids for a model of 256 embeddings
+    pad_token = "<pad>"
+
+    def __len__(self):
+        return 1000
+
+
+def _cal(ids):
+    from prunelib.model.calibration import CalibrationSet
+
+    return CalibrationSet(ids, "synthetic", None, 0)
+
+
+def _spec(env, **over):
+    import yaml
+
+    spec = dict(models=[str(env["plain"])], methods=["last_n"], sparsities=[0.25], lengths=[16], reps=2,
+                quality="none", fidelity=False, timing_mode="eager", threads=1)
+    spec.update(over)
+    path = env["tmp"] / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _spec_text(env, text):
+    path = env["tmp"] / "spec.yaml"
+    path.write_text(text.format(model=env["plain"]))
+    return str(path)
+
+
+def _dense_zero():
+    rows = lambda v: pd.DataFrame([dict(metric="arc_easy/acc", value=v, extra={"stderr": 0.01}, config_hash="h")])
+    return quality.quality_loss(rows(0.0), rows(0.1))
+
+
+def _append(**over):
+    row = {**dict(model="m", method="last_n", metric="speedup", phase="prefill", value=1.2, config_hash="k"), **over}
+    return ResultsStore().append(row)
+
+
+def _unwritable(env):
+    return ResultsStore(env["blocker"] / "results" / "results.jsonl")  # a folder under a plain file
+
+
+def _sweep_into_unwritable(env):
+    from prunelib import sweep
+
+    return sweep.run(sweep.load_spec(_spec(env)), store=_unwritable(env), progress=False)
+
+
+def _run(env, model="no-such-model", **kw):
+    kw = {"methods": ["last_n"], "sparsities": [0.25], "preset": None, "lengths": [16], **kw}
+    return experiment.run(model, kw.pop("methods"), kw.pop("sparsities"), **kw)
+
+
+_S, _L, _C, _M, _O = "silent", "late", "crash", "misleading", "own"
+TABLE = [
+    # silent: accepted, and a wrong number (or none) came out
+    (_S, "calibration of zero windows",
+     lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25, calibration=_cal(torch.zeros(0, 16, dtype=torch.long))),
+     r"calibration='input_ids of shape \(0, 16\)' is not allowed: expected None or a CalibrationSet"),
+    (_S, "sparse_attn_block block=100000",
+     lambda e: pruning.prune(e["tiny"], "sparse_attn_block", 0.25, block=100000),
+     r"option block=100000 of pruning method 'sparse_attn_block' is not allowed: expected an integer 1 <= block <= 256"),
+    (_S, "slicegpt round_to=1000",
+     lambda e: pruning.prune(e["tiny"], "slicegpt_random", 0.25, round_to=1000),
+     r"option round_to=1000 .* is not allowed: expected an integer 1 <= round_to <= 32 \(half the hidden size 64"),
+    (_S, "--budget -1", lambda e: experiment.main(["--budget", "-1"]),
+     r"budget_s=-1.0 is not allowed: expected a finite number of seconds > 0"),
+    (_S, "--budget nan", lambda e: experiment.main(["--budget", "nan"]), r"budget_s=nan is not allowed"),
+    (_S, "--limit 1.5", lambda e: quality.main(["--limit", "1.5", "--tasks", "arc_easy"]),
+     r"limit must be a positive number of documents, a fraction < 1, or None for all; got limit=1.5"),
+    (_S, "max_length=0", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2, max_length=0),
+     r"max_length=0 is not allowed: expected an integer >= 1"),
+    (_S, "a task listed twice", lambda e: quality.evaluate(e["tiny"], None, ["arc_easy", "arc_easy"], limit=2),
+     r"tasks=\['arc_easy', 'arc_easy'\] is not allowed: expected each value once; listed more than once: \['arc_easy'\]"),
+    (_S, "quality_loss against a dense accuracy of 0 (-inf, shown with a finite CI)", lambda e: _dense_zero(),
+     r"dense arc_easy/acc=0.0 is not allowed: expected a dense accuracy > 0"),
+    (_S, "store value '0.5'", lambda e: _append(value="0.5"),
+     r"value='0.5' is not allowed: expected a number \(int or float\) or None"),
+    (_S, "store value True", lambda e: _append(value=True), r"value=True is not allowed: expected a number"),
+    (_S, "store value a tensor", lambda e: _append(value=torch.tensor(0.5)), r"value=tensor\(0.5000\) is not allowed"),
+    (_S, "store value a set", lambda e: _append(value={0.5}), r"value=\{0.5\} is not allowed"),
+    (_S, "store sparsity '0.25'", lambda e: _append(sparsity="0.25"), r"sparsity='0.25' is not allowed: expected a number"),
+    (_S, "fidelity='no'", lambda e: _run(e, fidelity="no"), r"fidelity='no' is not allowed: expected True or False"),
+    (_S, "--table --model nonexistent", lambda e: experiment.main(["--table", "--model", "nonexistent"]),
+     r"model='nonexistent' is not allowed: expected a model with stored rows, and the store is empty"),
+    (_S, "--spec S --methods X", lambda e: experiment.main(["--spec", _spec(e), "--methods", "shortgpt"]),
+     r"spec='.*spec.yaml' is not allowed with --methods='shortgpt': expected the spec alone"),
+    (_S, "--tasks ''", lambda e: quality.main(["--tasks", ""]),
+     r"tasks='' is not allowed: expected comma-separated task names, none empty"),
+    (_S, "one model under two names in a spec", lambda e: sweep_load(_spec(e, models=[str(e["plain"]),
+                                                                                     str(e["plain"]) + "/."])),
+     r"models\[1\]: '.*/\.' is the model of models\[0\] \('.*plain'\); list each model once"),
+    (_S, "a duplicate YAML key", lambda e: sweep_load(_spec_text(e, "models: [{model}]\nmethods: [last_n]\n"
+                                                                   "sparsities: [0.25]\nmethods: [shortgpt]\n")),
+     r"spec.yaml:4: key 'methods' is given twice \(YAML keeps only the last\)"),
+    # late: accepted, and found out only after the model loaded or the first rows were written
+    (_L, "spec dtype float16 on CPU", lambda e: sweep_load(_spec(e, dtype="float16")),
+     r"dtype: 'float16' is not allowed on devices \['cpu'\]; allowed there: \['float32', 'bfloat16'\]"),
+    (_L, "spec timing_mode graph on CPU", lambda e: sweep_load(_spec(e, timing_mode="graph")),
+     r"timing_mode: 'graph' \(CUDA graphs\) is not allowed on devices \['cpu'\]"),
+    (_L, "spec options a method does not take", lambda e: sweep_load(_spec(e, options={"round_to": 64})),
+     r"options: option round_to=64 is not taken by pruning method 'last_n'"),
+    (_L, "spec batches: []", lambda e: sweep_load(_spec(e, batches=[])), r"batches: \[\] is not allowed; expected a non-empty"),
+    (_L, "spec lengths: []", lambda e: sweep_load(_spec(e, lengths=[])), r"lengths: \[\] is not allowed"),
+    (_L, "notebook lengths [100000]", lambda e: checks.parameters(model=str(e["plain"]), lengths=[100000]),
+     r"lengths=100000 is not allowed: expected lengths <= 511 \(max_position_embeddings 512"),
+    (_L, "notebook timing_mode graph on CPU", lambda e: checks.parameters(device="cpu", timing_mode="graph"),
+     r"timing mode 'graph' cannot run on cpu .*CUDA graphs need a CUDA device"),
+    (_L, "notebook calib_len 1000000", lambda e: checks.parameters(model=str(e["plain"]), calib_len=1000000),
+     r"calib_len=1000000 is not allowed: expected an integer >= 1 and <= 512"),
+    (_L, "ci_target=5", lambda e: _run(e, ci_target=5), r"ci_target=5 is not allowed: expected None .*'auto' or a "
+                                                        r"relative CI half-width 0 < ci_target < 1"),
+    (_L, "ci_target='bogus'", lambda e: _run(e, ci_target="bogus"), r"ci_target='bogus' is not allowed"),
+    (_L, "a checkpoint without a tokenizer to quality --model",
+     lambda e: quality.main(["--model", str(e["checkpoint"]), "--tasks", "arc_easy"]),
+     r"model='.*ckpt' is not allowed: expected a model with a tokenizer"),
+    (_L, "a read-only results folder, experiment.run", lambda e: _run(e, model=str(e["plain"]), store=_unwritable(e)),
+     r"results store='.*blocker/results/results.jsonl' is not allowed: expected a folder this process can write"),
+    (_L, "a read-only results folder, quality CLI", lambda e: quality.main(["--tasks", "arc_easy"]),
+     r"results store=.* is not allowed: expected a folder this process can write"),
+    # crash: a raw traceback
+    (_C, "calibration='text'", lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25, calibration="text"),
+     r"calibration='text' is not allowed: expected None or a CalibrationSet"),
+    (_C, "float calibration ids", lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25, calibration=_cal(torch.rand(2, 16))),
+     r"calibration='input_ids \(2, 16\) torch.float32' is not allowed: .*an integer tensor \[n, length\]"),
+    (_C, "prune seed='x'", lambda e: pruning.prune(e["tiny"], "last_n", 0.25, seed="x"),
+     r"seed='x' is not allowed: expected an integer >= 0"),
+    (_C, "evaluate seed='x'", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2, seed="x"),
+     r"seed='x' is not allowed: expected an integer >= 0"),
+    (_C, "hw='h100'", lambda e: pruning.prune(e["tiny"], "last_n", 0.25, hw="h100"),
+     r"hw='h100' is not allowed: expected None or a HardwareSpec, e.g. hardware.spec\('h100-sxm'\)"),
+    (_C, "calibration ids outside the vocabulary",
+     lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25, calibration=_cal(torch.full((2, 16), 300))),
+     r"calibration='token ids 300..300' is not allowed: expected token ids 0..255"),
+    (_C, "a tokenizer larger than the model's vocabulary",
+     lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2),
+     r"tokenizer vocabulary size=1000 is not allowed: expected <= the model's 256 embeddings"),
+    (_C, "compare(None, ...)", lambda e: timing.compare(None, e["tiny"], "prefill", 1, 8),
+     r"base_model=None is not allowed: expected a loaded model \(torch.nn.Module\)"),
+    (_C, "max_length=-1", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2, max_length=-1),
+     r"max_length=-1 is not allowed"),
+    (_C, "a plugin calling sys.exit", lambda e: sweep_load(_spec(e, plugins=[str(e["exit_plugin"])])),
+     r"plugins\[0\]: cannot import '.*exits.py': SystemExit: 3"),
+    (_C, "--what-if on an empty store", lambda e: quality.main(["--what-if", "arc_easy=10"]),
+     r"--what-if arc_easy=10: what_if: the store .* holds no scores"),
+    # misleading messages
+    (_M, "run(phases='prefill') reported phases='p'", lambda e: _run(e, phases="prefill"),
+     r"phases='prefill' is not allowed: expected a list of \['prefill', 'decode'\].*e.g. \['prefill'\]"),
+    (_M, "'cuda' is not a device here: cpu or cuda", lambda e: sweep_load(_spec(e, devices=["cuda"])),
+     r"devices\[0\]: 'cuda' is not a device here: cpu \(no CUDA device here\)"),
+    # our own
+    (_O, "store extra a string", lambda e: _append(extra="x"), r"extra='x' is not allowed: expected a dict"),
+    (_O, "store n a string", lambda e: _append(n="10"), r"n='10' is not allowed: expected a number"),
+    (_O, "a phase listed twice", lambda e: _run(e, phases=["prefill", "prefill"]),
+     r"phases=\['prefill', 'prefill'\] is not allowed: .*each phase once"),
+    (_O, "compare budget_s=nan", lambda e: timing.compare(e["tiny"], e["tiny"], "prefill", 1, 8, budget_s=math.nan),
+     r"budget_s=nan is not allowed"),
+    (_O, "compare target=5", lambda e: timing.compare(e["tiny"], e["tiny"], "prefill", 1, 8, target=5),
+     r"ci_target=5 is not allowed"),
+    (_O, "load_model(3)", lambda e: _load_model(3), r"name=3 is not allowed: expected a model name, hub id or folder"),
+    (_O, "sparse_attn_block page=0", lambda e: pruning.prune(e["tiny"], "sparse_attn_block", 0.25, page=0),
+     r"option page=0 of pruning method 'sparse_attn_block' is not allowed: expected an integer 1 <= page"),
+    (_O, "evaluate tasks=[] with a preset", lambda e: quality.evaluate(e["tiny"], None, [], preset="quick"),
+     r"tasks=\[\] is not allowed: expected a non-empty list of task names"),
+    (_O, "notebook model that does not exist", lambda e: checks.parameters(model="./no-such-model", lengths=[8]),
+     r"model folder ../no-such-model. does not exist"),
+    (_O, "a sweep into a read-only results folder", _sweep_into_unwritable,
+     r"results store=.* is not allowed: expected a folder this process can write"),
+    (_O, "prune calibration of one-token ids a list", lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25,
+                                                                            calibration=[[1, 2, 3]]),
+     r"calibration=\[\[1, 2, 3\]\] is not allowed"),
+]
+
+
+def sweep_load(path):
+    from prunelib import sweep
+
+    return sweep.load_spec(path)
+
+
+def _load_model(name):
+    from prunelib.model import models
+
+    return models._real_load_model(name)
+
+
+@pytest.fixture
+def env(tmp_path, tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from prunelib.model import models
+    from prunelib.model.models import save_pruned
+    from prunelib.run import pipeline
+
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_config(tiny_config()).save_pretrained(plain)
+    save_pruned(AutoModelForCausalLM.from_config(tiny_config()), tmp_path / "ckpt")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a plain file where the results folder would go\n")
+    exit_plugin = tmp_path / "exits.py"
+    exit_plugin.write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(models, "_real_load_model", models.load_model, raising=False)
+
+    def no_load(*a, **k):
+        pytest.fail(f"a model was loaded for a refused input: load_model{a}")
+
+    for mod in (models, pipeline, quality):
+        monkeypatch.setattr(mod, "load_model", no_load)
+    return dict(tiny=tiny, tmp=tmp_path, plain=plain, checkpoint=tmp_path / "ckpt", blocker=blocker,
+                exit_plugin=exit_plugin)
+
+
+@pytest.mark.parametrize("klass,what,call,match", TABLE, ids=[f"{k}:{w}" for k, w, _, _ in TABLE])
+def test_issue27_bad_input_refused_before_work(env, monkeypatch, capsys, klass, what, call, match):
+    import re
+
+    if "quality CLI" in what:  # the default store under a plain file
+        monkeypatch.setenv("PRUNELIB_RESULTS", str(env["blocker"] / "results"))
+    store = ResultsStore()
+    before = (len(store), store.path.read_bytes() if store.path.exists() else None)
+    try:
+        call(env)
+    except SystemExit as exit_:
+        assert exit_.code == 2, f"exit code {exit_.code!r}"
+        message = capsys.readouterr().err
+    except ValueError as err:
+        message = str(err)
+    else:
+        pytest.fail(f"{klass} input accepted: {what}")
+    assert re.search(match, message), message
+    after = ResultsStore(store.path)
+    assert (len(after), after.path.read_bytes() if after.path.exists() else None) == before, "rows were written"
+
+
+def test_issue27_table_counts():
+    """The closing note's counts: the campaign's classes, and ours."""
+    counts = {k: sum(1 for row in TABLE if row[0] == k) for k in (_S, _L, _C, _M, _O)}
+    assert counts == {_S: 20, _L: 13, _C: 11, _M: 2, _O: 11}, counts

@@ -48,10 +48,12 @@ from pathlib import Path
 import pandas as pd
 
 from prunelib.core.config import results_dir
+from prunelib.core.validate import InputError
 
 COLUMNS = ("model", "cell", "method", "sparsity", "phase", "batch", "length", "device", "dtype",
            "metric", "value", "ci_low", "ci_high", "bound", "n", "config_hash", "versions", "timestamp", "extra")
 REQUIRED = ("model", "method", "metric", "value", "config_hash")
+NUMERIC = ("sparsity", "batch", "length", "value", "ci_low", "ci_high", "bound", "n")  # a number or None (NaN allowed)
 UNIT_KEYS = ("unit", "unit_size")  # on every stored line, outside the schema
 
 
@@ -163,6 +165,10 @@ def make_row(**fields) -> dict:
     missing = [k for k in REQUIRED if fields.get(k) is None]
     if missing:
         raise ValueError(f"a result row needs {', '.join(missing)}; got keys {sorted(fields)}")
+    for k in NUMERIC:
+        fields[k] = _number(k, fields.get(k))
+    if fields.get("extra") is not None and not isinstance(fields["extra"], dict):
+        raise InputError(f"extra={fields['extra']!r} is not allowed: expected a dict (or None)")
     extra = dict(fields.pop("extra", None) or {})
     extra.update({k: fields.pop(k) for k in list(fields) if k not in COLUMNS})
     row = {k: fields.get(k) for k in COLUMNS}
@@ -214,6 +220,26 @@ class ResultsStore:
             if fd is not None:
                 os.close(fd)
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, a store whose folder cannot be written (read-only, full disk): a file is
+        created, written, synced and removed there (one of the store's own name, so it never collides)."""
+        folder = self.path.parent
+        probe = folder / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.writable"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+            if self.path.exists() and not os.access(self.path, os.W_OK):
+                raise PermissionError(f"{self.path} is not writable")
+        except OSError as err:
+            raise InputError(f"results store={str(self.path)!r} is not allowed: expected a folder this process can "
+                             f"write ({type(err).__name__}: {err}); set PRUNELIB_RESULTS or pass store=") from err
+
     # --- writing -------------------------------------------------------------
     def append(self, rows) -> int:
         """Append rows (dicts passed through :func:`make_row`) as one unit; returns how many were written.
@@ -262,6 +288,7 @@ class ResultsStore:
                     row = json.loads(line)
                     if not isinstance(row, dict) or any(row.get(k) is None for k in REQUIRED):
                         raise ValueError(f"missing one of {REQUIRED}")
+                    _check_stored(row)
                 except ValueError as err:
                     bad.append((f"{self.path}:{lineno}: corrupt result row ({err})", err))
                     continue
@@ -324,7 +351,34 @@ def _signature(path: Path):
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    import numpy as np
+
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
+def _number(column: str, v):
+    """A numeric column's value as a plain int / float (numpy scalars converted), None kept; anything else
+    (a string, a bool, a tensor, a set) refused naming the column."""
+    import numpy as np
+
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InputError(f"{column}={v!r} is not allowed: expected a number (int or float) or None in a result row")
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
+
+
+def _check_stored(row: dict) -> None:
+    """A loaded line's numeric columns hold numbers or null, its extra a mapping, and a timed row names its phase."""
+    for k in NUMERIC:
+        v = row.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{k}={v!r} is not a number")
+    if not isinstance(row.get("extra"), dict):
+        raise ValueError(f"extra={row.get('extra')!r} is not a mapping")
+    if row.get("metric") == "speedup" and row.get("phase") is None:
+        raise ValueError("a speedup row without its phase")
 
 
 def _ends_without_newline(path: Path) -> bool:

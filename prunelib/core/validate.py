@@ -73,10 +73,15 @@ def limit(v):
 
 
 def phases(values) -> tuple:
+    allowed = f"a list of {list(PHASES)} (or 'none' on the command line: quality only)"
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        fail("phases", values, allowed + f", e.g. [{values!r}]")  # a bare string would be read letter by letter
     values = tuple(values)
+    if len(set(values)) != len(values):
+        fail("phases", list(values), allowed + ", each phase once")
     for p in values:
         if p not in PHASES:
-            fail("phases", p, f"a list of {list(PHASES)} (or 'none' on the command line: quality only)")
+            fail("phases", p, allowed)
     return values
 
 
@@ -112,6 +117,12 @@ def lengths_fit(values, config, phase_list=PHASES) -> None:
 def timing_args(base_model, phase, batch, length, reps_=None, cand_model=None) -> None:
     """What :func:`prunelib.measure.timing.compare` / ``measure`` need: a phase, batch and length >= 1 within the
     model's positions, reps >= 2, and two models over the same vocabulary."""
+    import torch
+
+    for name, m in (("base_model", base_model), ("cand_model", cand_model)):
+        if (m is not None or name == "base_model") and not isinstance(m, torch.nn.Module):
+            fail(name, m if m is None or isinstance(m, (str, int, float)) else type(m).__name__,
+                 "a loaded model (torch.nn.Module), e.g. load_model(name)[0]")
     if phase not in PHASES:
         fail("phase", phase, f"one of {list(PHASES)}")
     integer("batch", batch)
@@ -144,3 +155,40 @@ def csv(name: str, text: str, convert=str) -> list:
             kind = {int: "integers", float: "numbers"}.get(convert, "values")
             fail(name, item, f"comma-separated {kind}")
     return out
+
+
+def distinct(name: str, values) -> list:
+    """A list without repeats (a value listed twice would be measured twice)."""
+    values = list(values)
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        fail(name, values, f"each value once; listed more than once: {twice}")
+    return values
+
+
+def budget(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        fail("budget_s", v, "a finite number of seconds > 0")
+    return float(v)
+
+
+def ci_target(v):
+    """None (exactly ``reps`` pairs), ``"auto"`` or a relative half-width 0 < t < 1."""
+    if v is None or v == "auto":
+        return v
+    allowed = "None (exactly reps pairs), 'auto' or a relative CI half-width 0 < ci_target < 1, e.g. 0.03"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v < 1):
+        fail("ci_target", v, allowed)
+    return float(v)
+
+
+def flag(name: str, v) -> bool:
+    import numpy as np
+
+    if not isinstance(v, (bool, np.bool_)):
+        fail(name, v, "True or False")
+    return bool(v)
+
+
+def seed(name: str, v) -> int:
+    return integer(name, v, 0)

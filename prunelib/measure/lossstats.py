@@ -70,6 +70,9 @@ def quality_loss(dense: pd.DataFrame, pruned: pd.DataFrame, tasks=None, *, store
             raise ValueError(f"dense and pruned were scored on different limits for {t!r}: "
                              f"{d.loc[k, 'limit']} against {p.loc[k, 'limit']}; score them alike first")
         dv, pv = d.loc[k, "value"], p.loc[k, "value"]
+        if not dv > 0:  # a relative drop from 0 is -inf or nan, never a loss
+            raise InputError(f"dense {t}/{CHOSEN_METRIC[t]}={float(dv)!r} is not allowed: expected a dense accuracy > 0 "
+                             "(a relative loss from 0 is undefined); leave the task out (tasks=[...])")
         ds, ps = d.loc[k, "stderr"] or 0.0, p.loc[k, "stderr"] or 0.0
         drop = 100 * (dv - pv) / dv
         se = 100 * math.sqrt(ps**2 + (ds * pv / dv) ** 2) / dv
@@ -220,6 +223,9 @@ def what_if(limits: dict, store: ResultsStore | None = None, *, model: str | Non
             raise InputError(f"what_if: {t}={n!r} must be a whole number of documents >= 1")
     store = store if store is not None else ResultsStore()
     df = store.load()
+    if df.empty:
+        raise InputError(f"what_if: the store {store.path} holds no scores; score dense and pruned models first "
+                         "(python -m prunelib.quality, python -m prunelib.experiment)")
     df = df[(df.phase == "quality") & df.metric.isin([f"{t}/{CHOSEN_METRIC[t]}" for t in limits])]
     if model is not None:
         df = df[df.model == model]

@@ -84,7 +84,8 @@ def _needed(task: str):
 def _check_limit(limit):
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0 \
+            or (limit >= 1 and not float(limit).is_integer()):  # 1.5 documents: neither a count nor a fraction
         raise validate.InputError(f"limit must be a positive number of documents, a fraction < 1, or None for all; "
                                 f"got limit={limit!r}")
     return limit
@@ -117,17 +118,23 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown quality preset {preset!r}; available: {sorted(PRESETS)}")
-        tasks = tasks or PRESETS[preset].tasks
+        tasks = PRESETS[preset].tasks if tasks is None else tasks
         limit = limit if limit is not None else PRESETS[preset].limit
     if not tasks:
-        raise ValueError("give tasks or a preset")
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        validate.fail("tasks", tasks, "a non-empty list of task names (or tasks=None with a preset)")
+    tasks = validate.distinct("tasks", [tasks] if isinstance(tasks, str) else list(tasks))
+    validate.integer("max_length", max_length, 1)
+    validate.seed("seed", seed)
     limit_of = _limits(tasks, limit)
     validate.integer("batch_size", batch_size)
     evaltasks._expand(tasks)  # unknown names -> ValueError listing the allowed ones
     if tokenizer is None or getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token, which lm-eval needs for batching; "
                          "set tokenizer.pad_token = tokenizer.eos_token first")
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:  # ids past the embedding would index out of range mid-scoring
+        validate.fail("tokenizer vocabulary size", len(tokenizer), f"<= the model's {vocab} embeddings (is it the "
+                      "model's own tokenizer?)")
     store = ResultsStore() if store is None else store
     fp = fingerprint(model)
     device = str(next(model.parameters()).device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from prunelib.model.adapter import ModelAdapter
 from prunelib.core.config import cache_dir
+from prunelib.core.validate import InputError
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = (EMBEDDED, "embedded", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -121,12 +123,15 @@ def _is_checkpoint(name) -> bool:
     return (folder / STRUCTURE_FILE).exists() or (folder / "prunelib_structure.pt").exists()
 
 
+def _tokenizer_files(path) -> bool:
+    return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def _tokenizer(path):
     """The folder's tokenizer (pad token set), or None when it was saved without one."""
     from transformers import AutoTokenizer
 
-    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) \
-            and Path(path).exists():
+    if not _tokenizer_files(path) and Path(path).exists():
         return None
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -150,6 +155,10 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)  # a pathlib.Path names a folder as its string does
+    if not isinstance(name, str):
+        raise InputError(f"name={name!r} is not allowed: expected a model name, hub id or folder (str or Path)")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = None

@@ -208,6 +208,30 @@ def _stamp(model, pruned, method, sparsity, seed, options) -> None:
     pruned.config.prunelib_pruning = history + [entry]
 
 
+def _check_inputs(model, calibration, seed, hw) -> None:
+    """Calibration windows of in-vocabulary token ids (at least one), a whole seed and a hardware spec."""
+    import torch
+
+    from prunelib.core.validate import fail, integer
+
+    integer("seed", seed, 0)
+    if hw is not None and not isinstance(hw, HardwareSpec):
+        fail("hw", hw, "None or a HardwareSpec, e.g. hardware.spec('h100-sxm') or hardware.spec('cpu')")
+    if calibration is None:
+        return
+    ids = getattr(calibration, "input_ids", None)
+    allowed = "None or a CalibrationSet (calibration_batch(tokenizer, n, length)) of >= 1 windows of token ids"
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        fail("calibration", calibration if ids is None else f"input_ids {tuple(getattr(ids, 'shape', ()))} "
+             f"{getattr(ids, 'dtype', type(ids).__name__)}", allowed + " (an integer tensor [n, length])")
+    if ids.shape[0] < 1 or ids.shape[1] < 1:
+        fail("calibration", f"input_ids of shape {tuple(ids.shape)}", allowed)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        fail("calibration", f"token ids {int(ids.min())}..{int(ids.max())}", f"token ids 0..{vocab - 1} (the model's "
+             "vocabulary: was the calibration tokenized with another model's tokenizer?)")
+
+
 def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 0, hw: HardwareSpec | None = None,
           batch: int = 1, length: int = 512, **options):
     """Prune ``model`` (left untouched) with a registered method; returns ``(pruned_model, report)``."""
@@ -215,6 +239,7 @@ def prune(model, method: str, sparsity: float, *, calibration=None, seed: int = 
     ModelAdapter(model).require_separate(m.separate, f"pruning method {method!r}")
     check_options(method, options)
     check_sparsity(method, sparsity, model)
+    _check_inputs(model, calibration, seed, hw)
     if m.needs_calibration and calibration is None and sparsity > 0:
         raise ValueError(f"method {method!r} needs calibration data: pass calibration=calibration_batch(tokenizer, ...)")
     pruned, removed = m.fn(model, float(sparsity), Context(calibration, seed, options))

@@ -49,6 +49,7 @@ import math
 import torch
 from torch import nn
 
+from prunelib.core.validate import InputError
 from prunelib.model.adapter import ModelAdapter
 from prunelib.model.calibration import layer0_inputs
 from prunelib.pruning.ladders import hidden_quantum, snapped
@@ -165,6 +166,9 @@ def _rotate_out(lin: nn.Linear, q: torch.Tensor) -> None:
 def _width(d: int, sparsity: float, round_to) -> int:
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be None or a positive integer, got {round_to!r}")
+    if round_to and round_to > d // 2:  # d' rounded up to d: nothing sliced, and the rotations make it larger
+        raise InputError(f"option round_to={round_to!r} of pruning method 'slicegpt' is not allowed: expected an "
+                         f"integer 1 <= round_to <= {d // 2} (half the hidden size {d}; 8 by default)")
     width = int(round((1 - sparsity) * d))
     if round_to:
         width = min(d, math.ceil(width / round_to) * round_to)

@@ -83,6 +83,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from prunelib.core.validate import InputError
 from prunelib.model.adapter import ModelAdapter, rope
 from prunelib.pruning.ladders import grid
 from prunelib.pruning.registry import register
@@ -370,6 +371,11 @@ def _prune(model, sparsity: float, ctx, method: str):
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for sparse attention; allowed: {OPTIONS}")
     block, page = ctx.options.get("block", 64), ctx.options.get("page", 16)
+    top = getattr(model.config, "max_position_embeddings", None) or 2**31
+    for k, v in (("block", block), ("page", page)):  # a block past the positions leaves every prompt dense
+        if v is not None and not 1 <= v <= top // 2:
+            raise InputError(f"option {k}={v!r} of pruning method 'sparse_attn_{method}' is not allowed: expected an "
+                             f"integer 1 <= {k} <= {top // 2} (two {k}s within max_position_embeddings {top})")
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity {sparsity!r} is out of range: allowed 0 <= s < 1")
     pruned = sparsify(model, method, 1 - sparsity, block, page, ctx.seed)

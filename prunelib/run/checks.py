@@ -4,8 +4,9 @@ allowed, e.g. ``batches=0 is not allowed: expected integers >= 1``. The primitiv
 :mod:`prunelib.core.validate` (every layer uses them); these checks know the methods, presets and modes."""
 from __future__ import annotations
 
-from prunelib.core.validate import (PHASES, InputError, csv, fail, integer, integers, lengths_fit, limit,  # noqa: F401
-                                    number, phases, reps, sparsities, timing_args)
+from prunelib.core.validate import (PHASES, InputError, budget, ci_target, csv, distinct, fail, flag,  # noqa: F401
+                                    integer, integers, lengths_fit, limit, number, phases, reps, sparsities,
+                                    timing_args)
 from prunelib.cost import hardware
 from prunelib.measure.scoring import PRESETS
 from prunelib.measure.timing import MODES
@@ -42,7 +43,8 @@ def method_sparsities(names, values, model) -> None:
 
 
 def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(512,), reps_=20, preset=None,
-             calib_n=32, calib_len=256, seed=0, options_=None) -> None:
+             calib_n=32, calib_len=256, seed=0, options_=None, ci_target_=None, budget_s=None, fidelity=True,
+             timing_mode=None, device="cpu", dtype="float32") -> None:
     """Everything of an experiment sweep that can be checked without the model (see :func:`model_args`)."""
     methods(methods_)
     options(methods_, options_ or {})
@@ -57,6 +59,15 @@ def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(51
     integer("calib_n", calib_n)
     integer("calib_len", calib_len)
     integer("seed", seed, 0)
+    ci_target(ci_target_)
+    if budget_s is not None:
+        budget(budget_s)
+    flag("fidelity", fidelity)
+    resolve_dtype(dtype, device)  # the device exists and runs the dtype
+    if timing_mode is not None:
+        from prunelib.measure.timing import choose_mode
+
+        choose_mode(resolve_device(device), timing_mode)  # a mode this device cannot run
 
 
 def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
@@ -67,7 +78,26 @@ def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
 
 
 def parameters(**p) -> None:
-    """Notebook parameters (the first cell): unknown names are ignored, known ones must be valid."""
+    """Notebook parameters (the first cell): unknown names are ignored, known ones must be valid; with ``model``,
+    lengths and calibration windows must fit its positions (its config is read, not its weights), and a timing
+    mode must run on ``device``."""
+    _each_parameter(p)
+    if p.get("timing_mode") is not None:
+        from prunelib.measure.timing import choose_mode
+
+        choose_mode(resolve_device(p.get("device", "cpu")), p["timing_mode"])
+    if "model" in p and any(k in p for k in ("lengths", "calib_len")):
+        from prunelib.run.spec import model_config
+
+        config = model_config(p["model"])[0]
+        top = getattr(config, "max_position_embeddings", None)
+        if "lengths" in p:
+            lengths_fit(p["lengths"], config, tuple(p.get("phases", PHASES)))
+        if "calib_len" in p and top is not None:
+            integer("calib_len", p["calib_len"], 1, top, f" (max_position_embeddings {top} of {p['model']!r})")
+
+
+def _each_parameter(p: dict) -> None:
     for name, v in p.items():
         if name == "model" and not isinstance(v, str):
             fail("model", v, "a model name or path (str)")

@@ -174,8 +174,10 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     """
     store = ResultsStore() if store is None else store
     checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=reps, preset=preset,
-                    calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options)  # before any work
-    timing.choose_mode(device, timing_mode)  # a mode this device cannot run fails before any work
+                    calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options, ci_target_=ci_target,
+                    budget_s=budget_s, fidelity=fidelity, timing_mode=timing_mode, device=device,
+                    dtype=dtype)  # before any work
+    store.check_writable()  # a read-only folder or a full disk, refused before scoring
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
     plan = {m: rungs(m, model) if sparsities == checks.LADDER else list(sparsities) for m in methods}

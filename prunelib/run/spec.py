@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 from prunelib.core.store import config_hash
+from prunelib.pruning.registry import check_options
 
 EXECUTORS = ("inprocess", "local", "ray")
 DEFAULTS = dict(seeds=[0], phases=["prefill", "decode"], batches=[1], lengths=[512], devices=["cpu"],
@@ -106,8 +107,13 @@ def _read_yaml(text, path):
         raise SpecError(path, [f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({err})"]) from err
     lines = {(): 1}
 
+    dup = []
+
     def walk(n, at):
         if isinstance(n, yaml.MappingNode):
+            keys = [str(k.value) for k, _ in n.value]
+            dup.extend(f"{path}:{k.start_mark.line + 1}: key {str(k.value)!r} is given twice (YAML keeps only the "
+                       f"last); give it once" for i, (k, _) in enumerate(n.value) if str(k.value) in keys[:i])
             for k, v in n.value:
                 lines[at + (str(k.value),)] = k.start_mark.line + 1
                 walk(v, at + (str(k.value),))
@@ -118,6 +124,8 @@ def _read_yaml(text, path):
 
     if node is not None:
         walk(node, ())
+    if dup:
+        raise SpecError(path, dup)
     return data, lines
 
 
@@ -193,7 +201,7 @@ class _Checker:
                             "a phase: prefill or decode ('none' for quality only)")
         batches = [x for _, x in self.items("batches", int, lambda x: x >= 1, "a batch size (an integer >= 1)")]
         lengths = self.items("lengths", int, lambda x: x >= 1, "a length (an integer >= 1)")
-        devices = [x for _, x in self.items("devices", str, self.device_ok, "a device here: cpu or cuda")]
+        devices = [x for _, x in self.items("devices", str, self.device_ok, "a device here: " + self.devices_here())]
         dtype = self.choice("dtype", ("float32", "bfloat16", "float16"))
         timing_mode = self.choice("timing_mode", ("auto", *timing.MODES))
         fidelity = self.choice("fidelity", (True, False))
@@ -207,6 +215,17 @@ class _Checker:
             self.err(("options",), f"options: {options!r} is not a mapping of method options")
             options = {}
         quality = self.quality()
+        self.device_modes(devices, dtype, timing_mode)
+        for k in ("seeds", "batches", "lengths", "devices"):
+            if d.get(k, DEFAULTS[k]) == []:
+                self.err((k,), f"{k}: [] is not allowed; expected a non-empty list (leave the key out for "
+                               f"its default {DEFAULTS[k]!r})")
+        for k, m in methods:
+            try:
+                check_options(m, options)
+            except ValueError as e:
+                self.err(("options",), f"options: {e}")
+        self.same_models(models)
         phases = [x for _, x in phases]
         for i, name in enumerate(models):
             self.model(i, name, methods, sparsities, lengths, quality, phases)
@@ -219,6 +238,34 @@ class _Checker:
                     tuple(seeds), tuple(phases), tuple(batches), tuple(lengths), tuple(devices), dtype,
                     None if timing_mode == "auto" else timing_mode, reps, quality, fidelity, calibration, options,
                     threads or torch.get_num_threads(), retries, tuple(plugins), baseline_seeds, self.ladders)
+
+    def device_modes(self, devices, dtype, timing_mode):
+        """What a CPU cannot run is refused here, not as one failure row per job."""
+        if devices and all(x == "cpu" for x in devices):
+            if dtype == "float16":
+                self.err(("dtype",), "dtype: 'float16' is not allowed on devices ['cpu']; allowed there: "
+                                     "['float32', 'bfloat16']")
+            if timing_mode == "graph":
+                self.err(("timing_mode",), "timing_mode: 'graph' (CUDA graphs) is not allowed on devices ['cpu']; "
+                                           "allowed there: ['auto', 'eager', 'compiled']")
+
+    def same_models(self, models):
+        """One model under two names (an alias and its folder, two spellings of one path) would be measured twice."""
+        from prunelib.model.models import EMBEDDED_ALIASES, embedded_path
+
+        seen = {}
+        for i, name in enumerate(models):
+            where = str(embedded_path()) if name in EMBEDDED_ALIASES else name
+            where = str(Path(where).expanduser().resolve()) if Path(where).expanduser().is_dir() else where
+            if where in seen:
+                self.err(("models", i), f"models[{i}]: {name!r} is the model of models[{seen[where][0]}] "
+                                        f"({seen[where][1]!r}); list each model once")
+            seen.setdefault(where, (i, name))
+
+    def devices_here(self) -> str:
+        import torch
+
+        return "cpu or cuda" if self.executor == "ray" or torch.cuda.is_available() else "cpu (no CUDA device here)"
 
     def device_ok(self, x):
         if x not in ("cpu", "cuda"):
@@ -272,7 +319,7 @@ class _Checker:
             try:
                 import_plugins([str(path)])
                 out.append(str(path))
-            except Exception as e:  # noqa: BLE001 (any import error is a spec error)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 (any import error, sys.exit too, is a spec error)
                 self.err(("plugins", i), f"plugins[{i}]: cannot import {str(path)!r}: {type(e).__name__}: {e}")
         return out
 
