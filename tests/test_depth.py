@@ -121,7 +121,7 @@ def test_every_method_keeps_the_contract():
 ])
 def test_contract_faults_are_named(fault, message):
     registry.register("contract_probe", "static_depth", "x", unit="decoder layers", needs_calibration=False,
-                      max_sparsity=lambda m: 1, **fault)(lambda *a: a)
+                      max_sparsity=lambda m: 1, ladder=lambda m: [0.5], **fault)(lambda *a: a)
     try:
         with pytest.raises(ValueError, match=message):
             pruning.check_contract()
