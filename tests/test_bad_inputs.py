@@ -498,3 +498,84 @@ def test_issue27_table_counts():
     """The closing note's counts: the campaign's classes, and ours."""
     counts = {k: sum(1 for row in TABLE if row[0] == k) for k in (_S, _L, _C, _M, _O)}
     assert counts == {_S: 20, _L: 13, _C: 11, _M: 2, _O: 11}, counts
+
+
+# --- the store: numpy scalars count, corrupt rows are named, not fatal ------------------------------------
+def test_store_takes_numpy_scalars_and_has_sees_them():
+    import numpy as np
+
+    store = ResultsStore()
+    base = dict(model="m", method="last_n", metric="speedup", phase="prefill", config_hash="k")
+    store.append(dict(base, value=np.float32(1.25), n=np.int64(8), sparsity=np.float64(0.25)))
+    assert store.has("k", "speedup") and ResultsStore(store.path).has("k", "speedup")
+    row = ResultsStore(store.path).rows()[0]
+    assert (row["value"], row["n"], row["sparsity"]) == (1.25, 8, 0.25) and type(row["n"]) is int
+    store.path.unlink()  # the table's autouse check wants an empty store
+
+
+def test_table_over_corrupt_rows_warns_naming_each_line(capsys):
+    import json
+    import warnings
+
+    from prunelib.core.store import CorruptRowWarning, make_row
+
+    store = ResultsStore()
+    good = make_row(model="smollm2-135m", cell="static_depth", method="shortgpt", sparsity=0.25, phase="prefill",
+                    batch=1, length=512, metric="speedup", value=1.3, ci_low=1.2, ci_high=1.4, bound=1.36,
+                    config_hash="good", extra={"params": 1.0e8, "calibration": {"seed": 0}})
+    bad = [dict(good, value="1.3", config_hash="a"), dict(good, sparsity="0.25", config_hash="b"),
+           dict(good, extra=None, config_hash="c"), dict(good, phase=None, config_hash="d"),
+           dict(good, value=[1.3], config_hash="e")]
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    store.path.write_text("".join(json.dumps(r) + "\n" for r in [good, *bad]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        experiment.main(["--table"])
+    said = " | ".join(str(w.message) for w in caught if issubclass(w.category, CorruptRowWarning))
+    for line, what in [(2, "value='1.3' is not a number"), (3, "sparsity='0.25' is not a number"),
+                       (4, "extra=None is not a mapping"), (5, "a speedup row without its phase"),
+                       (6, r"value=[1.3] is not a number")]:
+        assert f"results.jsonl:{line}: corrupt result row ({what})" in said, said
+    assert "shortgpt" in capsys.readouterr().out  # the good row is still in the table
+    store.path.unlink()
+
+
+# --- a sweep that raises part-way lets go of the store ------------------------------------------------------
+def test_sweep_that_raises_releases_the_driver_claim(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from prunelib import sweep
+
+    AutoModelForCausalLM.from_config(tiny_config()).save_pretrained(tmp_path / "plain")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(dict(models=[str(tmp_path / "plain")], methods=["last_n"], sparsities=[0.25],
+                                        lengths=[16], reps=2, quality="none", fidelity=False, threads=1)))
+
+    class Broken:
+        def __init__(self, *a):
+            raise RuntimeError("the executor failed to start")
+
+    monkeypatch.setattr(sweep, "InProcess", Broken)
+    store = ResultsStore(tmp_path / "s" / "results.jsonl")
+    with pytest.raises(RuntimeError, match="the executor failed to start"):
+        sweep.run(sweep.load_spec(path), store=store, progress=False)
+    claim = (f"from prunelib.core.store import ResultsStore\nResultsStore({str(store.path)!r}).claim_driver()\n"
+             "print('claimed')")
+    out = subprocess.run([sys.executable, "-c", claim], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "claimed" in out.stdout, out.stderr  # another driver may take the store
+
+
+def test_load_model_takes_a_path(tmp_path):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from prunelib.model.models import load_model
+
+    AutoModelForCausalLM.from_config(tiny_config()).save_pretrained(tmp_path / "plain")
+    model, tok = load_model(Path(tmp_path / "plain"))
+    assert model.config.num_hidden_layers == 4 and tok is None
