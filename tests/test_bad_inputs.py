@@ -258,11 +258,14 @@ def test_truncated_data_file_is_named_with_its_path(tmp_path, rel):
 # --- issue 27's bad-input table: every input the campaign found silent, late, crashing or misleading, plus our own.
 # Each is refused before any model loads (load_model fails the test) and before any row is written (the store's
 # rows and bytes are unchanged), with a message naming the parameter, the value and what is allowed.
-class _FakeTokenizer:  # a tokenizer of 1,000 ids for a model of 256 embeddings
+class _FakeTokenizer:  # a tokenizer of 1,000 ids (a model of 256 embeddings), or of the model's own size
     pad_token = "<pad>"
 
+    def __init__(self, size: int = 1000):
+        self.size = size
+
     def __len__(self):
-        return 1000
+        return self.size
 
 
 def _cal(ids):
@@ -332,7 +335,7 @@ TABLE = [
      r"limit must be a positive number of documents, a fraction < 1, or None for all; got limit=1.5"),
     (_S, "max_length=0", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2, max_length=0),
      r"max_length=0 is not allowed: expected an integer >= 1"),
-    (_S, "a task listed twice", lambda e: quality.evaluate(e["tiny"], None, ["arc_easy", "arc_easy"], limit=2),
+    (_S, "a task listed twice", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(256), ["arc_easy", "arc_easy"], limit=2),
      r"tasks=\['arc_easy', 'arc_easy'\] is not allowed: expected each value once; listed more than once: \['arc_easy'\]"),
     (_S, "quality_loss against a dense accuracy of 0 (-inf, shown with a finite CI)", lambda e: _dense_zero(),
      r"dense arc_easy/acc=0.0 is not allowed: expected a dense accuracy > 0"),
@@ -353,8 +356,9 @@ TABLE = [
                                                                                      str(e["plain"]) + "/."])),
      r"models\[1\]: '.*/\.' is the model of models\[0\] \('.*plain'\); list each model once"),
     (_S, "a duplicate YAML key", lambda e: sweep_load(_spec_text(e, "models: [{model}]\nmethods: [last_n]\n"
-                                                                   "sparsities: [0.25]\nmethods: [shortgpt]\n")),
-     r"spec.yaml:4: key 'methods' is given twice \(YAML keeps only the last\)"),
+                                                                   "sparsities: [0.25]\nlengths: [16]\nquality: none\n"
+                                                                   "fidelity: false\nsparsities: [0.5]\n")),
+     r"spec.yaml:7: key 'sparsities' is given twice \(YAML keeps only the last\)"),
     # late: accepted, and found out only after the model loaded or the first rows were written
     (_L, "spec dtype float16 on CPU", lambda e: sweep_load(_spec(e, dtype="float16")),
      r"dtype: 'float16' is not allowed on devices \['cpu'\]; allowed there: \['float32', 'bfloat16'\]"),
@@ -417,12 +421,12 @@ TABLE = [
      r"phases=\['prefill', 'prefill'\] is not allowed: .*each phase once"),
     (_O, "compare budget_s=nan", lambda e: timing.compare(e["tiny"], e["tiny"], "prefill", 1, 8, budget_s=math.nan),
      r"budget_s=nan is not allowed"),
-    (_O, "compare target=5", lambda e: timing.compare(e["tiny"], e["tiny"], "prefill", 1, 8, target=5),
-     r"ci_target=5 is not allowed"),
+    (_O, "evaluate limit=2.5", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(), ["arc_easy"], limit=2.5),
+     r"got limit=2.5"),
     (_O, "load_model(3)", lambda e: _load_model(3), r"name=3 is not allowed: expected a model name, hub id or folder"),
-    (_O, "sparse_attn_block page=0", lambda e: pruning.prune(e["tiny"], "sparse_attn_block", 0.25, page=0),
-     r"option page=0 of pruning method 'sparse_attn_block' is not allowed: expected an integer 1 <= page"),
-    (_O, "evaluate tasks=[] with a preset", lambda e: quality.evaluate(e["tiny"], None, [], preset="quick"),
+    (_O, "sparse_attn_window page=100000", lambda e: pruning.prune(e["tiny"], "sparse_attn_window", 0.25, page=100000),
+     r"option page=100000 of pruning method 'sparse_attn_window' is not allowed: expected an integer 1 <= page <= 256"),
+    (_O, "evaluate tasks=[] with a preset", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(256), [], preset="quick"),
      r"tasks=\[\] is not allowed: expected a non-empty list of task names"),
     (_O, "notebook model that does not exist", lambda e: checks.parameters(model="./no-such-model", lengths=[8]),
      r"model folder ../no-such-model. does not exist"),

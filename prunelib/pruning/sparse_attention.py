@@ -373,7 +373,7 @@ def _prune(model, sparsity: float, ctx, method: str):
     block, page = ctx.options.get("block", 64), ctx.options.get("page", 16)
     top = getattr(model.config, "max_position_embeddings", None) or 2**31
     for k, v in (("block", block), ("page", page)):  # a block past the positions leaves every prompt dense
-        if v is not None and not 1 <= v <= top // 2:
+        if isinstance(v, int) and v > top // 2:  # (below 1: refused by sparsify)
             raise InputError(f"option {k}={v!r} of pruning method 'sparse_attn_{method}' is not allowed: expected an "
                              f"integer 1 <= {k} <= {top // 2} (two {k}s within max_position_embeddings {top})")
     if not 0 <= sparsity < 1:
