@@ -80,6 +80,7 @@ def main(argv=None):
                         preset=preset, seed=a.seed, options_=options, budget_s=a.budget)
         if a.target_bands:
             checks.integer("scorings", a.scorings)
+            ResultsStore().check_writable()  # before any model loads
             return target_and_time(a.model, methods, a.scorings, phases=phases, batches=batches, lengths=lengths,
                                    reps=a.reps, seed=a.seed, budget_s=a.budget, **options)
         if a.table:  # measure nothing

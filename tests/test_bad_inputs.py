@@ -384,6 +384,9 @@ TABLE = [
      r"results store='.*blocker/results/results.jsonl' is not allowed: expected a folder this process can write"),
     (_L, "a read-only results folder, quality CLI", lambda e: quality.main(["--tasks", "arc_easy"]),
      r"results store=.* is not allowed: expected a folder this process can write"),
+    (_L, "a read-only results folder, evaluate", lambda e: quality.evaluate(e["tiny"], _FakeTokenizer(256), ["arc_easy"],
+                                                                           limit=2, store=_unwritable(e)),
+     r"results store=.* is not allowed: expected a folder this process can write"),
     # crash: a raw traceback
     (_C, "calibration='text'", lambda e: pruning.prune(e["tiny"], "shortgpt", 0.25, calibration="text"),
      r"calibration='text' is not allowed: expected None or a CalibrationSet"),
@@ -501,7 +504,7 @@ def test_issue27_bad_input_refused_before_work(env, monkeypatch, capsys, klass, 
 def test_issue27_table_counts():
     """The closing note's counts: the campaign's classes, and ours."""
     counts = {k: sum(1 for row in TABLE if row[0] == k) for k in (_S, _L, _C, _M, _O)}
-    assert counts == {_S: 20, _L: 13, _C: 11, _M: 2, _O: 11}, counts
+    assert counts == {_S: 20, _L: 14, _C: 11, _M: 2, _O: 11}, counts
 
 
 # --- the store: numpy scalars count, corrupt rows are named, not fatal ------------------------------------
@@ -583,3 +586,30 @@ def test_load_model_takes_a_path(tmp_path):
     AutoModelForCausalLM.from_config(tiny_config()).save_pretrained(tmp_path / "plain")
     model, tok = load_model(Path(tmp_path / "plain"))
     assert model.config.num_hidden_layers == 4 and tok is None
+
+
+def test_an_unknown_papermill_parameter_is_refused():
+    params = "model = 'smollm2-135m'\nsparsities = [0.1, 0.25]\nreps = 20\n"
+    with pytest.raises(ValueError, match=r"sparsitys='\[0.3\]' is not allowed: expected a parameter of this notebook: "
+                                         r"\['model', 'reps', 'sparsities'\]"):
+        checks.unknown_injected(["", "import prunelib", params, "# Parameters\nsparsitys = [0.3]\n", "checks..."])
+    checks.unknown_injected(["", params, "# Parameters\nsparsities = [0.3]\nreps = 5\n"])  # known names pass
+    checks.unknown_injected(["", params, "checks.parameters(...)"])  # nothing injected: nothing to check
+
+
+@pytest.mark.slow  # two kernel starts: ~30 s on 2 cores
+def test_papermill_run_with_a_misspelt_parameter_fails(tmp_path):
+    """The same through papermill itself: a misspelt -p fails the run (papermill alone warned and ran the default)."""
+    nbformat = pytest.importorskip("nbformat")
+    papermill = pytest.importorskip("papermill")
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}, "language_info": {"name": "python"}})
+    params = nbformat.v4.new_code_cell("model = 'smollm2-135m'\nsparsities = [0.1]\nreps = 20")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("from prunelib.run import checks\nchecks.parameters(reps=reps)")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    with pytest.raises(papermill.PapermillExecutionError, match=r"sparsitys=.* is not allowed: expected a parameter"):
+        papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"sparsitys": [0.3]}, progress_bar=False)
+    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), parameters={"reps": 5},
+                               progress_bar=False)  # a known name runs

@@ -344,7 +344,7 @@ class ResultsStore:
 def _signature(path: Path):
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no store yet (or none can be: check_writable says why)
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
 

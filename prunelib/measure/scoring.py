@@ -159,6 +159,8 @@ def evaluate(model, tokenizer, tasks=None, *, preset: str | None = None, limit=N
     if runs:
         from tqdm.auto import tqdm
 
+        store.check_writable()  # a read-only folder or a full disk, before lm-eval scores anything
+
         lm = ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
         for chunk in tqdm(runs, desc="lm-eval tasks", leave=False):  # each chunk lands in the store when done
             tm = evaltasks.task_manager(chunk, offline=offline, data_dir=data_dir)

@@ -82,6 +82,7 @@ def parameters(**p) -> None:
     lengths and calibration windows must fit its positions (its config is read, not its weights), and a timing
     mode must run on ``device``."""
     _each_parameter(p)
+    unknown_injected()
     if p.get("timing_mode") is not None:
         from prunelib.measure.timing import choose_mode
 
@@ -135,3 +136,34 @@ def _each_parameter(p: dict) -> None:
             if not isinstance(v, (list, tuple)) or not all(
                     isinstance(b, (list, tuple)) and len(b) == 2 and b[0] <= b[1] for b in v):
                 fail(name, v, "a list of [low, high] percent pairs with low <= high")
+
+
+def unknown_injected(history=None) -> None:
+    """A name papermill injected (``-p sparsitys 0.3``) that the notebook's ``parameters`` cell does not define is
+    refused: papermill only warns, and the run would use the default. ``history``: the kernel's executed cells
+    (IPython's ``In``); outside a kernel, or with nothing injected, nothing to check."""
+    import ast
+
+    if history is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return
+        shell = get_ipython()
+        history = shell.user_ns.get("In", []) if shell is not None else []
+    cells = [c for c in history if isinstance(c, str)]
+    for j, cell in enumerate(cells):
+        if j and cell.lstrip().startswith("# Parameters"):  # papermill's injected cell follows the parameters cell
+
+            def names(src):
+                try:
+                    tree = ast.parse(src)
+                except SyntaxError:
+                    return {}
+                return {t.id: node for node in tree.body if isinstance(node, ast.Assign)
+                        for t in node.targets if isinstance(t, ast.Name)}
+
+            known, given = names(cells[j - 1]), names(cell)
+            for name, node in given.items():
+                if name not in known:
+                    fail(name, ast.unparse(node.value), f"a parameter of this notebook: {sorted(known)}")
