@@ -192,3 +192,17 @@ def flag(name: str, v) -> bool:
 
 def seed(name: str, v) -> int:
     return integer(name, v, 0)
+
+
+def token_ids(name: str, ids, vocab: int) -> None:
+    """None, or an integer tensor of ids the model's embedding holds (0..vocab-1)."""
+    import torch
+
+    if ids is None:
+        return
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        fail(name, ids if not isinstance(ids, torch.Tensor) else f"a {ids.dtype} tensor of shape {tuple(ids.shape)}",
+             "None or a non-empty integer tensor of token ids")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        fail(name, f"token ids {lo}..{hi}", f"token ids 0..{vocab - 1} (the model's vocabulary)")

@@ -161,6 +161,7 @@ def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps
     """
     validate.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
     validate.budget(budget_s)  # nan ran 5,000 pairs
+    validate.token_ids("text", text, validate._vocab(base_model))
     if target == "auto":
         target = CI_TARGETS[phase] if phase in CI_TARGETS else None
     if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
