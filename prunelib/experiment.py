@@ -19,14 +19,15 @@ from prunelib.run.pipeline import (long_context_perplexity, realised_sparsity, r
                                    timing_modes, timing_text)
 
 
-def _fraction(flag: str, value: str) -> float:
+def _ci_target(text: str):
+    """``--ci-target``: 'auto', 'none' or a fraction in (0, 1); anything else a usage error naming it."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
     try:
-        v = float(value)
+        v = float(text)
     except ValueError:
-        v = -1.0
-    if not 0 < v < 1:
-        raise SystemExit(f"{flag} {value!r}: expected 'auto', 'none' or a fraction in (0, 1), e.g. 0.03")
-    return v
+        v = text
+    return checks.ci_target(v)
 
 
 def main(argv=None):
@@ -78,6 +79,7 @@ def main(argv=None):
         preset = None if a.preset == "none" else a.preset
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
                         preset=preset, seed=a.seed, options_=options, budget_s=a.budget)
+        _ci_target(a.ci_target)
         if a.target_bands:
             checks.integer("scorings", a.scorings)
             ResultsStore().check_writable()  # before any model loads
@@ -93,8 +95,7 @@ def main(argv=None):
         else:
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
                      preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
-                     ci_target=(None if a.ci_target == "none" else "auto" if a.ci_target == "auto"
-                                else _fraction("--ci-target", a.ci_target)),
+                     ci_target=_ci_target(a.ci_target),
                      budget_s=a.budget, **options)
     except checks.InputError as err:
         p.error(str(err))

@@ -429,6 +429,8 @@ TABLE = [
     (_C, "timing text ids outside the vocabulary",
      lambda e: timing.compare(e["tiny"], e["tiny"], "prefill", 1, 8, text=torch.full((1, 9), 300)),
      r"text='token ids 300..300' is not allowed: expected token ids 0..255"),
+    (_O, "--ci-target 5 (exit 1, not a usage error)", lambda e: experiment.main(["--ci-target", "5"]),
+     r"ci_target=5.0 is not allowed: expected None \(exactly reps pairs\), 'auto' or a relative CI half-width"),
     (_O, "load_model(3)", lambda e: _load_model(3), r"name=3 is not allowed: expected a model name, hub id or folder"),
     (_O, "sparse_attn_window page=100000", lambda e: pruning.prune(e["tiny"], "sparse_attn_window", 0.25, page=100000),
      r"option page=100000 of pruning method 'sparse_attn_window' is not allowed: expected an integer 1 <= page <= 256"),
@@ -507,7 +509,7 @@ def test_issue27_bad_input_refused_before_work(env, monkeypatch, capsys, klass, 
 def test_issue27_table_counts():
     """The closing note's counts: the campaign's classes, and ours."""
     counts = {k: sum(1 for row in TABLE if row[0] == k) for k in (_S, _L, _C, _M, _O)}
-    assert counts == {_S: 20, _L: 14, _C: 12, _M: 2, _O: 11}, counts
+    assert counts == {_S: 20, _L: 14, _C: 12, _M: 2, _O: 12}, counts
 
 
 # --- the store: numpy scalars count, corrupt rows are named, not fatal ------------------------------------
