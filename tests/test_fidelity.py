@@ -33,7 +33,7 @@ def test_windows_deterministic_and_bad_input(embedded):
     a = fidelity.windows(tok, "ptb", 4, 32)
     assert a.shape == (4, 32) and torch.equal(a, fidelity.windows(tok, "ptb", 4, 32))
     assert not torch.equal(a, fidelity.windows(tok, "wikitext2", 4, 32))
-    with pytest.raises(ValueError, match=r"fidelity domain 'c4' is unknown; allowed: \['ptb', 'wikitext2'\]"):
+    with pytest.raises(ValueError, match=r"fidelity domain 'c4' is unknown; allowed: \['ptb', 'ptb-long', 'wikitext2'\]"):
         fidelity.windows(tok, "c4")
     with pytest.raises(ValueError, match="windows must be an integer >= 1, got 0"):
         fidelity.windows(tok, "ptb", 0)
