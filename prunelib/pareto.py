@@ -46,7 +46,7 @@ def main(argv=None):
             print("\neach method's speedup read off its curve:")
             print(read_at(pts).round(3).to_string(index=False))
             print("\nthe paper's headline, point by point:")
-            print(headline(band_table(df, pts, PAPER_BANDS), pts).to_string(index=False))
+            print(headline(p if chosen == PAPER_BANDS else band_table(df, pts, PAPER_BANDS), pts).to_string(index=False))
 
 
 if __name__ == "__main__":
