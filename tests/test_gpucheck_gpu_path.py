@@ -64,7 +64,7 @@ def test_24_cell_runs_end_to_end_where_cusparselt_engages():
 
 # --- 2. gpu-check needs no install step and says what it found ---------------------------------------------
 def test_make_gpu_check_runs_only_the_check():
-    out = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines() == ["python3 -m prunelib.gpucheck"], out
 
 

@@ -10,6 +10,7 @@ import torch
 from prunelib import quality
 from prunelib.core.config import data_dir
 from prunelib.core.store import ResultsStore
+from prunelib.measure import scoring
 
 pytestmark = pytest.mark.skipif(not (data_dir() / "SOURCES.md").is_file(), reason="offline data kit not found")
 
@@ -82,7 +83,7 @@ def test_blimp_scored_by_paradigm_resumes_and_equals_lm_eval_group(tiny_lm, tmp_
     df = quality.evaluate(model, tok, ["blimp"], limit=2, store=store)
     scored = [t for c in calls for t in c]
     assert sorted(scored) == sorted(set(evaltasks.BLIMP_TASKS) - {"blimp_passive_1"})
-    assert len(calls) == -(-66 // quality.BLIMP_CHUNK)
+    assert len(calls) == -(-66 // scoring.BLIMP_CHUNK)
     assert len(df) == 68 and df.metric.str.endswith("/acc").all()  # 67 paradigms and the group
 
     ref = real(model=HFLM(pretrained=model, tokenizer=tok), tasks=["blimp"],
@@ -246,8 +247,9 @@ def test_run_stores_paired_loss_and_fidelity(tiny_lm, monkeypatch):
     """experiment.run (quality only): the loss row carries the paired CI, the unpaired se and what defines the
     model; every pruned model gets its fidelity rows; ``fidelity=False`` skips them."""
     from prunelib import experiment
+    from prunelib.run import pipeline
 
-    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: tiny_lm)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: tiny_lm)
     monkeypatch.setitem(quality.PRESETS, "tiny", quality.Preset(("arc_easy", "piqa"), 8))
     kw = dict(phases=(), preset="tiny", calib_n=2, calib_len=32, seed=3)
     df = experiment.run("tiny", ["last_n"], [0.5], **kw)

@@ -39,8 +39,11 @@ def test_decode_step_equals_full_forward(tiny_model):
 
 @pytest.mark.slow  # 60 runs of the embedded model: minutes on a loaded 2-core machine
 def test_model_against_itself_ci_contains_one(embedded):
+    """One model timed against itself reads 1x. Not "the CI contains 1": its two workloads hold separate KV
+    caches, and a real ~1% difference between them (allocation, cache placement) was measured in CI, which a
+    tight paired CI then rightly excludes. A swapped or mis-paired timer is off by far more than 5%."""
     c = timing.compare(embedded[0], embedded[0], "decode", 1, 64, reps=30, warmup=3)
-    assert c.ci_low <= 1.0 <= c.ci_high, str(c)
+    assert 0.95 < c.speedup < 1.05 and c.ci_low < 1.05 and c.ci_high > 0.95, str(c)
     assert c.base.n == c.cand.n == 30
 
 
