@@ -169,3 +169,26 @@ def test_versus_random_compares_with_the_distribution_of_random_draws(tmp_path):
         (folder / f"hr{k}.json").unlink()  # no outcomes: a t-interval over the seeds' losses instead
     t = experiment.versus_random(pd.DataFrame([crit_row] + rand_rows), store).iloc[0]
     assert t.ci_method == "seeds t" and t.verdict == "better"
+
+def test_versus_random_reads_random_at_the_criterion_s_realised_rate():
+    """Same nominal 25%, but the router skipped 30% of token-layers while scoring and random 26%: random's loss is
+    read at 30% along its own ladder (rungs realised 26% and 31%), and the verdict there is reported beside."""
+    import pandas as pd
+
+    def row(method, s, value, realised, seed=0):
+        return dict(method=method, cell="dynamic_depth", sparsity=s, metric="quality_loss_pct", value=value,
+                    ci_low=value - 2, ci_high=value + 2, extra={"seed": seed, "realised_sparsity_scoring": realised})
+
+    rand = [row("dyn_depth_random", 0.25, 30.0 + k, 0.26, k) for k in (-1, 0, 1)]
+    rand += [row("dyn_depth_random", 0.3, 40.0 + k, 0.31, k) for k in (-1, 0, 1)]
+    df = pd.DataFrame([row("dyn_depth_router", 0.25, 37.0, 0.30)] + rand)
+    t = experiment.versus_random(df).set_index("method").loc["dyn_depth_router"]
+    assert t.realised_pct == pytest.approx(30.0) and t.random_realised_pct == pytest.approx(26.0)
+    assert t.diff_pct == pytest.approx(7.0)  # at the same nominal rate: worse than random
+    assert t.matched.startswith("interpolated at 30.0%")
+    assert t.diff_matched_pct == pytest.approx(37.0 - 38.0)  # random at 30% realised: 30 + 10 * 4/5
+    assert t.diff_matched_high - t.diff_matched_low == pytest.approx(t.diff_high - t.diff_low)
+    same = experiment.versus_random(pd.DataFrame([row("dyn_depth_router", 0.25, 37.0, 0.265)] + rand)).iloc[0]
+    assert same.matched == "same" and same.diff_matched_pct == same.diff_pct
+    out = experiment.versus_random(pd.DataFrame([row("dyn_depth_router", 0.25, 37.0, 0.40)] + rand)).iloc[0]
+    assert "no random rung realised above it" in out.matched and pd.isna(out.diff_matched_pct)

@@ -65,6 +65,14 @@ def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: in
     - ``verdict``: "better" / "worse" than random when the CI leaves 0, else "tie"; "too few seeds" when the
       baseline has fewer than 2 seeds (its spread is unknown), "no CI" when a loss has none. ``seeds`` and
       ``random_seeds`` say how many draws each side used.
+
+    Same nominal sparsity is not same work for a dynamic rule: the layer router skipped 30% of token-layers at
+    25% while scoring, random 26%. ``realised_pct`` / ``random_realised_pct`` are the rates realised while
+    scoring (mean over seeds), and :func:`_matched` reads random's loss at the criterion's realised rate along
+    random's own ladder: ``matched`` says how (``same`` within :data:`MATCH_TOL` points, ``interpolated``
+    between the two random rungs whose realised rates bracket it, or why not), ``diff_matched_pct`` /
+    ``diff_matched_low`` / ``_high`` the difference there (the CI shifted with the point: the neighbouring
+    rung's own noise is not added) and ``verdict_matched`` its verdict.
     """
     loss = pareto.quality(df, "loss")
     folder = samples.folder((store if store is not None else ResultsStore()).path)
@@ -78,8 +86,51 @@ def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: in
         row = {"method": method, "unit": get(method).unit, "sparsity": s, "loss_pct": g.value.mean(), "seeds": len(g),
                "baseline": base, "random_loss_pct": r.value.mean(), "random_std": r.value.std(), "random_seeds": len(r),
                "share_beaten": float((r.value > g.value.mean()).mean())}
-        out.append(row | _versus(g, r, folder, iters, seed))
+        row |= _versus(g, r, folder, iters, seed)
+        out.append(row | _matched(row, g, loss[loss.method == base]))
     return pd.DataFrame(out)
+
+
+#: realised rates (points) closer than this count as the same work
+MATCH_TOL = 1.0
+
+
+def _realised(rows: pd.DataFrame) -> float:
+    """Mean realised sparsity while scoring (percent) over ``rows``' seeds; nan where none was recorded."""
+    v = [e.get("realised_sparsity_scoring") for e in rows.extra if isinstance(e, dict)]
+    v = [x for x in v if isinstance(x, (int, float)) and np.isfinite(x)]
+    return 100 * float(np.mean(v)) if v else float("nan")
+
+
+def _matched(row: dict, crit: pd.DataFrame, rand_all: pd.DataFrame) -> dict:
+    """Random's loss read at the criterion's realised rate along random's ladder (see :func:`versus_random`)."""
+    rc = _realised(crit)
+    rr = _realised(rand_all[rand_all.sparsity == row["sparsity"]])
+    out = {"realised_pct": rc, "random_realised_pct": rr, "diff_matched_pct": np.nan}
+    if np.isnan(rc) or np.isnan(rr):
+        return out | {"matched": "no realised rate stored"}
+    if abs(rc - rr) <= MATCH_TOL:
+        shift = 0.0
+        out["matched"] = "same"
+    else:
+        rungs = sorted((_realised(g), g.value.mean()) for _, g in rand_all.groupby("sparsity"))
+        rungs = [(x, y) for x, y in rungs if not np.isnan(x)]
+        below = [p for p in rungs if p[0] <= rc]
+        above = [p for p in rungs if p[0] >= rc]
+        if not below or not above:
+            side = "below" if not below else "above"
+            return out | {"matched": f"realised {rc:.1f}% vs random {rr:.1f}%: no random rung realised {side} it"}
+        (x0, y0), (x1, y1) = below[-1], above[0]
+        at = y0 if x1 == x0 else y0 + (y1 - y0) * (rc - x0) / (x1 - x0)
+        shift = float(at - row["random_loss_pct"])
+        out["matched"] = f"interpolated at {rc:.1f}% between random's {x0:.1f}% and {x1:.1f}%"
+    out["diff_matched_pct"] = row["diff_pct"] - shift
+    if "diff_low" in row:
+        lo, hi = row["diff_low"] - shift, row["diff_high"] - shift
+        out |= {"diff_matched_low": lo, "diff_matched_high": hi, "verdict_matched": _verdict(lo > 0, hi < 0)}
+    else:
+        out["verdict_matched"] = row["verdict"]
+    return out
 
 
 def _versus(crit: pd.DataFrame, rand: pd.DataFrame, folder, iters: int, seed: int) -> dict:
