@@ -192,3 +192,23 @@ def test_versus_random_reads_random_at_the_criterion_s_realised_rate():
     assert same.matched == "same" and same.diff_matched_pct == same.diff_pct
     out = experiment.versus_random(pd.DataFrame([row("dyn_depth_router", 0.25, 37.0, 0.40)] + rand)).iloc[0]
     assert "no random rung realised above it" in out.matched and pd.isna(out.diff_matched_pct)
+
+
+def test_versus_random_on_fidelity_uses_the_spread_of_the_seeds():
+    """KL rows (no per-document outcomes): the criterion against five random seeds by a t-interval that holds
+    their spread; one seed is "too few seeds"."""
+    import pandas as pd
+
+    def row(method, value, seed, half=0.1):
+        return dict(method=method, cell="static_depth", sparsity=0.25, metric="fidelity_kl", value=value,
+                    ci_low=value - half, ci_high=value + half, extra={"seed": seed, "domain": "ptb"})
+
+    rand = [row("depth_random", v, k) for k, v in enumerate((2.9, 4.0, 5.5, 7.8, 10.9))]
+    t = experiment.versus_random(pd.DataFrame([row("shortgpt", 1.1, 0)] + rand), x="kl").iloc[0]
+    assert t.x == "kl ptb" and t.ci_method == "seeds t" and t.random_seeds == 5 and t.share_beaten == 1.0
+    assert t.verdict == "better" and t.diff_pct == pytest.approx(1.1 - 6.22)
+    close = experiment.versus_random(pd.DataFrame([row("shortgpt", 5.0, 0)] + rand), x="kl").iloc[0]
+    assert close.verdict == "tie" and close.share_beaten == pytest.approx(0.6)
+    one = experiment.versus_random(pd.DataFrame([row("shortgpt", 1.1, 0), rand[0]]), x="kl").iloc[0]
+    assert one.verdict == "too few seeds"
+    assert experiment.versus_random(pd.DataFrame([row("shortgpt", 1.1, 0)] + rand)).empty  # no loss rows
