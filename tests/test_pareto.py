@@ -193,3 +193,16 @@ def test_bands_leave_no_gap_between_whole_percents():
     assert pareto.best_per_band(df).winners.tolist() == ["neg s=0.1", "gap s=0.1", "edge s=0.1"]
     with pytest.raises(ValueError, match=r"bands must be \[low, high\] pairs"):
         pareto.band_edges([(5, 16), (0, 4)])
+
+
+def test_where_active_puts_long_prefill_kl_beside_the_quick_suite_s_active_share():
+    speed, loss = rows_for("sparse_attn_block", loss=1.3)
+    loss["extra"] = dict(loss["extra"], active_share_scoring=0.05)  # the prefill rule ran on 5% of scored tokens
+    long = dict(model="m", method="sparse_attn_block", cell="static_depth", sparsity=0.25, phase="quality",
+                metric="fidelity_kl", value=0.4, ci_low=0.3, ci_high=0.5, extra={"seed": 0, "options": {},
+                                                                                  "domain": "ptb-long"})
+    short = dict(long, value=0.05, extra=dict(long["extra"], domain="ptb"))
+    t = pareto.where_active(pd.DataFrame([speed, loss, long, short]))
+    assert len(t) == 1 and t.kl[0] == 0.4 and (t.kl_low[0], t.kl_high[0]) == (0.3, 0.5)
+    assert t.quick_loss[0] == 1.3 and t.quick_active_share[0] == 0.05 and bool(t.quick_inactive[0])
+    assert t.speedup[0] == 1.3 and pareto.where_active(pd.DataFrame([speed, loss]), ["sparse_attn_block"]).empty

@@ -220,3 +220,18 @@ def best_per_band(pts: pd.DataFrame, bands=PAPER_BANDS) -> pd.DataFrame:
                             ci=f"[{best.ci_low:.2f}, {best.ci_high:.2f}]", loss=best.loss,
                             loss_ci=f"[{best.loss_low:.1f}, {best.loss_high:.1f}]"))
     return pd.DataFrame(out)
+
+
+def where_active(df: pd.DataFrame, methods=None, domain: str = "ptb-long") -> pd.DataFrame:
+    """Each timed point of ``methods`` with its KL on ``domain`` (long-prefill windows: the rule runs where it is
+    scored) beside the share of the quick suite's scored tokens its rule shaped (``quick_active_share``; a loss
+    there with ``quick_inactive`` set is left out of the bands) and its quick-suite loss."""
+    if methods is not None:
+        df = df[df.method.isin(list(methods))]
+    long = points(df, "kl", domain).rename(columns={"loss": "kl", "loss_low": "kl_low", "loss_high": "kl_high"})
+    quick = points(df)[KEY + SHAPE + ["loss", "loss_low", "loss_high", "active_share", "inactive"]].rename(columns={
+        "loss": "quick_loss", "loss_low": "quick_loss_low", "loss_high": "quick_loss_high",
+        "active_share": "quick_active_share", "inactive": "quick_inactive"})
+    cols = ["method", "sparsity", "phase", "batch", "length", "speedup", "ci_low", "ci_high", "kl", "kl_low", "kl_high",
+            "quick_loss", "quick_loss_low", "quick_loss_high", "quick_active_share", "quick_inactive"]
+    return long.merge(quick, on=KEY + SHAPE, how="left")[cols].reset_index(drop=True)
