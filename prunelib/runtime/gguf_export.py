@@ -10,7 +10,9 @@ Architectures written:
   ``llama`` llama.cpp takes layer 0's counts for every layer and refuses the tensors of a layer that differs.
   A layer without attention has head count 0 (llama.cpp skips its attention and norm). A layer with attention
   but no MLP gets a zero FFN of :data:`ZERO_FFN` channels (output exactly 0): llama.cpp's ``deci`` graph drops
-  the attention output of a layer whose FFN length is 0. ``ExportInfo.notes`` says where it did that.
+  the attention output of a layer whose FFN length is 0. Likewise a layer 0 without attention gets a zero
+  attention of one head: llama.cpp reads the head size (``key_length``) only when layer 0 has heads.
+  ``ExportInfo.notes`` says where it did either.
 
 Static depth is a model with fewer blocks; 2:4 weights are written as the dense matrices they are (llama.cpp
 has no 2:4 kernel). ``attention.key_length``/``value_length`` are stated (a layer 0 without heads would
@@ -84,6 +86,7 @@ class LayerPlan:
     n_kv: int
     n_ff: int  # as written (ZERO_FFN for a layer given a zero FFN)
     zero_ffn: bool = False
+    zero_attn: bool = False  # a zero attention of one head (layer 0 without attention, see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,16 @@ def plan(model) -> ExportPlan:
         if zero:
             notes.append(f"layer {i}: no MLP, written as a zero FFN of {ZERO_FFN} channels (output exactly 0)")
         layers.append(LayerPlan(n_head, n_kv, ZERO_FFN if zero else n_ff, zero))
+    if not any(p.n_head for p in layers):
+        raise Unrepresentable("a model without any attention cannot be exported: llama.cpp's deci graph reads the "
+                              "head size from layer 0's heads")
+    if layers[0].n_head == 0:
+        layers[0] = LayerPlan(1, 1, layers[0].n_ff, layers[0].zero_ffn, zero_attn=True)
+        notes.append("layer 0: no attention, written as a zero attention of one head (output exactly 0): llama.cpp "
+                     "ignores attention.key_length when layer 0 has no heads")
     counts = {(p.n_head, p.n_kv, p.n_ff) for p in layers}
     arch = ARCH_OF[a.family]
-    if len(counts) != 1 or any(p.zero_ffn or p.n_head == 0 or p.n_ff == 0 for p in layers):
+    if len(counts) != 1 or any(p.zero_ffn or p.zero_attn or p.n_head == 0 or p.n_ff == 0 for p in layers):
         arch = "deci"
     elif arch == "qwen2":
         out_bias = any(getattr(lin, "bias", None) is not None for i in range(len(a.layers))
@@ -231,8 +241,13 @@ def _metadata(w: gguf.GGUFWriter, p: ExportPlan, config, dtype: str, name: str) 
 
 
 def _layer(out: _Writer, a: ModelAdapter, i: int, lp: LayerPlan, permute: bool) -> None:
-    blk = f"blk.{i}."
-    if lp.n_head:
+    blk, hidden, hd = f"blk.{i}.", a.hidden_size, a.head_dim
+    if lp.zero_attn:
+        out.add(blk + "attn_norm.weight", np.ones(hidden, np.float32))
+        for gg, shape in (("attn_q", (hd, hidden)), ("attn_k", (hd, hidden)), ("attn_v", (hd, hidden)),
+                          ("attn_output", (hidden, hd))):
+            out.add(blk + gg + ".weight", np.zeros(shape, np.float32))
+    elif lp.n_head:
         out.add(blk + "attn_norm.weight", _np(a.norm(i, "input").weight))
         for role, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output")):
             lin, rows = a.role_rows(i, role)
@@ -246,7 +261,6 @@ def _layer(out: _Writer, a: ModelAdapter, i: int, lp: LayerPlan, permute: bool) 
             if b is not None:
                 out.add(blk + gg + ".bias", b)
     if lp.zero_ffn:
-        hidden = a.hidden_size
         out.add(blk + "ffn_norm.weight", np.ones(hidden, np.float32))
         for gg, shape in (("ffn_gate", (ZERO_FFN, hidden)), ("ffn_up", (ZERO_FFN, hidden)),
                           ("ffn_down", (hidden, ZERO_FFN))):
