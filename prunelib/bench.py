@@ -6,7 +6,10 @@ bandwidth achieved against the measured bandwidth; the dense model's memory (pea
 decode step, weights and KV cache per token, each beside the cost model's prediction);
 the dense-vs-dense speedup with its CI (should contain 1.0) and the speedup of ShortGPT
 at 25% beside the roofline bound, each with adaptive ABBA pairs until the CI half-width
-reaches its target (3% decode, 5% prefill) or the time budget runs out.
+reaches its target (3% decode, 5% prefill) or the time budget runs out. With llama.cpp built
+(``make setup-engines``; else the section says why it is skipped): dense TTFT and TPOT of the GGUF export
+in f16 and q8_0 (``--engine-dtypes``) at the same threads, each beside its roofline at that dtype's bytes,
+and decode bandwidth as a share of the measured bandwidth.
 Run: ``python -m prunelib.bench [--model M] [--device D] [--budget S] [--modes eager,compiled]``.
 """
 from __future__ import annotations
@@ -46,6 +49,49 @@ def _pruned(model, tok, seed: int = 0):
     return pruned, f"ShortGPT 25% (layers {report.removed.get('layers', report.removed)})"
 
 
+def engine_lines(model, tok, model_name: str, S: int, reps: int, threads: int, dtypes=("f16", "q8_0")) -> list[dict]:
+    """Dense TTFT and TPOT in llama.cpp per GGUF dtype, beside the roofline at that dtype's bytes, with decode
+    bandwidth as a share of the measured bandwidth; prints them (or why llama.cpp is skipped) and returns them."""
+    from prunelib.run import engine_rows
+    from prunelib.runtime import llamacpp
+
+    print(f"\n== dense in llama.cpp, B=1, S={S}, {threads} threads (median [p10, p90] of {reps})")
+    reason = llamacpp.unavailable()
+    if reason:
+        print(f"  skipped: {reason}")
+        return []
+    ids = (timing_text_ids(tok, S) if tok is not None else
+           torch.randint(0, model.config.vocab_size, (S + 1,), generator=torch.Generator().manual_seed(1)).tolist())
+    out = []
+    for dtype in dtypes:
+        hw = engine_rows.engine_hw(threads, dtype)
+        info = engine_rows.exported(model, dtype, tok, engine_rows.embedded_pre(model_name))
+        eng = llamacpp.Engine(info.path, n_ctx=S + 8, threads=threads, dtype=dtype)
+        try:
+            for phase, label in (("prefill", "TTFT"), ("decode", "TPOT")):
+                lat = llamacpp.measure(eng, phase, S, ids, reps=reps)
+                c = engine_rows.roofline(model, phase, S, dtype, hw)
+                row = dict(dtype=dtype, phase=phase, median_s=lat.median, roofline_s=c.seconds,
+                           share_of_roofline=c.seconds / lat.median, bandwidth=c.bytes / lat.median,
+                           bandwidth_share=c.bytes / lat.median / hw.bandwidth, gguf_bytes=info.bytes)
+                out.append(row)
+                line = (f"{label} [llama.cpp {dtype}]: {lat.median * 1e3:8.2f} ms [{lat.p10 * 1e3:.2f}, "
+                        f"{lat.p90 * 1e3:.2f}]   roofline {c.seconds * 1e3:.2f} ms ({row['share_of_roofline']:.1%})")
+                if phase == "decode":
+                    line += (f"\n  decode bandwidth achieved [llama.cpp {dtype}]: {row['bandwidth'] / 1e9:.1f} GB/s = "
+                             f"{row['bandwidth_share']:.1%} of measured {hw.bandwidth / 1e9:.1f} GB/s")
+                print(line)
+        finally:
+            eng.close()
+    return out
+
+
+def timing_text_ids(tok, S: int) -> list[int]:
+    from prunelib.run.pipeline import timing_text
+
+    return timing_text(tok, (1,), (S,), seed=1)[0].tolist()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=EMBEDDED)
@@ -57,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=timing.BUDGET_S, help="seconds of timing per comparison at most")
     p.add_argument("--modes", default="eager,compiled", help=f"timing modes of the dense decode, of {list(timing.MODES)}")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--engine-dtypes", default="f16,q8_0",
+                   help="GGUF dtypes of the dense decode in llama.cpp (make setup-engines), or 'none'")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     try:  # before the model loads (its positions are checked by timing itself)
@@ -105,6 +153,10 @@ def main(argv=None) -> None:
                 line += (f"\n  decode bandwidth achieved [{mode}]: {bw / 1e9:.1f} GB/s = {bw / hw.bandwidth:.1%} "
                          f"of measured {hw.bandwidth / 1e9:.1f} GB/s")
             print(line)
+
+    engine_dtypes = [] if args.engine_dtypes == "none" else args.engine_dtypes.split(",")
+    if engine_dtypes and args.device == "cpu" and B == 1:
+        engine_lines(model, tok, args.model, S, args.reps, torch.get_num_threads(), engine_dtypes)
 
     print("\n== memory of a dense decode step (measured | cost model)")
     f = timing.footprint(model, "decode", B, S)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from prunelib import sweep
 from prunelib.core.store import ResultsStore
 from prunelib.measure import timing
 from prunelib.model.models import EMBEDDED
 from prunelib.results.summary import print_table, summary, versus_random  # noqa: F401
-from prunelib.run import checks, targeting
+from prunelib.results.runtimes import for_runtime, method_runtime_table
+from prunelib.run import checks, engine_rows, targeting
+from prunelib.runtime.gguf_export import EXPORT_DTYPES
 from prunelib.run.pipeline import (long_context_perplexity, realised_sparsity, run, speed_rows,  # noqa: F401
                                    timing_modes, timing_text)
 
@@ -49,6 +53,13 @@ def main(argv=None):
                    help="relative 95%% CI half-width to reach by adding pairs (auto: 3%% decode, 5%% prefill); "
                         "'none': exactly --reps pairs")
     p.add_argument("--budget", type=float, default=timing.BUDGET_S, help="seconds of timing per comparison at most")
+    p.add_argument("--runtime", default="pytorch", choices=engine_rows.RUNTIMES,
+                   help="time in PyTorch, or export each model to GGUF and time it in llama.cpp (make setup-engines)")
+    p.add_argument("--export-dtype", default=engine_rows.DEFAULT_EXPORT_DTYPE, choices=EXPORT_DTYPES,
+                   help="with --runtime llama.cpp: the GGUF weights' dtype")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the timing: torch's, and with --runtime llama.cpp both engines' (default: torch's)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the KL / NLL change against dense (20 s a model)")
     p.add_argument("--table", action="store_true",
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
     p.add_argument("--target-bands", action="store_true",
@@ -80,6 +91,10 @@ def main(argv=None):
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
                         preset=preset, seed=a.seed, options_=options, budget_s=a.budget)
         _ci_target(a.ci_target)
+        engine_rows.check_runtime(a.runtime, a.export_dtype, a.threads, batches)
+        if a.threads is not None:
+            checks.integer("threads", a.threads)
+            torch.set_num_threads(a.threads)
         if a.target_bands:
             checks.integer("scorings", a.scorings)
             ResultsStore().check_writable()  # before any model loads
@@ -95,11 +110,14 @@ def main(argv=None):
         else:
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
                      preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
-                     ci_target=_ci_target(a.ci_target),
-                     budget_s=a.budget, **options)
+                     ci_target=_ci_target(a.ci_target), budget_s=a.budget, runtime=a.runtime,
+                     export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity, **options)
     except checks.InputError as err:
         p.error(str(err))
-    print_table(df, batches[0], lengths[0])
+    print_table(for_runtime(df, a.runtime), batches[0], lengths[0])
+    if a.runtime != "pytorch" or (df.metric == "loadable").any():
+        print("\nmethod x runtime (speedups over dense with 95% CIs, roofline bound, efficiency = measured / bound):")
+        print(method_runtime_table(df, lengths[0], batches[0]).round(3).to_string(index=False))
 
 
 def target_and_time(model_name, methods, scorings: int = 6, *, phases=("prefill", "decode"), batches=(1,),

@@ -44,7 +44,9 @@ import pandas as pd
 from prunelib.model.adapter import LayerShape, ModelAdapter
 from prunelib.cost.hardware import HardwareSpec
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: bytes per element; ``q8_0`` is llama.cpp's 8-bit format (blocks of 32 int8 values and one f16 scale: 34 bytes
+#: per 32), for bounds of GGUF exports (:mod:`prunelib.runtime`), where activations and KV are costed at it too
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32}
 PHASES = ("prefill", "decode")
 
 

@@ -46,13 +46,22 @@ def _measure(job: Job, store) -> None:
     kw = dict(phases=s.phases, batches=s.batches, lengths=s.lengths, reps=s.reps, preset=s.quality,
               calib_n=s.calibration["n"], calib_len=s.calibration["length"], seed=job.seed, device=job.device,
               dtype=s.dtype, store=store, timing_mode=s.timing_mode, fidelity=s.fidelity)
+    if s.runtime != "pytorch":
+        kw.update(runtime=s.runtime, export_dtype=s.export_dtype, threads=s.threads)
     if job.method != "dense":
         pipeline.run(job.model, (job.method,), (job.sparsity,), **kw, **s.options)
         return
     model, tok = load_model(job.model, device=job.device, dtype=s.dtype)
     if s.quality:
         scoring.evaluate(model, tok, preset=s.quality, store=store, model_name=job.model)
-    if s.phases:
+    if s.phases and s.runtime != "pytorch":  # dense against itself in llama.cpp: the noise floor there
+        from prunelib.run import engine_rows
+
+        text = pipeline.timing_text(tok, (1,), s.lengths, seed=job.seed + 1)
+        engine_rows.engine_speed_rows(store, job.model, model, model, "dense", 0.0, "dense", ids=text[0],
+                                      phases=s.phases, lengths=s.lengths, reps=s.reps, export_dtype=s.export_dtype,
+                                      threads=s.threads, tokenizer=tok)
+    elif s.phases:
         pipeline.speed_rows(store, job.model, model, model, "dense", 0.0, phases=s.phases, batches=s.batches,
                             lengths=s.lengths, reps=s.reps, timing_mode=s.timing_mode,
                               text=pipeline.timing_text(tok, s.batches, s.lengths, seed=job.seed + 1))

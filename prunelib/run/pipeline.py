@@ -30,7 +30,7 @@ from prunelib.model.calibration import calibration_batch
 from prunelib.model.models import EMBEDDED, fingerprint, load_model, parameter_count
 from prunelib.pruning import get, prune
 from prunelib.pruning.registry import rungs
-from prunelib.run import checks
+from prunelib.run import checks, engine_rows
 
 
 def _base(model_name, method, sparsity, device, dtype):
@@ -153,7 +153,7 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
                                params=parameter_count(pruned), params_dense=parameter_count(dense), flops=cost.flops,
                                bytes=cost.bytes, hw=hw.name, realised_sparsity=realised,
                                roofline_dense=rooflines(hw)["dense"], roofline_pruned=cost.seconds,
-                               bound_flag=flag, timing_mode=mode, timing_mode_reason=mode_reason,
+                               bound_flag=flag, runtime="pytorch", timing_mode=mode, timing_mode_reason=mode_reason,
                                ci_target=c.target, ci_half_width=c.half_width, ci_stop=c.stop, mem_mode=mem_mode,
                                **mem, **kernel_info(pruned),
                                samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
@@ -162,7 +162,8 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
 def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
         batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
         device="cpu", dtype="float32", store: ResultsStore | None = None, timing_mode: str | None = None,
-        ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, **options) -> pd.DataFrame:
+        ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, runtime: str = "pytorch",
+        export_dtype: str = engine_rows.DEFAULT_EXPORT_DTYPE, threads: int | None = None, **options) -> pd.DataFrame:
     """The sweep. Returns every stored row of this model (a tidy DataFrame).
 
     ``sparsities``: values in each method's unit, or ``"ladder"``: every rung of each method's declared ladder.
@@ -171,12 +172,17 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     (:mod:`prunelib.measure.fidelity`, about 20 s per model on 2 cores).
 
     ``timing_mode``, ``ci_target``, ``budget_s``: how each comparison is timed (see :func:`speed_rows`).
+
+    ``runtime``: ``"pytorch"`` (default) times the models as they are; ``"llama.cpp"`` exports each to GGUF at
+    ``export_dtype`` and times it in llama.cpp at ``threads`` threads, storing whether it loads at all
+    (:func:`prunelib.run.engine_rows.engine_speed_rows`); quality is scored on the PyTorch model either way.
     """
     store = ResultsStore() if store is None else store
     checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=reps, preset=preset,
                     calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options, ci_target_=ci_target,
                     budget_s=budget_s, fidelity=fidelity, timing_mode=timing_mode, device=device,
                     dtype=dtype)  # before any work
+    engine_rows.check_runtime(runtime, export_dtype, threads, batches, device)
     store.check_writable()  # a read-only folder or a full disk, refused before scoring
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
@@ -191,9 +197,17 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
             pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
             extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
                      "options": options}
-            speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
-                       lengths=lengths, reps=reps, extra=extra, text=text, timing_mode=timing_mode,
-                       ci_target=ci_target, budget_s=budget_s)
+            if runtime == "pytorch":
+                speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
+                           lengths=lengths, reps=reps, extra=extra, text=text, timing_mode=timing_mode,
+                           ci_target=ci_target, budget_s=budget_s)
+            else:
+                ids = text[0] if text is not None else torch.randint(0, model.config.vocab_size, (max(lengths) + 1,),
+                                                                     generator=torch.Generator().manual_seed(seed))
+                engine_rows.engine_speed_rows(store, model_name, model, pruned, method, sparsity, report.cell,
+                                              ids=ids, phases=phases, lengths=lengths, reps=reps,
+                                              export_dtype=export_dtype, threads=threads, tokenizer=tok,
+                                              ci_target=ci_target, budget_s=budget_s, extra=extra)
             if preset:
                 ModelAdapter(pruned).reset_stats()
                 q = scoring.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,

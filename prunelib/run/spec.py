@@ -16,7 +16,7 @@ EXECUTORS = ("inprocess", "local", "ray")
 DEFAULTS = dict(seeds=[0], phases=["prefill", "decode"], batches=[1], lengths=[512], devices=["cpu"],
                 dtype="float32", timing_mode="auto", reps=20, quality="quick", fidelity=True,
                 calibration={"n": 32, "length": 256}, options={}, threads=None, retries=2, plugins=[],
-                baseline_seeds=5)
+                baseline_seeds=5, runtime="pytorch", export_dtype="f16")
 KEYS = ("models", "methods", "sparsities", *DEFAULTS)
 REQUIRED = ("models", "methods", "sparsities")
 
@@ -51,6 +51,8 @@ class Spec:
     plugins: tuple
     baseline_seeds: int = 5  # a random baseline runs at seeds 0..n-1 (and the spec's seeds): one draw decides nothing
     ladders: dict = field(default_factory=dict)  # sparsities "ladder": (model, method) -> its rungs on that model
+    runtime: str = "pytorch"  # or "llama.cpp": each model exported to GGUF (export_dtype) and timed there
+    export_dtype: str = "f16"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Job:
         s = {k: v for k, v in asdict(self.spec).items() if k not in ("models", "methods", "sparsities", "seeds",
                                                                       "devices", "retries", "plugins",
                                                                       "baseline_seeds", "ladders")}
+        if s["runtime"] == "pytorch":  # the keys of PyTorch jobs stay what they were before runtimes existed
+            s.pop("runtime"), s.pop("export_dtype")
         return config_hash({"kind": "sweep_job", "model": self.model, "method": self.method,
                             "sparsity": self.sparsity, "seed": self.seed, "device": self.device, **s})
 
@@ -177,6 +181,8 @@ class _Checker:
 
     def spec(self) -> Spec:
         from prunelib.measure import timing
+        from prunelib.run.engine_rows import RUNTIMES
+        from prunelib.runtime.gguf_export import EXPORT_DTYPES
         from prunelib.pruning import REGISTRY
 
         d = self.data
@@ -204,6 +210,11 @@ class _Checker:
         devices = [x for _, x in self.items("devices", str, self.device_ok, "a device here: " + self.devices_here())]
         dtype = self.choice("dtype", ("float32", "bfloat16", "float16"))
         timing_mode = self.choice("timing_mode", ("auto", *timing.MODES))
+        runtime = self.choice("runtime", RUNTIMES)
+        export_dtype = self.choice("export_dtype", EXPORT_DTYPES)
+        if runtime == "llama.cpp" and (batches != [1] or any(x != "cpu" for x in devices)):
+            self.err(("runtime",), f"runtime: 'llama.cpp' is not allowed with batches {batches} on devices {devices}; "
+                                   "expected batches [1] on devices ['cpu'] (make setup-engines builds it CPU-only)")
         fidelity = self.choice("fidelity", (True, False))
         reps = self.number("reps", 2, "an integer >= 2 (a CI needs samples)")
         retries = self.number("retries", 0, "an integer >= 0")
@@ -237,7 +248,8 @@ class _Checker:
         return Spec(tuple(models), tuple(methods), ("ladder",) if self.ladder else tuple(float(s) for s in sparsities),
                     tuple(seeds), tuple(phases), tuple(batches), tuple(lengths), tuple(devices), dtype,
                     None if timing_mode == "auto" else timing_mode, reps, quality, fidelity, calibration, options,
-                    threads or torch.get_num_threads(), retries, tuple(plugins), baseline_seeds, self.ladders)
+                    threads or torch.get_num_threads(), retries, tuple(plugins), baseline_seeds, self.ladders,
+                    runtime, export_dtype)
 
     def device_modes(self, devices, dtype, timing_mode):
         """What a CPU cannot run is refused here, not as one failure row per job."""

@@ -1,0 +1,124 @@
+"""The runtime axis over stored rows: which runtime timed a row, and the "method x runtime" table.
+
+A speed row names its runtime in ``extra.runtime`` (``"pytorch"`` or ``"llama.cpp"``); rows stored before the
+field existed are PyTorch's. llama.cpp rows carry ``timing_mode = "llama.cpp <export dtype>"``, so every table
+and figure keyed by timing mode (the Pareto figures, the band tables) draws one frontier per runtime.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+DEFAULT = "pytorch"
+
+
+def runtime_of(extra) -> str:
+    """The runtime of a stored row from its ``extra`` (PyTorch when it names none)."""
+    return (extra or {}).get("runtime", DEFAULT) if isinstance(extra, dict) else DEFAULT
+
+
+def with_runtime(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``runtime`` column read from each row's extra."""
+    return df.assign(runtime=[runtime_of(e) for e in df.extra]) if len(df) else df.assign(runtime=[])
+
+
+def for_runtime(df: pd.DataFrame, runtime: str = DEFAULT) -> pd.DataFrame:
+    """The rows a table of one runtime reads: that runtime's speed and loadability rows, every other row
+    (quality, fidelity: measured on the PyTorch model, the same for every runtime)."""
+    timed = df.metric.isin(["speedup", "loadable"])
+    keep = ~timed | pd.Series([runtime_of(e) == runtime for e in df.extra], index=df.index, dtype=bool)
+    return df[keep]
+
+
+def _ci(r) -> str:
+    return f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+
+
+def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) -> pd.DataFrame:
+    """One line per (method, sparsity, runtime, timing mode): ``loadable`` (yes / no, and why not), the prefill
+    and decode speedups over dense with their 95% CIs, the roofline bound and efficiency = measured / bound,
+    at prompt / KV length ``length``. A method llama.cpp cannot load has a line with its reason and no speeds."""
+    df = with_runtime(df)
+    sp = df[(df.metric == "speedup") & (df.length == length) & (df.batch == batch)]
+    load = df[df.metric == "loadable"]
+    rows = {}
+
+    def line(method, sparsity, runtime, mode):
+        return rows.setdefault((method, float(sparsity), runtime, mode),
+                               {"method": method, "sparsity": float(sparsity), "runtime": runtime,
+                                "timing_mode": mode, "loadable": "yes"})
+
+    for r in sp.itertuples():
+        row = line(r.method, r.sparsity, r.runtime, r.extra.get("timing_mode", "eager"))
+        row[f"{r.phase}_speedup"] = r.value
+        row[f"{r.phase}_ci"] = _ci(r)
+        row[f"{r.phase}_bound"] = r.bound
+        row[f"{r.phase}_efficiency"] = r.value / r.bound if r.bound else float("nan")
+        if r.runtime != DEFAULT:
+            row["threads"] = r.extra.get("threads")
+    for r in load.itertuples():
+        mode = f"{r.runtime} {r.dtype}"
+        if r.value:
+            line(r.method, r.sparsity, r.runtime, mode)
+        else:
+            row = line(r.method, r.sparsity, r.runtime, mode)
+            row["loadable"] = "no: " + r.extra.get("reason", "")
+    cols = ["method", "sparsity", "runtime", "timing_mode", "loadable", "threads"] + [
+        f"{p}_{k}" for p in ("prefill", "decode") for k in ("speedup", "ci", "bound", "efficiency")]
+    out = pd.DataFrame(list(rows.values()))
+    if out.empty:
+        return pd.DataFrame(columns=cols)
+    return out[[c for c in cols if c in out]].sort_values(["method", "sparsity", "runtime"]).reset_index(drop=True)
+
+
+def agreement(table: pd.DataFrame, base: str = DEFAULT) -> pd.DataFrame:
+    """Where the runtimes agree: per (method, sparsity, phase) and each other runtime's timing mode, both
+    speedups with their CIs, their ratio, and ``verdict``: ``agree`` when the two 95% CIs overlap, ``differ``
+    when they do not, ``not loadable`` when the other runtime cannot load the model (from
+    :func:`method_runtime_table`)."""
+    out = []
+    for (method, sparsity), g in table.groupby(["method", "sparsity"], sort=True):
+        ref = g[g.runtime == base]
+        for r in g[g.runtime != base].itertuples():
+            for phase in ("prefill", "decode"):
+                a = ref.iloc[0] if len(ref) else None
+                row = {"method": method, "sparsity": sparsity, "phase": phase, "runtime": r.timing_mode,
+                       f"{base}_speedup": None if a is None else a.get(f"{phase}_speedup"),
+                       f"{base}_ci": None if a is None else a.get(f"{phase}_ci")}
+                if not str(r.loadable).startswith("yes"):
+                    out.append(dict(row, verdict="not loadable", why=r.loadable))
+                    continue
+                other, ci = getattr(r, f"{phase}_speedup", None), getattr(r, f"{phase}_ci", None)
+                if other is None or pd.isna(other) or row[f"{base}_speedup"] is None or pd.isna(row[f"{base}_speedup"]):
+                    continue
+                lo_a, hi_a = map(float, row[f"{base}_ci"].strip("[]").split(","))
+                lo_b, hi_b = map(float, ci.strip("[]").split(","))
+                out.append(dict(row, other_speedup=other, other_ci=ci, ratio=other / row[f"{base}_speedup"],
+                                bound=getattr(r, f"{phase}_bound", None),
+                                verdict="agree" if lo_a <= hi_b and lo_b <= hi_a else "differ"))
+    return pd.DataFrame(out)
+
+
+def plot_agreement(agree: pd.DataFrame, path=None):
+    """Each runtime's speedup (with its CI) against PyTorch's, one point per (method, sparsity) and a panel per
+    phase; the diagonal is where they agree. Saved to ``path`` when given; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    pts = agree[agree.verdict.isin(["agree", "differ"])] if len(agree) else agree
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        g = pts[pts.phase == phase] if len(pts) else pts
+        for r in g.itertuples():
+            lo_a, hi_a = map(float, getattr(r, f"{DEFAULT}_ci").strip("[]").split(","))
+            lo_b, hi_b = map(float, r.other_ci.strip("[]").split(","))
+            x, y = getattr(r, f"{DEFAULT}_speedup"), r.other_speedup
+            ax.errorbar(x, y, xerr=[[x - lo_a], [hi_a - x]], yerr=[[y - lo_b], [hi_b - y]], fmt="o",
+                        color="tab:green" if r.verdict == "agree" else "tab:red", capsize=2)
+            ax.annotate(f"{r.method} {r.sparsity:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        lim = [0.8, max([1.6] + [v for v in (list(g.other_speedup) + list(g[f"{DEFAULT}_speedup"]) if len(g) else [])])]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set(title=f"{phase}: green = CIs overlap, red = differ", xlabel="speedup in PyTorch (eager)",
+               ylabel="speedup in the other runtime")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
