@@ -319,6 +319,8 @@ def test_rows_without_a_runtime_read_as_pytorch_and_the_table_puts_runtimes_side
     assert a.loc[("shortgpt", "decode"), "verdict"] == "differ"  # [1.15, 1.25] against [1.30, 1.36]
     assert a.loc[("shortgpt", "prefill"), "verdict"] == "agree"
     assert a.loc[("slicegpt", "decode"), "verdict"] == "not loadable"
+    fig = runtimes.plot_agreement(a.reset_index())
+    assert len(fig.axes[1].lines) >= 2  # the decode point and the diagonal
 
 
 def test_a_spec_takes_the_runtime_and_keeps_pytorch_job_keys(tmp_path):
@@ -362,3 +364,20 @@ def test_engine_rows_store_speedups_bounds_and_loadability(tmp_path):
     engine_rows.engine_speed_rows(store, "tiny", dense, small, "shortgpt", 0.5, "static_depth", ids=PROMPT,
                                   lengths=(16,), reps=3, threads=1, folder=tmp_path / "gguf")
     assert len(store.load()) == n  # keyed: a second run measures nothing
+
+
+@pytest.mark.slow
+def test_engines_notebook_runs_both_runtimes_and_says_where_they_agree(tmp_path, monkeypatch):
+    import json
+
+    from prunelib import demo
+
+    monkeypatch.setenv("PRUNELIB_FIGURES", str(tmp_path / "fig"))
+    out = demo.execute("engines", tmp_path, dict(methods=["last_n", "width_magnitude"], sparsities=[0.1],
+                                                 lengths=[32], reps=2, calib_n=4, calib_len=32), progress_bar=False)
+    text = json.dumps(json.loads(out.read_text())["cells"])
+    if REASON is None:
+        assert "agree" in text or "differ" in text
+        assert (tmp_path / "fig" / "engines_agreement.png").stat().st_size > 1000
+    else:
+        assert "skipped (llama_cpp cannot be imported" in text

@@ -29,10 +29,6 @@ def for_runtime(df: pd.DataFrame, runtime: str = DEFAULT) -> pd.DataFrame:
     return df[keep]
 
 
-def _ci(r) -> str:
-    return f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
-
-
 def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) -> pd.DataFrame:
     """One line per (method, sparsity, runtime, timing mode): ``loadable`` (yes / no, and why not), the prefill
     and decode speedups over dense with their 95% CIs, the roofline bound and efficiency = measured / bound,
@@ -50,7 +46,7 @@ def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) ->
     for r in sp.itertuples():
         row = line(r.method, r.sparsity, r.runtime, r.extra.get("timing_mode", "eager"))
         row[f"{r.phase}_speedup"] = r.value
-        row[f"{r.phase}_ci"] = _ci(r)
+        row[f"{r.phase}_ci_low"], row[f"{r.phase}_ci_high"] = r.ci_low, r.ci_high
         row[f"{r.phase}_bound"] = r.bound
         row[f"{r.phase}_efficiency"] = r.value / r.bound if r.bound else float("nan")
         if r.runtime != DEFAULT:
@@ -63,7 +59,7 @@ def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) ->
             row = line(r.method, r.sparsity, r.runtime, mode)
             row["loadable"] = "no: " + r.extra.get("reason", "")
     cols = ["method", "sparsity", "runtime", "timing_mode", "loadable", "threads"] + [
-        f"{p}_{k}" for p in ("prefill", "decode") for k in ("speedup", "ci", "bound", "efficiency")]
+        f"{p}_{k}" for p in ("prefill", "decode") for k in ("speedup", "ci_low", "ci_high", "bound", "efficiency")]
     out = pd.DataFrame(list(rows.values()))
     if out.empty:
         return pd.DataFrame(columns=cols)
@@ -72,29 +68,27 @@ def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) ->
 
 def agreement(table: pd.DataFrame, base: str = DEFAULT) -> pd.DataFrame:
     """Where the runtimes agree: per (method, sparsity, phase) and each other runtime's timing mode, both
-    speedups with their CIs, their ratio, and ``verdict``: ``agree`` when the two 95% CIs overlap, ``differ``
+    speedups with their 95% CIs, their ratio, and ``verdict``: ``agree`` when the two CIs overlap, ``differ``
     when they do not, ``not loadable`` when the other runtime cannot load the model (from
     :func:`method_runtime_table`)."""
     out = []
     for (method, sparsity), g in table.groupby(["method", "sparsity"], sort=True):
         ref = g[g.runtime == base]
-        for r in g[g.runtime != base].itertuples():
+        a = ref.iloc[0] if len(ref) else {}
+        for r in g[g.runtime != base].to_dict("records"):
             for phase in ("prefill", "decode"):
-                a = ref.iloc[0] if len(ref) else None
-                row = {"method": method, "sparsity": sparsity, "phase": phase, "runtime": r.timing_mode,
-                       f"{base}_speedup": None if a is None else a.get(f"{phase}_speedup"),
-                       f"{base}_ci": None if a is None else a.get(f"{phase}_ci")}
-                if not str(r.loadable).startswith("yes"):
-                    out.append(dict(row, verdict="not loadable", why=r.loadable))
+                row = {"method": method, "sparsity": sparsity, "phase": phase, "runtime": r["timing_mode"]}
+                row.update({f"{base}_{k}": a.get(f"{phase}_{k}") for k in ("speedup", "ci_low", "ci_high")})
+                if not str(r["loadable"]).startswith("yes"):
+                    out.append(dict(row, verdict="not loadable", why=r["loadable"]))
                     continue
-                other, ci = getattr(r, f"{phase}_speedup", None), getattr(r, f"{phase}_ci", None)
-                if other is None or pd.isna(other) or row[f"{base}_speedup"] is None or pd.isna(row[f"{base}_speedup"]):
+                other = {k: r.get(f"{phase}_{k}") for k in ("speedup", "ci_low", "ci_high", "bound")}
+                if any(v is None or pd.isna(v) for v in (other["speedup"], row[f"{base}_speedup"])):
                     continue
-                lo_a, hi_a = map(float, row[f"{base}_ci"].strip("[]").split(","))
-                lo_b, hi_b = map(float, ci.strip("[]").split(","))
-                out.append(dict(row, other_speedup=other, other_ci=ci, ratio=other / row[f"{base}_speedup"],
-                                bound=getattr(r, f"{phase}_bound", None),
-                                verdict="agree" if lo_a <= hi_b and lo_b <= hi_a else "differ"))
+                overlap = row[f"{base}_ci_low"] <= other["ci_high"] and other["ci_low"] <= row[f"{base}_ci_high"]
+                out.append(dict(row, other_speedup=other["speedup"], other_ci_low=other["ci_low"],
+                                other_ci_high=other["ci_high"], ratio=other["speedup"] / row[f"{base}_speedup"],
+                                bound=other["bound"], verdict="agree" if overlap else "differ"))
     return pd.DataFrame(out)
 
 
@@ -107,13 +101,13 @@ def plot_agreement(agree: pd.DataFrame, path=None):
     pts = agree[agree.verdict.isin(["agree", "differ"])] if len(agree) else agree
     for ax, phase in zip(axes, ("prefill", "decode")):
         g = pts[pts.phase == phase] if len(pts) else pts
-        for r in g.itertuples():
-            lo_a, hi_a = map(float, getattr(r, f"{DEFAULT}_ci").strip("[]").split(","))
-            lo_b, hi_b = map(float, r.other_ci.strip("[]").split(","))
-            x, y = getattr(r, f"{DEFAULT}_speedup"), r.other_speedup
-            ax.errorbar(x, y, xerr=[[x - lo_a], [hi_a - x]], yerr=[[y - lo_b], [hi_b - y]], fmt="o",
-                        color="tab:green" if r.verdict == "agree" else "tab:red", capsize=2)
-            ax.annotate(f"{r.method} {r.sparsity:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in g.to_dict("records"):
+            x, y = r[f"{DEFAULT}_speedup"], r["other_speedup"]
+            ax.errorbar(x, y, xerr=[[max(0.0, x - r[f"{DEFAULT}_ci_low"])], [max(0.0, r[f"{DEFAULT}_ci_high"] - x)]],
+                        yerr=[[max(0.0, y - r["other_ci_low"])], [max(0.0, r["other_ci_high"] - y)]], fmt="o",
+                        color="tab:green" if r["verdict"] == "agree" else "tab:red", capsize=2)
+            ax.annotate(f"{r['method']} {r['sparsity']:g}", (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
         lim = [0.8, max([1.6] + [v for v in (list(g.other_speedup) + list(g[f"{DEFAULT}_speedup"]) if len(g) else [])])]
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set(title=f"{phase}: green = CIs overlap, red = differ", xlabel="speedup in PyTorch (eager)",
