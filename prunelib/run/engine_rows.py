@@ -67,15 +67,16 @@ def roofline(model_or_shape, phase: str, length: int, dtype: str, hw) -> costmod
     return costmodel.cost(shape, phase, 1, length, gguf_export.COST_DTYPES[dtype], hw, sparse_kernels=False)
 
 
-def gguf_path(model, dtype: str, folder=None):
-    """Where the export of ``model`` at ``dtype`` is cached (by the model's fingerprint)."""
+def gguf_path(model, dtype: str, folder=None, vocab: str = "none"):
+    """Where the export of ``model`` at ``dtype`` with vocabulary ``vocab`` (``"hf"`` or ``"none"``) is cached (by the
+    model's fingerprint and the export format's version)."""
     folder = folder or cache_dir() / "gguf"
-    return folder / f"{fingerprint(model)}-{dtype}.gguf"
+    return folder / f"{fingerprint(model)}-{dtype}-{vocab}-v{gguf_export.FORMAT_VERSION}.gguf"
 
 
 def exported(model, dtype: str, tokenizer=None, pre=None, folder=None) -> gguf_export.ExportInfo | None:
     """The cached GGUF of ``model`` (exported now if missing); raises :class:`gguf_export.Unrepresentable`."""
-    path = gguf_path(model, dtype, folder)
+    path = gguf_path(model, dtype, folder, "none" if tokenizer is None else "hf")
     plan = gguf_export.plan(model)
     if path.exists():
         return gguf_export.ExportInfo(path, plan.arch, dtype, path.stat().st_size, plan)

@@ -51,6 +51,7 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 #: llama.cpp architecture of each family when its layers are uniform (else ``deci``)
 ARCH_OF = {"llama": "llama", "mistral": "llama", "phi3": "llama", "qwen2": "qwen2"}
+FORMAT_VERSION = 1  # bump when what export() writes changes (cached exports are keyed by it)
 ZERO_FFN = 32  # channels of the zero FFN given to a layer that kept its attention and lost its MLP
 
 
