@@ -60,6 +60,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the timing: torch's, and with --runtime llama.cpp both engines' (default: torch's)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the KL / NLL change against dense (20 s a model)")
+    p.add_argument("--calib-n", type=int, default=32, help="calibration windows of the criteria")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--table", action="store_true",
                    help="measure nothing: print the stored table (first batch and length) and each criterion vs random")
     p.add_argument("--target-bands", action="store_true",
@@ -89,7 +91,8 @@ def main(argv=None):
         options = {"round_to": a.round_to} if a.round_to is not None else {}
         preset = None if a.preset == "none" else a.preset
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
-                        preset=preset, seed=a.seed, options_=options, budget_s=a.budget)
+                        preset=preset, seed=a.seed, options_=options, budget_s=a.budget, calib_n=a.calib_n,
+                        calib_len=a.calib_len)
         _ci_target(a.ci_target)
         engine_rows.check_runtime(a.runtime, a.export_dtype, a.threads, batches)
         if a.threads is not None:
@@ -111,7 +114,8 @@ def main(argv=None):
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
                      preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
                      ci_target=_ci_target(a.ci_target), budget_s=a.budget, runtime=a.runtime,
-                     export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity, **options)
+                     export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity,
+                     calib_n=a.calib_n, calib_len=a.calib_len, **options)
     except checks.InputError as err:
         p.error(str(err))
     print_table(for_runtime(df, a.runtime), batches[0], lengths[0])

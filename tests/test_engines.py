@@ -381,3 +381,18 @@ def test_engines_notebook_runs_both_runtimes_and_says_where_they_agree(tmp_path,
         assert (tmp_path / "fig" / "engines_agreement.png").stat().st_size > 1000
     else:
         assert "skipped (llama_cpp cannot be imported" in text
+
+
+@needs_engine
+def test_a_sweep_with_runtime_llama_cpp_stores_loadability_and_engine_speedups(tmp_path):
+    from prunelib.run import pipeline
+
+    path = tmp_path / "tiny-llama"
+    tiny_family_model("llama").save_pretrained(path)
+    store = store_of(tmp_path)
+    df = pipeline.run(str(path), ("last_n", "lowrank_svd"), (0.25,), lengths=(16,), reps=2, preset=None,
+                      fidelity=False, runtime="llama.cpp", threads=1, store=store)
+    load = df[df.metric == "loadable"].set_index("method").value.to_dict()
+    assert load == {"last_n": 1, "lowrank_svd": 0}
+    sp = df[df.metric == "speedup"]
+    assert set(sp.method) == {"last_n"} and {e["runtime"] for e in sp.extra} == {"llama.cpp"}
