@@ -33,6 +33,10 @@ def tiny_family_model(model_type: str, **kw):
 def _isolated_results(tmp_path, monkeypatch):
     """No test may write to the project's own results store."""
     monkeypatch.setenv("PRUNELIB_RESULTS", str(tmp_path / "results"))
+    # notebook kernels and CLI subprocesses measure fidelity on 4 windows (1 long one): they check plumbing, not
+    # numbers, and 32 + 8 windows of the embedded model made each notebook test minutes long. In-process tests keep
+    # the default: prunelib.measure.fidelity read it when the test modules imported it.
+    monkeypatch.setenv("PRUNELIB_FIDELITY_WINDOWS", "4")
 
 
 @pytest.fixture

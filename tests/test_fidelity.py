@@ -158,8 +158,8 @@ def test_fidelity_ci_covers_the_many_window_mean():
             hits += lo <= truth <= hi
         return hits / trials
 
-    assert fidelity.WINDOWS >= 32
-    t32 = coverage(fidelity.WINDOWS, fidelity.t_interval)
+    assert fidelity.DEFAULT_WINDOWS >= 32
+    t32 = coverage(fidelity.DEFAULT_WINDOWS, fidelity.t_interval)
     assert 0.91 <= t32 <= 0.98, t32
     boot8 = coverage(8, lambda x: fidelity.bootstrap_ci(x, iters=400, seed=int(rng.integers(1 << 30))))
     assert boot8 < 0.90, boot8
@@ -181,3 +181,14 @@ def test_long_prefill_windows_score_sparse_attention_where_its_prefill_rule_runs
     assert (long["windows"], long["window_len"], long["context"], long["scored_tokens"]) == (8, 2048, 1536, 8 * 512)
     assert long["active_share"] == 1.0 and long["realised_prefill"] > 0.5
     assert short["context"] == 64 and short["realised_prefill"] == 0.0  # 64-token prompts: one block, dense prefill
+
+
+def test_window_count_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PRUNELIB_FIDELITY_WINDOWS", raising=False)
+    assert fidelity._windows_from_env() == 32
+    monkeypatch.setenv("PRUNELIB_FIDELITY_WINDOWS", "4")
+    assert fidelity._windows_from_env() == 4
+    for bad in ("0", "-3", "four"):
+        monkeypatch.setenv("PRUNELIB_FIDELITY_WINDOWS", bad)
+        with pytest.raises(ValueError, match=f"PRUNELIB_FIDELITY_WINDOWS='{bad}': expected a positive integer"):
+            fidelity._windows_from_env()
