@@ -4,14 +4,16 @@ Every measurement lands in the results store, so an interrupted demo resumes whe
 stopped. ``--full`` (``make sweep``) uses full parameters: every method, random baselines
 included, five sparsities, two lengths.
 
-``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook)
-with its strongest criterion at one sparsity, where the frontier is drawn, and is sized for
-30 minutes on 2 quiet CPU cores. Measured from a clean store on 2026-12-01
-(``PRUNELIB_RESULTS=$(mktemp -d) make demo``, quiet 2-core box): 1418 s = 23.6 minutes;
-baseline 197 s, axis notebooks 107-162 s each (8 pruned models: pruning, 6 timing
-repetitions, the quick preset's ~80 s of scoring and fidelity), sparse attention 212 s
-(2048 tokens and one long-context perplexity article), Pareto 14 s. ``demo took ... s`` is
-printed at the end. (Before: 40 minutes with two sparsities per axis and 10 repetitions.)
+``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook) with its strongest
+criterion, where the frontier is drawn: three rungs for each headline family (ShortGPT, FLAP width, the layer
+router; :data:`HEADLINE_RUNGS`), one for every other cell. The last measured run, from a clean store on
+2026-12-01 (``PRUNELIB_RESULTS=$(mktemp -d) make demo``, quiet 2-core box), took 1418 s = 23.6 minutes with one
+rung per family, 6 timing repetitions and 8 fidelity windows: baseline 197 s, axis notebooks 107-162 s each (the
+quick preset's ~80 s of scoring per model dominates), sparse attention 212 s, Pareto 14 s. Six more pruned models
+(about 110 s each), 32 fidelity windows and the ptb-long windows add about 14 minutes; 5 repetitions, one batch size
+in the baseline and no long-context article take back about 3: **expect about 35 minutes, over the 30-minute
+target; not re-measured** (the box was busy all session). ``demo took ... s`` is printed at the end, and what it
+leaves out (:data:`SKIPPED`) after it.
 
 Plotly figures carry HTML with plotly.js embedded once per notebook and a PNG fallback
 (:func:`prunelib.report.notebook_figures`, set by every notebook's first cell; ``PLOTLY_RENDERER``
@@ -28,20 +30,35 @@ from pathlib import Path
 
 from prunelib.core.config import REPO_ROOT
 
-QUICK_SWEEP = dict(lengths=[512], reps=6, quality_preset="quick")
+QUICK_SWEEP = dict(lengths=[512], reps=5, quality_preset="quick")
+#: the three headline families get three rungs each, one aimed at each paper band (0-4, 5-16, 17-26% loss): chosen
+#: on 2026-12-01 from each rung's KL on PTB (seconds a model) against the KL -> quick-suite loss relation of
+#: docs/RESULTS.md (ShortGPT: 1, 3 and 5 of 30 layers at KL 0.15, 0.38, 0.68; FLAP: 1, 2 and 4 of 24 MLP groups of
+#: 64; the layer router at 5, 10 and 15% of token-layers). Where a rung misses its band, the band table says so.
+HEADLINE_RUNGS = {"shortgpt": [1 / 30, 3 / 30, 5 / 30], "width_flap": [1 / 24, 2 / 24, 4 / 24],
+                  "dyn_depth_router": [0.05, 0.1, 0.15]}
 QUICK = {
-    "baseline": dict(batches=[1, 4], lengths=[128, 512], reps=6, quality_preset="quick"),
-    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"], sparsities=[0.25]),
-    "static_width": dict(QUICK_SWEEP, methods=["width_flap"], sparsities=[0.1], round_to=64),
+    "baseline": dict(batches=[1], lengths=[128, 512], reps=5, quality_preset="quick"),
+    "static_depth": dict(QUICK_SWEEP, methods=["shortgpt"], sparsities=HEADLINE_RUNGS["shortgpt"]),
+    "static_width": dict(QUICK_SWEEP, methods=["width_flap"], sparsities=HEADLINE_RUNGS["width_flap"], round_to=64),
     "hidden_width": dict(QUICK_SWEEP, methods=["slicegpt"], sparsities=[0.25]),
     "sparse24": dict(QUICK_SWEEP, methods=["sparse24_wanda"], sparsities=[0.5]),  # 2:4 on every layer
     "lowrank": dict(QUICK_SWEEP, methods=["lowrank_svdllm"], sparsities=[0.25]),
-    "dynamic_depth": dict(QUICK_SWEEP, methods=["dyn_depth_router"], sparsities=[0.25]),
+    "dynamic_depth": dict(QUICK_SWEEP, methods=["dyn_depth_router"], sparsities=HEADLINE_RUNGS["dyn_depth_router"]),
     "token_pruning": dict(QUICK_SWEEP, methods=["token_prune_attn"], sparsities=[0.5]),
+    # scored where its prefill rule runs by the ptb-long fidelity windows, not by a long-context perplexity article
     "sparse_attention": dict(QUICK_SWEEP, methods=["sparse_attn_block"], sparsities=[0.75], lengths=[2048], reps=5,
-                             long_context_docs=1),
+                             long_context_docs=0),
     "pareto": {},
 }
+#: notebooks outside the demo's 30 minutes, and how to run them (``make demo`` prints this at its end)
+SKIPPED = {"engines": "the llama.cpp runtime beside PyTorch (ShortGPT and magnitude width at 25% timed in both: 745 s "
+                      "on a busy 2-core box, after `make setup-engines`, which built llama.cpp in 21 min): "
+                      "python -m prunelib.demo --only engines"}
+#: every notebook --only may name, with its parameters when the preset leaves it out
+NOTEBOOKS = {"baseline": {}, "static_depth": {}, "static_width": {}, "hidden_width": {}, "sparse24": {}, "lowrank": {},
+             "dynamic_depth": {}, "token_pruning": {}, "sparse_attention": {}, "pareto": {},
+             "engines": dict(methods=["shortgpt", "width_magnitude"], sparsities=[0.25], lengths=[512], reps=6)}
 #: make sweep: every method of every axis at every rung of its ladder (resumable: each rung lands in the store)
 FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048)
 FULL = {
@@ -93,17 +110,29 @@ def execute(name: str, out: Path, params: dict, progress_bar: bool = True) -> Pa
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true")
+    p.add_argument("--only", default=None, metavar="NOTEBOOKS",
+                   help=f"comma-separated notebooks to run, with the preset's parameters; allowed: {sorted(NOTEBOOKS)}")
     p.add_argument("--out", default=str(REPO_ROOT / "build" / "notebooks"))
     a = p.parse_args(argv)
+    preset = dict(FULL if a.full else QUICK)
+    if a.only is not None:
+        names = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in NOTEBOOKS]
+        if unknown or not names:
+            p.error(f"--only={a.only!r}: unknown notebooks {unknown}; allowed: {sorted(NOTEBOOKS)}")
+        preset = {n: (FULL if a.full else QUICK).get(n, NOTEBOOKS[n]) for n in names}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for name, params in (FULL if a.full else QUICK).items():
+    for name, params in preset.items():
         t0 = time.perf_counter()
         print(f"== {name} {params}", flush=True)
         execute(name, out, params)
         print(f"   {name} took {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"demo took {time.perf_counter() - start:.0f} s; executed notebooks in {out}")
+    for name, why in SKIPPED.items():
+        if name not in preset:
+            print(f"skipped {name}: {why}")
 
 
 if __name__ == "__main__":

@@ -255,3 +255,19 @@ def test_readme_papermill_example_passes_lists_as_lists(tmp_path):
     exec("".join(injected["source"]), params)
     assert params["sparsities"] == [0.1, 0.25] and params["reps"] == 5
     checks.parameters(sparsities=params["sparsities"], reps=params["reps"])
+
+
+def test_demo_only_runs_the_named_notebooks_and_names_what_it_skipped(tmp_path, monkeypatch, capsys):
+    from prunelib import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "execute", lambda name, out, params, progress_bar=True: ran.append((name, params)))
+    demo.main(["--only", "static_depth,engines", "--out", str(tmp_path)])
+    assert ran == [("static_depth", demo.QUICK["static_depth"]), ("engines", demo.NOTEBOOKS["engines"])]
+    assert len(demo.QUICK["static_depth"]["sparsities"]) >= 3  # three rungs for each headline family
+    ran.clear()
+    demo.main(["--only", "pareto", "--out", str(tmp_path)])
+    assert "skipped engines: " in capsys.readouterr().out and ran == [("pareto", {})]
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--only", "bogus"])
+    assert e.value.code == 2 and "allowed: ['baseline'" in capsys.readouterr().err
