@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -122,6 +123,10 @@ def test_realised_sparsity_on_calibration(tiny_model, cal, method):
     assert shapes[1].router == (0 if method == "dyn_depth_random" else 1)
     ModelAdapter(pruned).reset_stats()
     assert dd.realised_sparsity(pruned) == 0.0 and ModelAdapter(pruned).layer_shape(1).mlp_tokens == 1.0
+    with torch.inference_mode():  # one causal forward (how fidelity scores): every position counted as prefill
+        pruned(cal.input_ids, use_cache=False)
+    assert dd.realised_sparsity(pruned, "prefill") > 0
+    assert math.isnan(dd.realised_sparsity(pruned, "decode"))  # no decode step ran: unknown, not "skipped nothing"
 
 
 def test_decode_routes_the_calibration_text_as_its_full_forward(tiny_model, cal):

@@ -103,18 +103,21 @@ def reset_stats(model) -> None:
 
 
 def realised_sparsity(model, phase: str | None = None) -> float:
-    """Fraction of token-layer (token-MLP) pairs skipped since the last ``reset_stats()``; 0 if none ran.
+    """Fraction of token-layer (token-MLP) pairs skipped since the last ``reset_stats()``.
 
-    ``phase``: "prefill", "decode", or None for the phase that ran last (what ``shape_overrides`` costs).
+    ``phase``: "prefill", "decode", or None for the phase that ran last (what ``shape_overrides`` costs; 0 if
+    nothing ran). A phase asked for by name in which no token ran gives nan, not 0: fidelity scores its windows
+    in one causal forward, every position counted as prefill (the per-token rule is the same in both phases), and a
+    0 there read as "decode skipped nothing".
     """
-    _check_phase(phase)
+    asked = _check_phase(phase)
     routed = _routed(model)
     if phase is None:
         phase = next((layer.last_phase for layer in routed if layer.last_phase), "prefill")
     stats = [layer.stats(phase) for layer in routed]
     tokens = max((run + skipped for run, skipped in stats), default=0)
     if tokens == 0:
-        return 0.0
+        return float("nan") if asked else 0.0
     return sum(skipped for _, skipped in stats) / (tokens * len(ModelAdapter(model).layers))
 
 
