@@ -56,9 +56,8 @@ QUICK = {
 SKIPPED = {"engines": "the llama.cpp runtime beside PyTorch (ShortGPT and magnitude width at 25% timed in both: 745 s "
                       "on a busy 2-core box, after `make setup-engines`, which built llama.cpp in 21 min): "
                       "python -m prunelib.demo --only engines"}
-#: every notebook --only may name, with its parameters when the preset leaves it out
-NOTEBOOKS = {"baseline": {}, "static_depth": {}, "static_width": {}, "hidden_width": {}, "sparse24": {}, "lowrank": {},
-             "dynamic_depth": {}, "token_pruning": {}, "sparse_attention": {}, "pareto": {},
+#: every notebook --only may name: the demo's, and those it skips, with their parameters
+NOTEBOOKS = {**{name: {} for name in QUICK},
              "engines": dict(methods=["shortgpt", "width_magnitude"], sparsities=[0.25], lengths=[512], reps=6)}
 #: make sweep: every method of every axis at every rung of its ladder (resumable: each rung lands in the store)
 FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048)
