@@ -131,12 +131,13 @@ def target_and_time(model_name, methods, scorings: int = 6, *, phases=("prefill"
     import pandas as pd
 
     rows = []
+    options = {k: kw.pop(k) for k in ("round_to",) if k in kw}  # prune options: the search's models are the timed ones
     for method in methods:
-        found, search = targeting.target(model_name, method, budget=scorings, seed=seed)
+        found, search = targeting.target(model_name, method, budget=scorings, seed=seed, **options)
         hits = [b.sparsity for b in found if b.status == "found"]
         if hits and phases:
             run(model_name, [method], hits, phases=phases, batches=batches, lengths=lengths, preset="quick",
-                seed=seed, **kw)
+                seed=seed, **options, **kw)
         for b in found:
             rows.append(dict(method=method, band=f"{b.band[0]}-{b.band[1]}%", status=b.status, sparsity=b.sparsity,
                              loss=b.loss, reason=b.reason, scorings=len(search.scored), kl_evaluations=len(search.kls),

@@ -307,6 +307,7 @@ def test_rows_without_a_runtime_read_as_pytorch_and_the_table_puts_runtimes_side
                  extra={"runtime": "llama.cpp", "reason": "SliceGPT's shortcut matrices"}),
             dict(method="shortgpt", sparsity=0.25, metric="quality_loss_pct", phase="quality", batch=None,
                  length=None, value=5.0, ci_low=4.0, ci_high=6.0, bound=None, dtype="float32", extra={})]
+    rows[4]["extra"]["threads"] = 1  # PyTorch rows record their thread count too
     df = pd.DataFrame(rows)
     assert runtimes.runtime_of(df.extra.iloc[0]) == "pytorch"
     assert len(runtimes.for_runtime(df, "llama.cpp")) == 4  # its 3 timed rows and the quality row
@@ -315,12 +316,40 @@ def test_rows_without_a_runtime_read_as_pytorch_and_the_table_puts_runtimes_side
         ("shortgpt", "llama.cpp", "yes"), ("shortgpt", "pytorch", "yes"), ("slicegpt", "llama.cpp", "no:"),
         ("slicegpt", "pytorch", "yes")]
     assert t.decode_efficiency.iloc[0] == pytest.approx(1.33 / 1.4)
+    threads = t.set_index(["method", "runtime"]).threads
+    assert threads[("slicegpt", "pytorch")] == 1 and threads[("shortgpt", "llama.cpp")] == 1
+    assert pd.isna(threads[("shortgpt", "pytorch")])  # an old row without it shows none, not a guess
     a = runtimes.agreement(t).set_index(["method", "phase"])
     assert a.loc[("shortgpt", "decode"), "verdict"] == "differ"  # [1.15, 1.25] against [1.30, 1.36]
     assert a.loc[("shortgpt", "prefill"), "verdict"] == "agree"
     assert a.loc[("slicegpt", "decode"), "verdict"] == "not loadable"
     fig = runtimes.plot_agreement(a.reset_index())
     assert len(fig.axes[1].lines) >= 2  # the decode point and the diagonal
+
+
+def test_the_runtime_table_keeps_models_of_other_prune_options_apart():
+    """Width 10% unrounded and rounded to 64 are two models (1382 and 1408 MLP channels): llama.cpp's prefill was
+    0.54x on the first and 1.04x on the second, so one must not overwrite the other in the table."""
+    import pandas as pd
+
+    from prunelib.results import runtimes
+
+    def speed(runtime, v, options):
+        extra = {"timing_mode": "llama.cpp f16" if runtime else "eager", "options": options,
+                 **({"runtime": runtime} if runtime else {}), "threads": 1}
+        return dict(method="width_magnitude", sparsity=0.1, metric="speedup", phase="prefill", batch=1, length=512,
+                    value=v, ci_low=v - 0.02, ci_high=v + 0.02, bound=1.07, dtype="f16", extra=extra)
+
+    df = pd.DataFrame([speed("llama.cpp", 0.54, {}), speed("llama.cpp", 1.04, {"round_to": 64}),
+                       speed(None, 1.065, {}), speed(None, 1.06, {"round_to": 64})])
+    t = runtimes.method_runtime_table(df)
+    assert len(t) == 4 and sorted(t.options.unique()) == ['{"round_to": 64}', "{}"]
+    a = runtimes.agreement(t)
+    got = {(o if isinstance(o, str) else "{}"): v for o, v in zip(a.get("options", [None] * len(a)), a.verdict)}
+    assert got == {"{}": "differ", '{"round_to": 64}': "agree"}
+    plain = runtimes.method_runtime_table(df.assign(extra=[{k: v for k, v in e.items() if k != "options"}
+                                                           for e in df.extra]))
+    assert "options" not in plain  # no options anywhere: no column
 
 
 def test_a_spec_takes_the_runtime_and_keeps_pytorch_job_keys(tmp_path):

@@ -51,7 +51,8 @@ def x_label(pts: pd.DataFrame) -> str:
     return X_LABELS[pts.x_metric.iloc[0]].format(domain=pts.domain.iloc[0])
 
 
-def _options(extra) -> str:
+def options_key(extra) -> str:
+    """A row's prune options (``extra.options``) as canonical JSON, ``"{}"`` when it has none."""
     return json.dumps((extra or {}).get("options") or {}, sort_keys=True, default=str)
 
 
@@ -60,7 +61,7 @@ def _keyed(rows: pd.DataFrame, seed_of) -> pd.DataFrame:
     rows = rows.copy()
     extras = [e if isinstance(e, dict) else {} for e in rows.get("extra", pd.Series([{}] * len(rows), index=rows.index))]
     rows["seed"] = [int(seed_of(e)) for e in extras]
-    rows["options"] = [_options(e) for e in extras]
+    rows["options"] = [options_key(e) for e in extras]
     rows["extra"] = extras
     for col in STORE_COLUMNS:  # frames built by hand may leave some out
         if col not in rows:

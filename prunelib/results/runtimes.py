@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from prunelib.results.pareto import options_key
+
 DEFAULT = "pytorch"
 
 
@@ -38,32 +40,35 @@ def method_runtime_table(df: pd.DataFrame, length: int = 512, batch: int = 1) ->
     load = df[df.metric == "loadable"]
     rows = {}
 
-    def line(method, sparsity, runtime, mode):
-        return rows.setdefault((method, float(sparsity), runtime, mode),
-                               {"method": method, "sparsity": float(sparsity), "runtime": runtime,
-                                "timing_mode": mode, "loadable": "yes"})
+    def line(r, mode):
+        # keyed by the prune options too: width at 10% unrounded (1382 MLP channels) and rounded to 64 (1408) are
+        # two models, and llama.cpp's prefill was 0.54x on the first, 1.04x on the second (docs/RESULTS.md)
+        options = options_key(r.extra)
+        return rows.setdefault((r.method, float(r.sparsity), options, r.runtime, mode),
+                               {"method": r.method, "sparsity": float(r.sparsity), "options": options,
+                                "runtime": r.runtime, "timing_mode": mode, "loadable": "yes"})
 
     for r in sp.itertuples():
-        row = line(r.method, r.sparsity, r.runtime, r.extra.get("timing_mode", "eager"))
+        row = line(r, r.extra.get("timing_mode", "eager"))
         row[f"{r.phase}_speedup"] = r.value
         row[f"{r.phase}_ci_low"], row[f"{r.phase}_ci_high"] = r.ci_low, r.ci_high
         row[f"{r.phase}_bound"] = r.bound
         row[f"{r.phase}_efficiency"] = r.value / r.bound if r.bound else float("nan")
-        if r.runtime != DEFAULT:
-            row["threads"] = r.extra.get("threads")
+        row["threads"] = r.extra.get("threads")  # older PyTorch rows did not record it: none shown
     for r in load.itertuples():
         mode = f"{r.runtime} {r.dtype}"
-        if r.value:
-            line(r.method, r.sparsity, r.runtime, mode)
-        else:
-            row = line(r.method, r.sparsity, r.runtime, mode)
+        row = line(r, mode)
+        if not r.value:
             row["loadable"] = "no: " + r.extra.get("reason", "")
-    cols = ["method", "sparsity", "runtime", "timing_mode", "loadable", "threads"] + [
+    cols = ["method", "sparsity", "options", "runtime", "timing_mode", "loadable", "threads"] + [
         f"{p}_{k}" for p in ("prefill", "decode") for k in ("speedup", "ci_low", "ci_high", "bound", "efficiency")]
     out = pd.DataFrame(list(rows.values()))
     if out.empty:
         return pd.DataFrame(columns=cols)
-    return out[[c for c in cols if c in out]].sort_values(["method", "sparsity", "runtime"]).reset_index(drop=True)
+    out = out[[c for c in cols if c in out]].sort_values(["method", "sparsity", "options", "runtime"])
+    if (out.options == "{}").all():  # no prune options anywhere: the column says nothing
+        out = out.drop(columns="options")
+    return out.reset_index(drop=True)
 
 
 def agreement(table: pd.DataFrame, base: str = DEFAULT) -> pd.DataFrame:
@@ -72,12 +77,14 @@ def agreement(table: pd.DataFrame, base: str = DEFAULT) -> pd.DataFrame:
     when they do not, ``not loadable`` when the other runtime cannot load the model (from
     :func:`method_runtime_table`)."""
     out = []
-    for (method, sparsity), g in table.groupby(["method", "sparsity"], sort=True):
+    table = table if "options" in table else table.assign(options="{}")
+    for (method, sparsity, options), g in table.groupby(["method", "sparsity", "options"], sort=True):
         ref = g[g.runtime == base]
         a = ref.iloc[0] if len(ref) else {}
         for r in g[g.runtime != base].to_dict("records"):
             for phase in ("prefill", "decode"):
-                row = {"method": method, "sparsity": sparsity, "phase": phase, "runtime": r["timing_mode"]}
+                row = {"method": method, "sparsity": sparsity, **({} if options == "{}" else {"options": options}),
+                       "phase": phase, "runtime": r["timing_mode"]}
                 row.update({f"{base}_{k}": a.get(f"{phase}_{k}") for k in ("speedup", "ci_low", "ci_high")})
                 if not str(r["loadable"]).startswith("yes"):
                     out.append(dict(row, verdict="not loadable", why=r["loadable"]))

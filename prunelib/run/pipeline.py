@@ -153,7 +153,8 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
                                params=parameter_count(pruned), params_dense=parameter_count(dense), flops=cost.flops,
                                bytes=cost.bytes, hw=hw.name, realised_sparsity=realised,
                                roofline_dense=rooflines(hw)["dense"], roofline_pruned=cost.seconds,
-                               bound_flag=flag, runtime="pytorch", timing_mode=mode, timing_mode_reason=mode_reason,
+                               bound_flag=flag, runtime="pytorch", threads=torch.get_num_threads(), timing_mode=mode,
+                               timing_mode_reason=mode_reason,
                                ci_target=c.target, ci_half_width=c.half_width, ci_stop=c.stop, mem_mode=mem_mode,
                                **mem, **kernel_info(pruned),
                                samples_dense=c.base.samples, samples_pruned=c.cand.samples)))
