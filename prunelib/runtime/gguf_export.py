@@ -52,6 +52,8 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 #: llama.cpp architecture of each family when its layers are uniform (else ``deci``)
 ARCH_OF = {"llama": "llama", "mistral": "llama", "phi3": "llama", "qwen2": "qwen2"}
 FORMAT_VERSION = 1  # bump when what export() writes changes (cached exports are keyed by it)
+#: a GEMM reduction size llama.cpp's fast CPU kernels take whole (q8_0 blocks are 32 wide too)
+ALIGN = 32
 ZERO_FFN = 32  # channels of the zero FFN given to a layer that kept its attention and lost its MLP
 
 
@@ -177,6 +179,11 @@ def plan(model) -> ExportPlan:
         layers[0] = LayerPlan(1, 1, layers[0].n_ff, layers[0].zero_ffn, zero_attn=True)
         notes.append("layer 0: no attention, written as a zero attention of one head (output exactly 0): llama.cpp "
                      "ignores attention.key_length when layer 0 has no heads")
+    odd = sorted({p.n_ff for p in layers if p.n_ff % ALIGN})
+    if odd:
+        notes.append(f"MLP width {', '.join(map(str, odd))} is not a multiple of {ALIGN}: llama.cpp's prefill may "
+                     "leave its fast GEMM (width 10% with 1382 channels: 0.54x; rounded to 1408: 1.04x, "
+                     "docs/RESULTS.md); prune with round_to=64")
     counts = {(p.n_head, p.n_kv, p.n_ff) for p in layers}
     arch = ARCH_OF[a.family]
     if len(counts) != 1 or any(p.zero_ffn or p.zero_attn or p.n_head == 0 or p.n_ff == 0 for p in layers):
