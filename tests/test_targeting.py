@@ -64,3 +64,18 @@ def test_the_budget_is_respected_and_reported():
     found, _ = find_bands(RUNGS, kl, score, budget=1)
     assert len(score.calls) == 1 and any(b.status == "budget" for b in found)
     assert "budget of 1 spent" in [b for b in found if b.status == "budget"][0].reason
+
+
+def test_a_band_an_earlier_search_already_scored_a_rung_in_costs_no_scoring():
+    """The embedded model's ShortGPT (measured KL on PTB, quick-suite losses): the 0-4% search scores 15, 3 and 1
+    layers; 1 layer (11.7%) answers 5-16% and 3 layers (23.6%) 17-26%, so 7 layers is never scored."""
+    import numpy as np
+
+    kl = lambda s: float(np.interp(s * 30, [0, 1, 2, 3, 4, 5, 7, 15, 30],  # noqa: E731
+                                   [0, .150, .350, .376, .513, .682, 1.001, 6.235, 20.0]))
+    loss = lambda s: float(np.interp(s * 30, [0, 1, 3, 7, 15, 30], [0, 11.7, 23.6, 35.0, 54.9, 70.0]))  # noqa: E731
+    score = counted(loss)
+    found, _ = find_bands(RUNGS, kl, score, budget=6)
+    assert [b.status for b in found] == ["unreachable", "found", "found"]
+    assert [round(b.sparsity * 30) for b in found[1:]] == [1, 3]
+    assert sorted(round(s * 30) for s in score.calls) == [1, 3, 15]

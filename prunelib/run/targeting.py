@@ -10,7 +10,7 @@ prediction falls in the band:
   fit of loss on KL over the scored rungs (t-based, shown once three are scored);
 - loss is taken to grow with the rung (more pruned, more lost), so a confirmed loss below a band moves the
   search up the ladder and one above it moves it down; bands are searched in increasing order and share every
-  score;
+  score: a band that a rung scored earlier already lands in is found there (its largest such rung) at no cost;
 - a band is ``found`` (a confirmed rung in it), ``unreachable`` (its smallest rung already loses more, its
   largest loses less, or two adjacent rungs straddle it: the reason names them), or ``budget`` (the method's
   scoring budget ran out first).
@@ -98,6 +98,12 @@ def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6) -> tuple[li
     for band, (start, stop) in zip(map(tuple, bands), band_edges(bands)):
         res = Band(band)
         lo, hi = floor, len(rungs) - 1
+        done = [r for r in rungs[lo:] if r in search.scored and start <= search.scored[r] < stop]
+        if done:  # an earlier band's search already scored a rung in this band: the largest such, no new scoring
+            res.status, res.sparsity, res.loss = "found", done[-1], search.scored[done[-1]]
+            floor = rungs.index(res.sparsity)
+            out.append(res)
+            continue
         while lo <= hi:
             idx = _bisect(search, lo, hi, start, stop)
             loss = search.loss_of(rungs[idx])
