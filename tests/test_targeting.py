@@ -79,3 +79,30 @@ def test_a_band_an_earlier_search_already_scored_a_rung_in_costs_no_scoring():
     assert [b.status for b in found] == ["unreachable", "found", "found"]
     assert [round(b.sparsity * 30) for b in found[1:]] == [1, 3]
     assert sorted(round(s * 30) for s in score.calls) == [1, 3, 15]
+
+
+def test_other_methods_scores_place_the_first_scoring_instead_of_the_middle_rung():
+    kl, loss = curve()
+    blind, informed = counted(loss), counted(loss)
+    found_blind, _ = find_bands(RUNGS, kl, blind, budget=8)
+    prior = [(kl(s), loss(s) + noise) for s, noise in ((0.2, 1.0), (0.5, -2.0), (0.45, 3.0))]  # not monotone
+    found, _ = find_bands(RUNGS, kl, informed, budget=8, prior=prior)
+    assert blind.calls[0] == RUNGS[len(RUNGS) // 2]  # no prior: the middle rung first
+    assert loss(informed.calls[0]) < 5  # with one: a rung predicted (and found) in the first band
+    assert [b.status for b in found] == [b.status for b in found_blind] == ["found"] * 3
+    assert len(informed.calls) < len(blind.calls)
+
+
+def test_the_prior_is_other_methods_kl_and_loss_at_the_same_seed():
+    import pandas as pd
+
+    from prunelib.run.targeting import _prior
+
+    def row(method, s, metric, v, **e):
+        return dict(model="m", method=method, sparsity=s, metric=metric, value=v, extra=e)
+
+    df = pd.DataFrame([row("a", 0.25, "fidelity_kl", 1.0, domain="ptb"), row("a", 0.25, "quality_loss_pct", 30.0),
+                       row("a", 0.25, "fidelity_kl", 0.9, domain="wikitext2"),
+                       row("b", 0.1, "fidelity_kl", 0.3, domain="ptb", seed=1), row("b", 0.1, "quality_loss_pct", 9.0),
+                       row("me", 0.1, "fidelity_kl", 0.2, domain="ptb"), row("me", 0.1, "quality_loss_pct", 5.0)])
+    assert _prior(df, "m", "me", 0) == [(1.0, 30.0)]  # b's KL is of seed 1; my own rows are not a prior

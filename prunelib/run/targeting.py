@@ -7,7 +7,8 @@ prediction falls in the band:
 
 - the prediction maps a rung's KL to a loss by interpolating, in KL, between the rungs scored so far and dense
   (KL 0, loss 0), extrapolating the last segment beyond them; its prediction interval is that of a straight-line
-  fit of loss on KL over the scored rungs (t-based, shown once three are scored);
+  fit of loss on KL over the scored rungs (t-based, shown once three are scored); before the method's first
+  scoring, other methods' (KL, loss) pairs on the same model (made monotone) place it, else the middle rung;
 - loss is taken to grow with the rung (more pruned, more lost), so a confirmed loss below a band moves the
   search up the ladder and one above it moves it down; bands are searched in increasing order and share every
   score: a band that a rung scored earlier already lands in is found there (its largest such rung) at no cost;
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prunelib.results.curves import isotonic
 from prunelib.results.pareto import PAPER_BANDS, band_edges
 
 
@@ -45,6 +47,7 @@ class Search:
     budget: int
     scored: dict = field(default_factory=dict)  # sparsity -> confirmed loss
     kls: dict = field(default_factory=dict)  # sparsity -> KL
+    prior: tuple = ()  # (KL, loss) of other methods on the same model: the prediction before this one is scored
 
     def kl_of(self, s):
         if s not in self.kls:
@@ -61,6 +64,10 @@ class Search:
     def predict(self, s) -> tuple[float, float]:
         """(predicted loss, prediction-interval half-width) of rung ``s``."""
         x = self.kl_of(s)
+        if not self.scored and self.prior:  # nothing of this method scored yet: other methods' KL -> loss, made
+            pts = sorted([(0.0, 0.0), *self.prior])  # monotone (loss grows with KL across methods: Spearman 0.93)
+            xs = np.array([p[0] for p in pts])
+            return float(np.interp(x, xs, isotonic([p[1] for p in pts]))), math.inf
         pts = sorted([(0.0, 0.0)] + [(self.kl_of(r), v) for r, v in self.scored.items()])
         xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
         if len(pts) == 1:
@@ -87,13 +94,15 @@ def _interval(xs, ys, x, level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, n - 2) * s * math.sqrt(1 + 1 / n + (x - xs.mean()) ** 2 / sxx))
 
 
-def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6) -> tuple[list[Band], Search]:
+def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6, prior=()) -> tuple[list[Band], Search]:
     """Search ``rungs`` (ascending sparsities) for a rung whose loss ``score(s)`` lies in each band, using ``kl(s)``
-    to predict; at most ``budget`` calls of ``score``. Returns one :class:`Band` per band, and the search."""
+    to predict; at most ``budget`` calls of ``score``. ``prior``: (KL, loss) pairs of other methods on the same
+    model, which place the first scoring (else the middle rung). Returns one :class:`Band` per band, and the
+    search."""
     rungs = sorted(rungs)
     if not rungs:
         raise ValueError("find_bands: no rungs to search")
-    search = Search(rungs, kl, score, budget)
+    search = Search(rungs, kl, score, budget, prior=tuple(prior))
     out, floor = [], 0
     for band, (start, stop) in zip(map(tuple, bands), band_edges(bands)):
         res = Band(band)
@@ -191,4 +200,19 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
             run(model_name, [method], [s], phases=(), preset=preset, fidelity=True, seed=seed, store=store, **run_kw)
         return stored(s, "quality_loss_pct")
 
-    return find_bands(ladder, kl, score, bands, budget)
+    return find_bands(ladder, kl, score, bands, budget, prior=_prior(store.load(), model_name, method, seed))
+
+
+def _prior(df, model_name: str, method: str, seed: int) -> list:
+    """(KL on PTB, quick-suite loss) of every other method's pruned model of ``model_name`` scored at ``seed``."""
+    df = df[(df.model == model_name) & (df.method != method)]
+
+    def table(metric, domain=None):
+        d = df[df.metric == metric]
+        keep = [(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
+                for e in d.extra]
+        d = d.loc[np.array(keep, bool)] if len(d) else d
+        return {(m, round(float(s), 9)): float(v) for m, s, v in zip(d.method, d.sparsity, d.value)}
+
+    kl, loss = table("fidelity_kl", "ptb"), table("quality_loss_pct")
+    return [(kl[k], loss[k]) for k in sorted(set(kl) & set(loss)) if np.isfinite(kl[k]) and np.isfinite(loss[k])]
