@@ -31,12 +31,12 @@ from pathlib import Path
 from prunelib.core.config import REPO_ROOT
 
 QUICK_SWEEP = dict(lengths=[512], reps=5, quality_preset="quick")
-#: the three headline families get three rungs each, one aimed at each paper band (0-4, 5-16, 17-26% loss): chosen
-#: on 2026-12-01 from each rung's KL on PTB (seconds a model) against the KL -> quick-suite loss relation of
-#: docs/RESULTS.md (ShortGPT: 1, 3 and 5 of 30 layers at KL 0.15, 0.38, 0.68; FLAP: 1, 2 and 4 of 24 MLP groups of
-#: 64; the layer router at 5, 10 and 15% of token-layers, its three smallest: at 5% its KL is already 0.59, so the
-#: lower bands are likely out of its reach on this model). Where a rung misses its band, the band table says so.
-HEADLINE_RUNGS = {"shortgpt": [1 / 30, 3 / 30, 5 / 30], "width_flap": [1 / 24, 2 / 24, 4 / 24],
+#: the three headline families get three rungs each, chosen by band targeting on the embedded model (2026-12-02,
+#: ``python -m prunelib.experiment --target-bands --methods shortgpt,dyn_depth_router,width_flap --phases none``,
+#: docs/RESULTS.md): ShortGPT loses 11.7% at 1 of 30 layers (5-16%) and 23.6% at 3 (17-26%), 2 lies between;
+#: FLAP 6.7% at 1 of 24 MLP groups of 64 (5-16%), 4 groups aimed at 17-26%; the layer router 20.9% at 5% of
+#: token-layers (17-26%), 10 and 15% carry its curve past the bands. No family reaches 0-4% on this model.
+HEADLINE_RUNGS = {"shortgpt": [1 / 30, 2 / 30, 3 / 30], "width_flap": [1 / 24, 2 / 24, 4 / 24],
                   "dyn_depth_router": [0.05, 0.1, 0.15]}
 QUICK = {
     "baseline": dict(batches=[1], lengths=[128, 512], reps=5, quality_preset="quick"),

@@ -106,3 +106,17 @@ def test_the_prior_is_other_methods_kl_and_loss_at_the_same_seed():
                        row("b", 0.1, "fidelity_kl", 0.3, domain="ptb", seed=1), row("b", 0.1, "quality_loss_pct", 9.0),
                        row("me", 0.1, "fidelity_kl", 0.2, domain="ptb"), row("me", 0.1, "quality_loss_pct", 5.0)])
     assert _prior(df, "m", "me", 0) == [(1.0, 30.0)]  # b's KL is of seed 1; my own rows are not a prior
+
+
+def test_a_rerun_with_the_scores_of_the_first_takes_its_path_and_scores_nothing():
+    """A rerun (to time what was found) once scored ShortGPT at 2 of 30 layers: the stored scores were read only
+    when the search asked for them, so with fewer known points its predictions, and its path, differed."""
+    kl, loss = curve()
+    found, search = find_bands(RUNGS, kl, loss, budget=8)
+
+    def never(s):
+        raise AssertionError(f"scored {s} again")
+
+    again, search2 = find_bands(RUNGS, kl, never, budget=8, prior=[(kl(0.3), 99.0)], known=dict(search.scored))
+    assert [(b.status, b.sparsity) for b in again] == [(b.status, b.sparsity) for b in found]
+    assert search2.scored == search.scored

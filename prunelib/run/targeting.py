@@ -94,15 +94,17 @@ def _interval(xs, ys, x, level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, n - 2) * s * math.sqrt(1 + 1 / n + (x - xs.mean()) ** 2 / sxx))
 
 
-def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6, prior=()) -> tuple[list[Band], Search]:
+def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6, prior=(), known=None) -> tuple[list[Band], Search]:
     """Search ``rungs`` (ascending sparsities) for a rung whose loss ``score(s)`` lies in each band, using ``kl(s)``
-    to predict; at most ``budget`` calls of ``score``. ``prior``: (KL, loss) pairs of other methods on the same
-    model, which place the first scoring (else the middle rung). Returns one :class:`Band` per band, and the
-    search."""
+    to predict; at most ``budget`` scorings, those in ``known`` (rung -> loss already scored, e.g. by an earlier
+    run) included, which the search knows from the start, so a rerun takes the same path and scores nothing new.
+    ``prior``: (KL, loss) pairs of other methods on the same model, which place the first scoring (else the middle
+    rung). Returns one :class:`Band` per band, and the search."""
     rungs = sorted(rungs)
     if not rungs:
         raise ValueError("find_bands: no rungs to search")
-    search = Search(rungs, kl, score, budget, prior=tuple(prior))
+    search = Search(rungs, kl, score, budget, scored={s: float(v) for s, v in (known or {}).items() if s in rungs},
+                    prior=tuple(prior))
     out, floor = [], 0
     for band, (start, stop) in zip(map(tuple, bands), band_edges(bands)):
         res = Band(band)
@@ -200,7 +202,9 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
             run(model_name, [method], [s], phases=(), preset=preset, fidelity=True, seed=seed, store=store, **run_kw)
         return stored(s, "quality_loss_pct")
 
-    return find_bands(ladder, kl, score, bands, budget, prior=_prior(store.load(), model_name, method, seed))
+    known = {s: v for s in ladder if (v := stored(s, "quality_loss_pct")) is not None}
+    return find_bands(ladder, kl, score, bands, budget, prior=_prior(store.load(), model_name, method, seed),
+                      known=known)
 
 
 def _prior(df, model_name: str, method: str, seed: int) -> list:
