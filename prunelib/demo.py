@@ -6,14 +6,12 @@ included, five sparsities, two lengths.
 
 ``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook) with its strongest
 criterion, where the frontier is drawn: three rungs for each headline family (ShortGPT, FLAP width, the layer
-router; :data:`HEADLINE_RUNGS`), one for every other cell. The last measured run, from a clean store on
-2026-12-01 (``PRUNELIB_RESULTS=$(mktemp -d) make demo``, quiet 2-core box), took 1418 s = 23.6 minutes with one
-rung per family, 6 timing repetitions and 8 fidelity windows: baseline 197 s, axis notebooks 107-162 s each (the
-quick preset's ~80 s of scoring per model dominates), sparse attention 212 s, Pareto 14 s. Six more pruned models
-(about 110 s each), 32 fidelity windows and the ptb-long windows add about 14 minutes; 5 repetitions, one batch size
-in the baseline and no long-context article take back about 3: **expect about 35 minutes, over the 30-minute
-target; not re-measured** (the box was busy all session). ``demo took ... s`` is printed at the end, and what it
-leaves out (:data:`SKIPPED`) after it.
+router; :data:`HEADLINE_RUNGS`), one for every other cell. Its time is dominated by the quick preset's scoring of
+each model (16 scorings). The last run from a clean store (2026-11-30, one rung per family, so 10 scorings, at
+67-91 s each on that host) took 1418 s = 23.6 minutes. **Not re-measured since the rungs became three per family**:
+at that host's speed, six more scorings make about 33 minutes; on the slower host of 2026-12-02 (about 4.5
+minutes a scoring, docs/RESULTS.md) it would take well over an hour. ``demo took ... s`` is printed at the end,
+and what it leaves out (:data:`SKIPPED`) after it.
 
 Plotly figures carry HTML with plotly.js embedded once per notebook and a PNG fallback
 (:func:`prunelib.report.notebook_figures`, set by every notebook's first cell; ``PLOTLY_RENDERER``
