@@ -184,8 +184,8 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     ladder = rungs(method, model)
     del model
 
-    def stored(s, metric, domain=None):
-        df = store.load()
+    def stored(s, metric, domain=None, df=None):
+        df = store.load() if df is None else df
         df = df[(df.model == model_name) & (df.method == method) & (df.metric == metric)]
         df = df.loc[np.array([abs(x - s) < 1e-9 for x in df.sparsity], bool)]
         df = df.loc[np.array([(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
@@ -202,9 +202,9 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
             run(model_name, [method], [s], phases=(), preset=preset, fidelity=True, seed=seed, store=store, **run_kw)
         return stored(s, "quality_loss_pct")
 
-    known = {s: v for s in ladder if (v := stored(s, "quality_loss_pct")) is not None}
-    return find_bands(ladder, kl, score, bands, budget, prior=_prior(store.load(), model_name, method, seed),
-                      known=known)
+    rows = store.load()  # once for every rung's stored score and the prior
+    known = {s: v for s in ladder if (v := stored(s, "quality_loss_pct", df=rows)) is not None}
+    return find_bands(ladder, kl, score, bands, budget, prior=_prior(rows, model_name, method, seed), known=known)
 
 
 def _prior(df, model_name: str, method: str, seed: int) -> list:
