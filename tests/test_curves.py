@@ -25,6 +25,17 @@ def test_method_curve_starts_at_dense_and_pools_a_dip():
     assert c.fit.tolist() == pytest.approx([1.0, 1.075, 1.075, 1.30])  # 1.10 then 1.05: pooled to their mean
 
 
+def test_method_curve_keeps_dense_at_one_for_a_method_slower_than_dense():
+    """A router slower than dense at every rung: its rungs are fitted among themselves, dense stays (0, 1.0). Pooled
+    with dense, the old fit read 0.985 at every loss, dense included, for one rung at 0.970."""
+    c = curves.method_curve(pd.DataFrame([rung(0.05, 20.0, 0.97)]))
+    assert c.fit.tolist() == pytest.approx([1.0, 0.97])
+    assert curves.speedup_at(c, 10.0)["speedup"] == pytest.approx(0.985)  # halfway, interpolated
+    assert curves.speedup_at(c, 20.0)["speedup"] == pytest.approx(0.97)
+    c = curves.method_curve(pd.DataFrame([rung(0.1, 5.0, 0.97), rung(0.2, 10.0, 0.95), rung(0.3, 20.0, 1.05)]))
+    assert c.fit.tolist() == pytest.approx([1.0, 0.96, 0.96, 1.05])  # the dip pooled among the rungs only
+
+
 def test_speedup_at_reads_measured_interpolated_and_beyond():
     c = curves.method_curve(pd.DataFrame([rung(0.1, 2.0, 1.2), rung(0.2, 6.0, 1.6)]))
     at = curves.speedup_at(c, 2.0)

@@ -212,3 +212,27 @@ def test_versus_random_on_fidelity_uses_the_spread_of_the_seeds():
     one = experiment.versus_random(pd.DataFrame([row("shortgpt", 1.1, 0), rand[0]]), x="kl").iloc[0]
     assert one.verdict == "too few seeds"
     assert experiment.versus_random(pd.DataFrame([row("shortgpt", 1.1, 0)] + rand)).empty  # no loss rows
+
+
+def test_versus_random_reads_a_prompt_length_rule_on_long_prefill_windows():
+    """Sparse attention barely runs on the short windows' 64-token prompts, so its verdict is read on the
+    long-prefill windows (ptb-long), where it runs; a depth criterion stays on ptb. On the old code both read ptb:
+    the block rule's short-window KL (0.001) against random's (0.002) said nothing about the rule."""
+    import pandas as pd
+
+    def row(method, value, seed, domain, cell="dynamic_nk_attention", s=0.5):
+        return dict(method=method, cell=cell, sparsity=s, metric="fidelity_kl", value=value,
+                    ci_low=value - 0.005, ci_high=value + 0.005, extra={"seed": seed, "domain": domain})
+
+    rows = [row("sparse_attn_block", 0.001, 0, "ptb"), row("sparse_attn_block", 0.015, 0, "ptb-long")]
+    rows += [row("sparse_attn_random", 0.002, k, "ptb") for k in range(3)]
+    rows += [row("sparse_attn_random", v, k, "ptb-long") for k, v in enumerate((0.20, 0.22, 0.24))]
+    rows += [row("shortgpt", 1.1, 0, "ptb", "static_depth", 0.25), row("shortgpt", 9.9, 0, "ptb-long", "static_depth", 0.25)]
+    rows += [row("depth_random", v, k, "ptb", "static_depth", 0.25) for k, v in enumerate((3.0, 5.0, 7.0))]
+    t = experiment.versus_random(pd.DataFrame(rows), x="kl").set_index("method")
+    assert t.loc["sparse_attn_block", "x"] == "kl ptb-long" and t.loc["shortgpt", "x"] == "kl ptb"
+    assert t.loc["sparse_attn_block", "loss_pct"] == pytest.approx(0.015)
+    assert t.loc["sparse_attn_block", "random_loss_pct"] == pytest.approx(0.22)
+    assert t.loc["sparse_attn_block", "verdict"] == "better" and t.loc["shortgpt", "loss_pct"] == pytest.approx(1.1)
+    assert experiment.versus_random(pd.DataFrame(rows), x="kl", domain="ptb").set_index("method").loc[
+        "sparse_attn_block", "x"] == "kl ptb"  # a domain asked for by name is kept

@@ -3,8 +3,10 @@ envelope of every curve (issue 23).
 
 - :func:`isotonic`: the pool-adjacent-violators fit of a non-decreasing sequence (weighted least squares).
 - :func:`method_curve`: one method at one shape: its measured rungs sorted by loss, dense (0 loss, 1.0x) first,
-  the speedup and both CI bounds fitted non-decreasing in loss (pruning more never makes a model slower in
-  expectation; a dip between rungs is noise, and the fit pools it).
+  the rungs' speedup and both CI bounds fitted non-decreasing in loss (pruning more of the same method never makes
+  it slower in expectation; a dip between rungs is noise, and the fit pools it). Dense is the curve's fixed start,
+  not a point of the fit: a method can be slower than dense at every rung (a router's overhead), and pooling
+  dense with such a rung would move dense off 1.0 and the rung towards it.
 - :func:`speedup_at`: the curve read at a loss L, with its CI: measured where L is a rung's loss, linearly
   interpolated between the two rungs around it (``interpolated=True``), the last rung beyond the curve's end
   (``beyond=True``: reachable at loss <= L, not more).
@@ -37,17 +39,19 @@ def isotonic(y, w=None) -> np.ndarray:
 
 def method_curve(pts: pd.DataFrame) -> pd.DataFrame:
     """One method's rungs at one shape (rows of :func:`prunelib.results.pareto.points`), sorted by loss, dense
-    first, with ``fit``/``fit_low``/``fit_high``: the speedup and its CI bounds made non-decreasing in loss.
-    Seeds of one sparsity are averaged first (a random baseline's draws are one rung)."""
+    first, with ``fit``/``fit_low``/``fit_high``: the rungs' speedup and its CI bounds made non-decreasing in loss
+    (dense stays 1.0; between it and the first rung a reading is interpolated). Seeds of one sparsity are averaged first (a random baseline's draws are one rung)."""
     g = (pts.groupby("sparsity", as_index=False)
          .agg(loss=("loss", "mean"), loss_low=("loss_low", "mean"), loss_high=("loss_high", "mean"),
               speedup=("speedup", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
               bound=("bound", "mean"), seeds=("speedup", "size")))
     dense = pd.DataFrame([dict(sparsity=0.0, loss=0.0, loss_low=0.0, loss_high=0.0, speedup=1.0, ci_low=1.0,
                                ci_high=1.0, bound=1.0, seeds=0)])
-    c = pd.concat([dense, g[g.sparsity > 0]], ignore_index=True).sort_values(["loss", "sparsity"], ignore_index=True)
+    rungs = g[g.sparsity > 0].sort_values(["loss", "sparsity"], ignore_index=True)
     for col, src in (("fit", "speedup"), ("fit_low", "ci_low"), ("fit_high", "ci_high")):
-        c[col] = isotonic(c[src])
+        rungs[col] = isotonic(rungs[src])
+        dense[col] = 1.0
+    c = pd.concat([dense, rungs], ignore_index=True).sort_values(["loss", "sparsity"], ignore_index=True)
     c["measured"] = c.sparsity > 0
     return c
 

@@ -50,12 +50,14 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
 
 
 def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: int = 2000, seed: int = 0,
-                  x: str = "loss", domain: str = "ptb") -> pd.DataFrame:
+                  x: str = "loss", domain: str | None = None) -> pd.DataFrame:
     """Each criterion's quality loss against the *distribution* of its random baseline's draws
     (``register(baseline=...)``: same cell, same unit), at the same sparsity. A criterion whose baseline has no
     stored loss at that sparsity is left out. ``x="kl"`` or ``"dnll"`` compares fidelity on ``domain`` instead
     (seconds per seed, so five random seeds are cheap; no per-document outcomes: the "seeds t" interval); the
-    columns keep their names (``loss_pct`` holds the KL then) and ``x`` says which it is.
+    columns keep their names (``loss_pct`` holds the KL then) and ``x`` says which it is. ``domain=None`` reads each
+    method where its rule runs (:func:`fidelity_domain`): "ptb-long" for a rule that acts on long prompts (sparse
+    attention, token pruning: on the short windows' 64-token prompts it barely runs), "ptb" for the others.
 
     One random draw decides nothing (depth_random at 25% ranged 2.9-10.9 nats of KL over 5 seeds), so:
 
@@ -77,21 +79,37 @@ def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: in
     ``diff_matched_low`` / ``_high`` the difference there (the CI shifted with the point: the neighbouring
     rung's own noise is not added) and ``verdict_matched`` its verdict.
     """
-    loss = pareto.quality(df, x, domain)
+    by_domain = {d: pareto.quality(df, x, d) for d in ((domain,) if domain else ("ptb", "ptb-long"))}
     folder = samples.folder((store if store is not None else ResultsStore()).path)
     out = []
-    for (method, s), g in loss.groupby(["method", "sparsity"]):
+    for method in sorted({m for q in by_domain.values() for m in q.method}):
         base = get(method).baseline if method in REGISTRY else None
-        r = loss[(loss.method == base) & (loss.sparsity == s)] if base else loss.iloc[:0]
-        if not len(r):
+        if not base:
             continue
-        g, r = g.drop_duplicates("seed", keep="last"), r.drop_duplicates("seed", keep="last")
-        row = {"x": x if x == "loss" else f"{x} {domain}", "method": method, "unit": get(method).unit, "sparsity": s, "loss_pct": g.value.mean(), "seeds": len(g),
-               "baseline": base, "random_loss_pct": r.value.mean(), "random_std": r.value.std(), "random_seeds": len(r),
-               "share_beaten": float((r.value > g.value.mean()).mean())}
-        row |= _versus(g, r, folder, iters, seed)
-        out.append(row | _matched(row, g, loss[loss.method == base]))
+        d = domain or fidelity_domain(method)
+        loss = by_domain[d]
+        for s, g in loss[loss.method == method].groupby("sparsity"):
+            r = loss[(loss.method == base) & (loss.sparsity == s)]
+            if len(r):
+                out.append(_versus_row(x, d, method, base, s, g, r, loss, folder, iters, seed))
     return pd.DataFrame(out)
+
+
+def fidelity_domain(method: str) -> str:
+    """Where a method's fidelity measures its rule: "ptb-long" (1536 tokens prefilled) for a method whose rule
+    acts on long prompts (it reports an ``active_share``), else "ptb"."""
+    return "ptb-long" if method in REGISTRY and get(method).hook("active_share") is not None else "ptb"
+
+
+def _versus_row(x, domain, method, base, s, g, r, loss, folder, iters, seed) -> dict:
+    """One row of :func:`versus_random`: criterion rows ``g`` against random rows ``r`` at sparsity ``s``."""
+    g, r = g.drop_duplicates("seed", keep="last"), r.drop_duplicates("seed", keep="last")
+    row = {"x": x if x == "loss" else f"{x} {domain}", "method": method, "unit": get(method).unit, "sparsity": s,
+           "loss_pct": g.value.mean(), "seeds": len(g), "baseline": base, "random_loss_pct": r.value.mean(),
+           "random_std": r.value.std(), "random_seeds": len(r),
+           "share_beaten": float((r.value > g.value.mean()).mean())}
+    row |= _versus(g, r, folder, iters, seed)
+    return row | _matched(row, g, loss[loss.method == base])
 
 
 #: realised rates (points) closer than this count as the same work
@@ -195,7 +213,8 @@ def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512, store: Resu
             print(vr.round(2).to_string(index=False))
         vk = versus_random(df, store, x="kl")
         if len(vk):
-            print("\ncriterion vs random on fidelity (KL on PTB, nats; the same columns, 'loss_pct' holding the KL):")
+            print("\ncriterion vs random on fidelity (KL, nats, on PTB; on long-prefill PTB windows for a rule that acts on "
+                  "long prompts; the same columns, 'loss_pct' holding the KL):")
             print(vk.round(3).to_string(index=False))
         f = failures(df)
         if len(f):
