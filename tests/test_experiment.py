@@ -236,3 +236,44 @@ def test_versus_random_reads_a_prompt_length_rule_on_long_prefill_windows():
     assert t.loc["sparse_attn_block", "verdict"] == "better" and t.loc["shortgpt", "loss_pct"] == pytest.approx(1.1)
     assert experiment.versus_random(pd.DataFrame(rows), x="kl", domain="ptb").set_index("method").loc[
         "sparse_attn_block", "x"] == "kl ptb"  # a domain asked for by name is kept
+
+
+def test_versus_random_on_fidelity_matches_the_rate_realised_on_the_windows():
+    """A fidelity row records the rate its rule realised on the scored windows as ``realised_prefill`` (one prefill
+    forward per window); the KL comparison reads it, so a router that skipped more than random is compared with
+    random at the rate it really ran. The old code looked only for the quick suite's key: "no realised rate"."""
+    import pandas as pd
+
+    def row(method, s, value, realised, seed=0):
+        return dict(method=method, cell="dynamic_depth", sparsity=s, metric="fidelity_kl", value=value,
+                    ci_low=value - 0.1, ci_high=value + 0.1,
+                    extra={"seed": seed, "domain": "ptb", "realised_prefill": realised, "realised_decode": float("nan")})
+
+    rand = [row("dyn_depth_random", 0.2, 2.0 + 0.1 * k, 0.20, k) for k in range(3)]
+    rand += [row("dyn_depth_random", 0.3, 3.0 + 0.1 * k, 0.30, k) for k in range(3)]
+    t = experiment.versus_random(pd.DataFrame([row("dyn_depth_router", 0.2, 1.0, 0.25)] + rand), x="kl").iloc[0]
+    assert t.realised_pct == pytest.approx(25.0) and t.random_realised_pct == pytest.approx(20.0)
+    assert t.matched.startswith("interpolated at 25.0%") and t.diff_matched_pct == pytest.approx(1.0 - 2.6)
+
+
+def test_realised_table_puts_each_dynamic_rate_beside_its_target():
+    """The router asked for 25%: 25% on the calibration text, 30% while the quick suite was scored, 27% while
+    timed, 26% on the PTB windows; a static method has no row."""
+    import pandas as pd
+
+    from prunelib.results.summary import realised
+
+    e = {"seed": 0, "removed": {"realised_sparsity": 0.25}}
+    rows = [dict(method="dyn_depth_router", sparsity=0.25, metric="speedup", phase="prefill",
+                 extra=e | {"calibration": {"seed": 0}, "realised_sparsity": 0.27}),
+            dict(method="dyn_depth_router", sparsity=0.25, metric="quality_loss_pct", phase="quality",
+                 extra=e | {"realised_sparsity_scoring": 0.30}),
+            dict(method="dyn_depth_router", sparsity=0.25, metric="fidelity_kl", phase="quality",
+                 extra=e | {"domain": "ptb", "realised_prefill": 0.26, "realised_decode": float("nan")}),
+            dict(method="shortgpt", sparsity=0.25, metric="fidelity_kl", phase="quality", extra={"domain": "ptb"})]
+    t = realised(pd.DataFrame(rows))
+    assert list(t.method) == ["dyn_depth_router"]
+    r = t.iloc[0]
+    assert (r.target_pct, r.calibration, r.timing_prefill, r.quick, r.ptb_prefill) == pytest.approx(
+        (25.0, 25.0, 27.0, 30.0, 26.0))
+    assert "ptb_decode" not in t  # nan: the windows ran as one prefill forward

@@ -1,6 +1,7 @@
 """Tables over stored rows: one row per (method, sparsity) with speed beside quality (:func:`summary`),
 each criterion against its random baseline (:func:`versus_random`), and the sweep jobs that failed
-(:func:`failures`); :func:`print_table` prints all three."""
+(:func:`failures`), and each dynamic method's realised sparsity beside its target wherever it ran (:func:`realised`);
+:func:`print_table` prints them all."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,6 +48,40 @@ def summary(df: pd.DataFrame, batch: int = 1, length: int = 512) -> pd.DataFrame
                        loss_stderr=q.loss_stderr, loss_ci_method=q.ci_method)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def realised(df: pd.DataFrame) -> pd.DataFrame:
+    """Each dynamic method's realised sparsity (percent) beside its target, per (method, sparsity, seed, options),
+    wherever it ran: ``calibration`` (the calibration text its threshold was set on, from the prune report),
+    ``timing_prefill`` / ``timing_decode`` (while timed), ``quick`` (while the quick suite was scored) and
+    ``<domain>_prefill`` / ``<domain>_decode`` (while the fidelity windows of each domain were scored: the prompt
+    under the prefill rule, the continuation under the decode rule). A target is what the method was asked for;
+    only these columns say what it did."""
+    dyn = {m for m in set(df.method) if m in REGISTRY and not get(m).static}
+    rows: dict = {}
+    for r in df[df.method.isin(dyn)].itertuples():
+        e = r.extra if isinstance(r.extra, dict) else {}
+        seed = e.get("seed", (e.get("calibration") or {}).get("seed", 0))
+        row = rows.setdefault((r.method, r.sparsity, seed, pareto.options_key(e)),
+                              {"method": r.method, "sparsity": r.sparsity, "seed": seed, "target_pct": 100 * r.sparsity})
+        got = {}
+        cal = (e.get("removed") or {}).get("realised_sparsity")
+        if cal is not None:
+            got["calibration"] = cal
+        if r.metric == "speedup":
+            got[f"timing_{r.phase}"] = e.get("realised_sparsity")
+        elif r.metric == pareto.X_METRICS["loss"]:
+            got["quick"] = e.get("realised_sparsity_scoring")
+        elif r.metric == pareto.X_METRICS["kl"]:
+            got |= {f"{e.get('domain')}_{ph}": e.get(f"realised_{ph}", e.get("realised")) for ph in ("prefill", "decode")}
+        row.update({k: 100 * v for k, v in got.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+    out = pd.DataFrame(list(rows.values()))
+    if not len(out):
+        return out
+    order = ["calibration", "timing_prefill", "timing_decode", "quick"] + [
+        f"{d}_{ph}" for d in pareto.DOMAINS for ph in ("prefill", "decode")]
+    cols = ["method", "sparsity", "seed", "target_pct"] + [c for c in order if c in out]
+    return out[cols].sort_values(["method", "sparsity", "seed"], ignore_index=True)
 
 
 def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: int = 2000, seed: int = 0,
@@ -117,10 +152,22 @@ MATCH_TOL = 1.0
 
 
 def _realised(rows: pd.DataFrame) -> float:
-    """Mean realised sparsity while scoring (percent) over ``rows``' seeds; nan where none was recorded."""
-    v = [e.get("realised_sparsity_scoring") for e in rows.extra if isinstance(e, dict)]
+    """Mean realised sparsity while scoring (percent) over ``rows``' seeds; nan where none was recorded. A quality
+    row records it as ``realised_sparsity_scoring``; a fidelity row per phase (its windows run as one prefill
+    forward, so ``realised_prefill``) or, for a hook without phases, as ``realised``."""
+    v = [_first(e, "realised_sparsity_scoring", "realised_prefill", "realised") for e in rows.extra
+         if isinstance(e, dict)]
     v = [x for x in v if isinstance(x, (int, float)) and np.isfinite(x)]
     return 100 * float(np.mean(v)) if v else float("nan")
+
+
+def _first(e: dict, *keys):
+    """The first of ``keys`` that ``e`` holds as a finite number, else None."""
+    for k in keys:
+        v = e.get(k)
+        if isinstance(v, (int, float)) and np.isfinite(v):
+            return v
+    return None
 
 
 def _matched(row: dict, crit: pd.DataFrame, rand_all: pd.DataFrame) -> dict:
@@ -216,6 +263,12 @@ def print_table(df: pd.DataFrame, batch: int = 1, length: int = 512, store: Resu
             print("\ncriterion vs random on fidelity (KL, nats, on PTB; on long-prefill PTB windows for a rule that acts on "
                   "long prompts; the same columns, 'loss_pct' holding the KL):")
             print(vk.round(3).to_string(index=False))
+        rr = realised(df)
+        if len(rr):
+            print("\nrealised sparsity of the dynamic methods (%, beside the target): on the calibration text, while "
+                  "timed, while the quick suite was scored, while each fidelity domain was scored (prompt: prefill "
+                  "rule; continuation: decode rule):")
+            print(rr.round(1).assign(sparsity=rr.sparsity.round(4)).to_string(index=False))
         f = failures(df)
         if len(f):
             print(f"\nfailed jobs ({len(f)}; logs in <results>/sweeps/logs):")
