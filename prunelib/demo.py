@@ -58,7 +58,8 @@ SKIPPED = {"engines": "the llama.cpp runtime beside PyTorch (ShortGPT and magnit
 NOTEBOOKS = {**{name: {} for name in QUICK},
              "engines": dict(methods=["shortgpt", "width_magnitude"], sparsities=[0.25], lengths=[512], reps=6)}
 #: make sweep: every method of every axis at every rung of its ladder (resumable: each rung lands in the store)
-FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048)
+#: each random baseline at five seeds (scored, not timed): one random draw decides nothing (issue 26)
+FULL_SWEEP = dict(batches=[1, 8], reps=30, quality_preset="full", calib_n=128, calib_len=2048, baseline_seeds=5)
 FULL = {
     "baseline": dict(batches=[1, 4, 16], lengths=[128, 512, 2048], reps=30, quality_preset="full"),
     "static_depth": dict(FULL_SWEEP, methods=["last_n", "shortgpt", "angular", "shortgpt_attn", "shortgpt_mlp",

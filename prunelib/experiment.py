@@ -45,6 +45,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--preset", default="quick")
     p.add_argument("--seed", type=int, default=0, help="calibration windows and random baselines")
+    p.add_argument("--baseline-seeds", type=int, default=1,
+                   help="a random baseline is also drawn at seeds 0..n-1 (scored, not timed), so that a criterion is "
+                        "compared with the spread of random draws; 5 in sweeps")
     p.add_argument("--phases", default="prefill,decode", help="'none' scores quality only")
     p.add_argument("--round-to", type=int, default=None, help="width / low-rank: round kept sizes to 8 or 64")
     p.add_argument("--timing-mode", default="auto", choices=["auto", *timing.MODES],
@@ -92,7 +95,7 @@ def main(argv=None):
         preset = None if a.preset == "none" else a.preset
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
                         preset=preset, seed=a.seed, options_=options, budget_s=a.budget, calib_n=a.calib_n,
-                        calib_len=a.calib_len)
+                        calib_len=a.calib_len, baseline_seeds=a.baseline_seeds)
         _ci_target(a.ci_target)
         engine_rows.check_runtime(a.runtime, a.export_dtype, a.threads, batches)
         if a.threads is not None:
@@ -115,7 +118,7 @@ def main(argv=None):
                      preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
                      ci_target=_ci_target(a.ci_target), budget_s=a.budget, runtime=a.runtime,
                      export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity,
-                     calib_n=a.calib_n, calib_len=a.calib_len, **options)
+                     calib_n=a.calib_n, calib_len=a.calib_len, baseline_seeds=a.baseline_seeds, **options)
     except checks.InputError as err:
         p.error(str(err))
     print_table(for_runtime(df, a.runtime), batches[0], lengths[0])

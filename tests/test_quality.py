@@ -382,3 +382,25 @@ def test_lm_eval_bootstrap_lines_do_not_reach_stdout(tiny_lm, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "bootstrapping for stddev" not in out
     assert "bootstrapping for stddev" in err  # not lost: it went to stderr
+
+
+def test_run_draws_a_random_baseline_at_baseline_seeds_scored_not_timed(tiny_lm, monkeypatch, tmp_path):
+    """``baseline_seeds=3``: depth_random is drawn at seeds 0, 1, 2 (fidelity for each, one timing), the criterion
+    at its seed only; the table then compares ShortGPT with three random draws, not one."""
+    from prunelib import experiment
+    from prunelib.run import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: tiny_lm)
+    store = ResultsStore(tmp_path / "r.jsonl")
+    df = experiment.run("tiny", ["shortgpt", "depth_random"], [0.5], phases=("prefill",), lengths=(16,), reps=2,
+                        preset=None, calib_n=2, calib_len=32, baseline_seeds=3, store=store, ci_target=None)
+    kl = df[df.metric == "fidelity_kl"]
+    seeds = {m: sorted({e["seed"] for e in g.extra}) for m, g in kl.groupby("method")}
+    assert seeds == {"depth_random": [0, 1, 2], "shortgpt": [0]}
+    sp = df[df.metric == "speedup"]
+    assert sorted(sp.method) == ["depth_random", "shortgpt"]  # one timing each: the extra draws are not timed
+    vk = experiment.versus_random(df, store, x="kl").iloc[0]
+    assert vk.method == "shortgpt" and vk.random_seeds == 3 and vk.seeds == 1
+    assert pipeline.seeds_of("depth_random", 4, 3) == [4, 0, 1, 2] and pipeline.seeds_of("shortgpt", 4, 3) == [4]
+    with pytest.raises(ValueError, match="baseline_seeds"):
+        experiment.run("tiny", ["depth_random"], [0.5], baseline_seeds=0, store=store)

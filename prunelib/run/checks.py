@@ -44,7 +44,7 @@ def method_sparsities(names, values, model) -> None:
 
 def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(512,), reps_=20, preset=None,
              calib_n=32, calib_len=256, seed=0, options_=None, ci_target_=None, budget_s=None, fidelity=True,
-             timing_mode=None, device="cpu", dtype="float32") -> None:
+             timing_mode=None, device="cpu", dtype="float32", baseline_seeds=1) -> None:
     """Everything of an experiment sweep that can be checked without the model (see :func:`model_args`)."""
     methods(methods_)
     options(methods_, options_ or {})
@@ -59,6 +59,7 @@ def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(51
     integer("calib_n", calib_n)
     integer("calib_len", calib_len)
     integer("seed", seed, 0)
+    integer("baseline_seeds", baseline_seeds, 1, why=" (seeds of each random baseline: 0..n-1)")
     ci_target(ci_target_)
     if budget_s is not None:
         budget(budget_s)
@@ -117,6 +118,8 @@ def _each_parameter(p: dict) -> None:
             reps(v)
         elif name in ("calib_n", "calib_len"):
             integer(name, v)
+        elif name == "baseline_seeds":
+            integer(name, v, 1, why=" (seeds of each random baseline: 0..n-1)")
         elif name == "limit":
             limit(v)
         elif name == "phases":

@@ -164,10 +164,16 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
         batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
         device="cpu", dtype="float32", store: ResultsStore | None = None, timing_mode: str | None = None,
         ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, runtime: str = "pytorch",
-        export_dtype: str = engine_rows.DEFAULT_EXPORT_DTYPE, threads: int | None = None, **options) -> pd.DataFrame:
+        export_dtype: str = engine_rows.DEFAULT_EXPORT_DTYPE, threads: int | None = None, baseline_seeds: int = 1,
+        **options) -> pd.DataFrame:
     """The sweep. Returns every stored row of this model (a tidy DataFrame).
 
     ``sparsities``: values in each method's unit, or ``"ladder"``: every rung of each method's declared ladder.
+
+    ``baseline_seeds``: a random baseline (a method registered with ``baseline=None``) is also drawn at seeds
+    0..baseline_seeds-1 besides ``seed``, so that a criterion is compared with the spread of random draws
+    (:func:`prunelib.results.summary.versus_random`); those extra draws are scored (quality and fidelity), not
+    timed: a random draw of the same sparsity has the same shapes, so its speed does not depend on the seed.
 
     ``fidelity``: also score each pruned model's KL and NLL change against the dense model
     (:mod:`prunelib.measure.fidelity`, about 20 s per model on 2 cores).
@@ -182,51 +188,60 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=reps, preset=preset,
                     calib_n=calib_n, calib_len=calib_len, seed=seed, options_=options, ci_target_=ci_target,
                     budget_s=budget_s, fidelity=fidelity, timing_mode=timing_mode, device=device,
-                    dtype=dtype)  # before any work
+                    dtype=dtype, baseline_seeds=baseline_seeds)  # before any work
     engine_rows.check_runtime(runtime, export_dtype, threads, batches, device)
     store.check_writable()  # a read-only folder or a full disk, refused before scoring
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
-    plan = {m: rungs(m, model) if sparsities == checks.LADDER else list(sparsities) for m in methods}
-    cal = calibration_batch(tok, n=calib_n, length=calib_len, seed=seed) if tok is not None else None
+    plan = [(m, s, k) for m in methods for s in (rungs(m, model) if sparsities == checks.LADDER else sparsities)
+            for k in seeds_of(m, seed, baseline_seeds)]
+    cals = {}
     text = timing_text(tok, batches, lengths, seed=seed + 1)
     dense_q = scoring.evaluate(model, tok, preset=preset, store=store, model_name=model_name) if preset else None
-    bar = tqdm(total=sum(map(len, plan.values())), desc="prune, time, score")  # one bar for the sweep
-    for method in methods:
-        for sparsity in plan[method]:
-            bar.set_postfix_str(f"{method} s={sparsity:g}")
-            pruned, report = prune(model, method, sparsity, calibration=cal, seed=seed, **options)
-            extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": seed},
-                     "options": options}
-            if runtime == "pytorch":
-                speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
-                           lengths=lengths, reps=reps, extra=extra, text=text, timing_mode=timing_mode,
-                           ci_target=ci_target, budget_s=budget_s)
-            else:
-                ids = text[0] if text is not None else torch.randint(0, model.config.vocab_size, (max(lengths) + 1,),
-                                                                     generator=torch.Generator().manual_seed(seed))
-                engine_rows.engine_speed_rows(store, model_name, model, pruned, method, sparsity, report.cell,
-                                              ids=ids, phases=phases, lengths=lengths, reps=reps,
-                                              export_dtype=export_dtype, threads=threads, tokenizer=tok,
-                                              ci_target=ci_target, budget_s=budget_s, extra=extra)
-            if preset:
-                ModelAdapter(pruned).reset_stats()
-                q = scoring.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
-                                     batch_size=QUALITY_BATCH, cell=report.cell, method=method,
-                                     sparsity=sparsity, extra=extra)
-                _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
-                            realised_sparsity(method, pruned), seed, options, active_share(method, pruned))
-            if fidelity and tok is not None:
-                # a rule that acts on long prompts is also scored where it runs: 1536 tokens prefilled, 512 scored
-                long = ("ptb-long",) if get(method).hook("active_share") is not None else ()
-                fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
-                                     sparsity=sparsity, cell=report.cell, seed=seed, extra=extra,
-                                     domains=fidelity_mod.DEFAULT_DOMAINS + long)
-            del pruned
-            bar.update()
+    bar = tqdm(total=len(plan), desc="prune, time, score")  # one bar for the sweep
+    for method, sparsity, k in plan:
+        bar.set_postfix_str(f"{method} s={sparsity:g}" + (f" seed {k}" if k != seed else ""))
+        if k not in cals:
+            cals[k] = calibration_batch(tok, n=calib_n, length=calib_len, seed=k) if tok is not None else None
+        pruned, report = prune(model, method, sparsity, calibration=cals[k], seed=k, **options)
+        extra = {"removed": report.removed, "calibration": {"n": calib_n, "length": calib_len, "seed": k},
+                 "options": options}
+        timed = k == seed  # an extra random draw is scored, not timed (same shapes, so the same speed)
+        if timed and runtime == "pytorch":
+            speed_rows(store, model_name, model, pruned, method, sparsity, phases=phases, batches=batches,
+                       lengths=lengths, reps=reps, extra=extra, text=text, timing_mode=timing_mode,
+                       ci_target=ci_target, budget_s=budget_s)
+        elif timed:
+            ids = text[0] if text is not None else torch.randint(0, model.config.vocab_size, (max(lengths) + 1,),
+                                                                 generator=torch.Generator().manual_seed(seed))
+            engine_rows.engine_speed_rows(store, model_name, model, pruned, method, sparsity, report.cell,
+                                          ids=ids, phases=phases, lengths=lengths, reps=reps,
+                                          export_dtype=export_dtype, threads=threads, tokenizer=tok,
+                                          ci_target=ci_target, budget_s=budget_s, extra=extra)
+        if preset:
+            ModelAdapter(pruned).reset_stats()
+            q = scoring.evaluate(pruned, tok, preset=preset, store=store, model_name=model_name,
+                                 batch_size=QUALITY_BATCH, cell=report.cell, method=method,
+                                 sparsity=sparsity, extra=extra)
+            _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
+                        realised_sparsity(method, pruned), k, options, active_share(method, pruned))
+        if fidelity and tok is not None:
+            # a rule that acts on long prompts is also scored where it runs: 1536 tokens prefilled, 512 scored
+            long = ("ptb-long",) if get(method).hook("active_share") is not None else ()
+            fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
+                                 sparsity=sparsity, cell=report.cell, seed=k, extra=extra,
+                                 domains=fidelity_mod.DEFAULT_DOMAINS + long)
+        del pruned
+        bar.update()
     bar.close()
     df = store.load()
     return df[df.model == model_name].reset_index(drop=True)
+
+
+def seeds_of(method: str, seed: int, baseline_seeds: int = 1) -> list[int]:
+    """The seeds ``method`` runs at: ``seed``, and for a random baseline also 0..baseline_seeds-1 (``seed`` first)."""
+    extra = range(baseline_seeds) if get(method).baseline is None else ()
+    return [seed] + [k for k in extra if k != seed]
 
 
 def long_context_perplexity(model_name: str = EMBEDDED, methods=(), sparsities=(), *, docs: int = 4,
