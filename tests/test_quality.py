@@ -402,5 +402,6 @@ def test_run_draws_a_random_baseline_at_baseline_seeds_scored_not_timed(tiny_lm,
     vk = experiment.versus_random(df, store, x="kl").iloc[0]
     assert vk.method == "shortgpt" and vk.random_seeds == 3 and vk.seeds == 1
     assert pipeline.seeds_of("depth_random", 4, 3) == [4, 0, 1, 2] and pipeline.seeds_of("shortgpt", 4, 3) == [4]
+    assert pipeline.seeds_of("depth_random", 2) == [2]  # the default: only the seed asked for
     with pytest.raises(ValueError, match="baseline_seeds"):
         experiment.run("tiny", ["depth_random"], [0.5], baseline_seeds=0, store=store)

@@ -239,8 +239,9 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
 
 
 def seeds_of(method: str, seed: int, baseline_seeds: int = 1) -> list[int]:
-    """The seeds ``method`` runs at: ``seed``, and for a random baseline also 0..baseline_seeds-1 (``seed`` first)."""
-    extra = range(baseline_seeds) if get(method).baseline is None else ()
+    """The seeds ``method`` runs at: ``seed``, and for a random baseline with ``baseline_seeds`` > 1 also
+    0..baseline_seeds-1 (``seed`` first). 1, the default, is the one seed asked for."""
+    extra = range(baseline_seeds) if get(method).baseline is None and baseline_seeds > 1 else ()
     return [seed] + [k for k in extra if k != seed]
 
 
