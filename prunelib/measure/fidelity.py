@@ -171,6 +171,14 @@ def _reset(model) -> None:
             m.reset_stats()
 
 
+def long_prompt_rule(method: str) -> bool:
+    """Whether ``method``'s rule acts on long prompts (it reports an ``active_share``: sparse attention, token
+    pruning), so that its fidelity is read on "ptb-long", where the rule runs, not on the short windows."""
+    from prunelib.pruning import REGISTRY
+
+    return method in REGISTRY and REGISTRY[method].hook("active_share") is not None
+
+
 def _while_scoring(model, method: str) -> dict:
     """What the pruned model's rule did on the windows just scored: its realised sparsity per phase and the share of
     scored positions it shaped (hooks of the method's module; nothing for static methods)."""

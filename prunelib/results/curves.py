@@ -40,7 +40,8 @@ def isotonic(y, w=None) -> np.ndarray:
 def method_curve(pts: pd.DataFrame) -> pd.DataFrame:
     """One method's rungs at one shape (rows of :func:`prunelib.results.pareto.points`), sorted by loss, dense
     first, with ``fit``/``fit_low``/``fit_high``: the rungs' speedup and its CI bounds made non-decreasing in loss
-    (dense stays 1.0; between it and the first rung a reading is interpolated). Seeds of one sparsity are averaged first (a random baseline's draws are one rung)."""
+    (dense stays 1.0; between it and the first rung a reading is interpolated). Seeds of one sparsity are averaged
+    first (a random baseline's draws are one rung)."""
     g = (pts.groupby("sparsity", as_index=False)
          .agg(loss=("loss", "mean"), loss_low=("loss_low", "mean"), loss_high=("loss_high", "mean"),
               speedup=("speedup", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),

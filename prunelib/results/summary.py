@@ -133,7 +133,9 @@ def versus_random(df: pd.DataFrame, store: ResultsStore | None = None, iters: in
 def fidelity_domain(method: str) -> str:
     """Where a method's fidelity measures its rule: "ptb-long" (1536 tokens prefilled) for a method whose rule
     acts on long prompts (it reports an ``active_share``), else "ptb"."""
-    return "ptb-long" if method in REGISTRY and get(method).hook("active_share") is not None else "ptb"
+    from prunelib.measure.fidelity import long_prompt_rule
+
+    return "ptb-long" if long_prompt_rule(method) else "ptb"
 
 
 def _versus_row(x, domain, method, base, s, g, r, loss, folder, iters, seed) -> dict:

@@ -227,7 +227,7 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                         realised_sparsity(method, pruned), k, options, active_share(method, pruned))
         if fidelity and tok is not None:
             # a rule that acts on long prompts is also scored where it runs: 1536 tokens prefilled, 512 scored
-            long = ("ptb-long",) if get(method).hook("active_share") is not None else ()
+            long = ("ptb-long",) if fidelity_mod.long_prompt_rule(method) else ()
             fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
                                  sparsity=sparsity, cell=report.cell, seed=k, extra=extra,
                                  domains=fidelity_mod.DEFAULT_DOMAINS + long)
