@@ -143,7 +143,7 @@ def target_and_time(model_name, methods, scorings: int = 6, *, phases=("prefill"
                 seed=seed, **options, **kw)
         for b in found:
             rows.append(dict(method=method, band=f"{b.band[0]}-{b.band[1]}%", status=b.status, sparsity=b.sparsity,
-                             loss=b.loss, reason=b.reason, scorings=len(search.scored), kl_evaluations=len(search.kls),
+                             loss=b.loss, reason=b.reason, scorings=search.scorings, kl_evaluations=len(search.kls),
                              rungs=len(search.rungs)))
     t = pd.DataFrame(rows)
     with pd.option_context("display.width", 250, "display.max_colwidth", 90):

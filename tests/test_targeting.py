@@ -120,3 +120,51 @@ def test_a_rerun_with_the_scores_of_the_first_takes_its_path_and_scores_nothing(
     again, search2 = find_bands(RUNGS, kl, never, budget=8, prior=[(kl(0.3), 99.0)], known=dict(search.scored))
     assert [(b.status, b.sparsity) for b in again] == [(b.status, b.sparsity) for b in found]
     assert search2.scored == search.scored
+
+
+def test_a_scoring_where_the_rule_did_not_run_confirms_no_band():
+    """Sparse attention leaves the quick suite's short prompts dense: its loss there is the dense model's, so the
+    search must stop and say so, not 'find' a 0-4% rung at its largest sparsity."""
+    from prunelib.run.targeting import Inactive
+
+    def score(s):
+        raise Inactive(f"its rule shaped 0% of the quick suite's scored tokens at {s:g}")
+
+    score = counted(score)
+    found, search = find_bands([0.25, 0.5, 0.75], lambda s: 0.0, score, budget=6)
+    assert [b.status for b in found] == ["inactive"] * 3 and len(score.calls) == 1 == search.scorings
+    assert all("0% of the quick suite" in b.reason and b.sparsity is None for b in found)
+
+
+def test_target_reads_the_active_share_of_each_stored_loss(tmp_path, monkeypatch, tiny_model):
+    """target() on a store whose loss rows say the rule did not run: no band found, one stored row read as inactive
+    (not re-scored), and those rows never enter another method's prior."""
+    import pandas as pd
+
+    import prunelib.model.models as models
+    import prunelib.run.pipeline as pipeline
+    from prunelib.core.store import ResultsStore
+    from prunelib.run import targeting
+
+    store = ResultsStore(tmp_path / "results.jsonl")
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: (tiny_model, None))
+    runs = []
+
+    def fake_run(model_name, methods, sparsities, *, preset=None, **kw):  # what pipeline.run stores, minus the work
+        (method,), (s,) = methods, sparsities
+        runs.append((method, s, preset))
+        base = dict(model="m", cell="sparse_attention", method=method, sparsity=s, phase="quality", device="cpu",
+                    dtype="float32", ci_low=None, ci_high=None, n=32)
+        rows = [dict(base, metric="fidelity_kl", value=0.01 * s, config_hash=f"kl{s}", extra=dict(domain="ptb"))]
+        if preset:
+            rows.append(dict(base, metric="quality_loss_pct", value=0.3, config_hash=f"loss{s}",
+                             extra=dict(active_share_scoring=0.0)))
+        store.append(rows)
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    found, search = targeting.target("m", "sparse_attn_block", budget=4, store=store)
+    assert [b.status for b in found] == ["inactive"] * 3 and search.scorings == 1
+    assert "ptb-long" in found[0].reason and not search.scored
+    scored = [r for r in runs if r[2]]
+    again, search2 = targeting.target("m", "sparse_attn_block", budget=4, store=store)  # the stored row is read
+    assert [b.status for b in again] == ["inactive"] * 3 and [r for r in runs if r[2]] == scored
+    assert targeting._prior(pd.DataFrame(store.load()), "m", "other", 0) == []

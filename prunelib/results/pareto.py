@@ -44,6 +44,13 @@ COLUMNS = KEY + ["cell", "label", *SHAPE, "speedup", "ci_low", "ci_high", "bound
 ACTIVE_MIN = 0.5
 
 
+def inactive(extra) -> bool:
+    """Whether a quality row's ``extra`` says the method's rule shaped fewer than :data:`ACTIVE_MIN` of the
+    scored tokens (``active_share_scoring``; a static method stores none and is never inactive)."""
+    share = extra.get("active_share_scoring") if isinstance(extra, dict) else None
+    return share is not None and share < ACTIVE_MIN
+
+
 def x_label(pts: pd.DataFrame) -> str:
     """The x-axis title of a frame from :func:`points`."""
     if not len(pts):
@@ -95,7 +102,7 @@ def quality(df: pd.DataFrame, x: str = "loss", domain: str = "ptb") -> pd.DataFr
     q["ci_method"] = [e.get("ci_method", "unpaired" if x == "loss" else "paired_bootstrap") for e in q.extra]
     q["active_share"] = [e.get("active_share_scoring") for e in q.extra]
     # a loss scored where the method's rule barely ran does not measure the rule: flagged, and left out of bands
-    q["inactive"] = [a is not None and a < ACTIVE_MIN for a in q.active_share]
+    q["inactive"] = [inactive(e) for e in q.extra]
     return q
 
 

@@ -13,8 +13,11 @@ prediction falls in the band:
   search up the ladder and one above it moves it down; bands are searched in increasing order and share every
   score: a band that a rung scored earlier already lands in is found there (its largest such rung) at no cost;
 - a band is ``found`` (a confirmed rung in it), ``unreachable`` (its smallest rung already loses more, its
-  largest loses less, or two adjacent rungs straddle it: the reason names them), or ``budget`` (the method's
-  scoring budget ran out first).
+  largest loses less, or two adjacent rungs straddle it: the reason names them), ``budget`` (the method's
+  scoring budget ran out first), or ``inactive``: a scoring showed that the method's rule barely ran on the quick
+  suite (sparse attention leaves prompts shorter than two blocks dense), so its loss there measures the dense
+  model, not the method, and no band can be confirmed with it; the search stops and says so, rather than "finding"
+  a 0-4% rung at any sparsity.
 
 :func:`find_bands` is the search on two callables (tests give it a known loss curve); :func:`target` runs it on a
 real model through :func:`prunelib.run.pipeline.run`, which stores every fidelity and quality row as usual.
@@ -27,13 +30,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prunelib.results.curves import isotonic
-from prunelib.results.pareto import PAPER_BANDS, band_edges
+from prunelib.results.pareto import ACTIVE_MIN, PAPER_BANDS, band_edges, inactive
+
+
+class Inactive(Exception):
+    """Raised by a ``score`` callable whose scoring showed the method's rule did not run where it scored."""
 
 
 @dataclass
 class Band:
     band: tuple
-    status: str = "budget"  # found | unreachable | budget
+    status: str = "budget"  # found | unreachable | budget | inactive
     sparsity: float | None = None
     loss: float | None = None
     reason: str = ""
@@ -48,6 +55,12 @@ class Search:
     scored: dict = field(default_factory=dict)  # sparsity -> confirmed loss
     kls: dict = field(default_factory=dict)  # sparsity -> KL
     prior: tuple = ()  # (KL, loss) of other methods on the same model: the prediction before this one is scored
+    inactive: dict = field(default_factory=dict)  # sparsity -> why its scoring does not measure the rule
+
+    @property
+    def scorings(self) -> int:
+        """Quick-suite scorings spent: the confirmed losses and the ones that showed an inactive rule."""
+        return len(self.scored) + len(self.inactive)
 
     def kl_of(self, s):
         if s not in self.kls:
@@ -56,9 +69,13 @@ class Search:
 
     def loss_of(self, s):
         if s not in self.scored:
-            if len(self.scored) >= self.budget:
+            if self.scorings >= self.budget:
                 return None
-            self.scored[s] = float(self.score(s))
+            try:
+                self.scored[s] = float(self.score(s))
+            except Inactive as e:
+                self.inactive[s] = str(e)
+                raise
         return self.scored[s]
 
     def predict(self, s) -> tuple[float, float]:
@@ -108,6 +125,10 @@ def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6, prior=(), k
     out, floor = [], 0
     for band, (start, stop) in zip(map(tuple, bands), band_edges(bands)):
         res = Band(band)
+        if search.inactive:  # the quick suite does not measure this method: no band can be confirmed
+            res.status, res.reason = "inactive", next(iter(search.inactive.values()))
+            out.append(res)
+            continue
         lo, hi = floor, len(rungs) - 1
         done = [r for r in rungs[lo:] if r in search.scored and start <= search.scored[r] < stop]
         if done:  # an earlier band's search already scored a rung in this band: the largest such, no new scoring
@@ -117,7 +138,11 @@ def find_bands(rungs, kl, score, bands=PAPER_BANDS, budget: int = 6, prior=(), k
             continue
         while lo <= hi:
             idx = _bisect(search, lo, hi, start, stop)
-            loss = search.loss_of(rungs[idx])
+            try:
+                loss = search.loss_of(rungs[idx])
+            except Inactive as e:
+                res.status, res.reason = "inactive", str(e)
+                break
             if loss is None:
                 res.reason = f"scoring budget of {budget} spent"
                 break
@@ -177,6 +202,7 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     from prunelib.core.store import ResultsStore
     from prunelib.model.models import load_model
     from prunelib.pruning.registry import rungs
+    from prunelib.results.summary import fidelity_domain
     from prunelib.run.pipeline import run
 
     store = ResultsStore() if store is None else store
@@ -184,12 +210,14 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     ladder = rungs(method, model)
     del model
 
-    def stored(s, metric, domain=None, df=None):
+    def stored(s, metric, domain=None, df=None, row=False):
         df = store.load() if df is None else df
         df = df[(df.model == model_name) & (df.method == method) & (df.metric == metric)]
         df = df.loc[np.array([abs(x - s) < 1e-9 for x in df.sparsity], bool)]
         df = df.loc[np.array([(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
                               for e in df.extra], bool)]
+        if row:
+            return df.iloc[-1] if len(df) else None
         return float(df.value.iloc[-1]) if len(df) else None
 
     def kl(s):
@@ -200,10 +228,20 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     def score(s):
         if stored(s, "quality_loss_pct") is None:
             run(model_name, [method], [s], phases=(), preset=preset, fidelity=True, seed=seed, store=store, **run_kw)
-        return stored(s, "quality_loss_pct")
+        r = stored(s, "quality_loss_pct", row=True)
+        if r is None:  # nothing stored, even after scoring: fail loudly rather than searching on nothing
+            raise RuntimeError(f"band targeting: no quality_loss_pct row for {method} at {s:g} after scoring it")
+        share = (r.extra or {}).get("active_share_scoring")
+        if inactive(r.extra):
+            domain = fidelity_domain(method)
+            raise Inactive(f"its rule shaped {share:.0%} of the quick suite's scored tokens at {s:g} (fewer than "
+                           f"{ACTIVE_MIN:.0%}), so its loss there measures the dense model, not the method; read it "
+                           f"by its KL on {domain}: python -m prunelib.pareto --x kl --domain {domain}")
+        return float(r.value)
 
     rows = store.load()  # once for every rung's stored score and the prior
-    known = {s: v for s in ladder if (v := stored(s, "quality_loss_pct", df=rows)) is not None}
+    known = {s: stored(s, "quality_loss_pct", df=rows) for s in ladder
+             if (r := stored(s, "quality_loss_pct", df=rows, row=True)) is not None and not inactive(r.extra)}
     return find_bands(ladder, kl, score, bands, budget, prior=_prior(rows, model_name, method, seed), known=known)
 
 
@@ -219,4 +257,8 @@ def _prior(df, model_name: str, method: str, seed: int) -> list:
         return {(m, round(float(s), 9)): float(v) for m, s, v in zip(d.method, d.sparsity, d.value)}
 
     kl, loss = table("fidelity_kl", "ptb"), table("quality_loss_pct")
+    d = df[df.metric == "quality_loss_pct"]
+    gone = {(m, round(float(s), 9)) for m, s, e in zip(d.method, d.sparsity, d.extra) if inactive(e)}
+    loss = {k: v for k, v in loss.items() if k not in gone}  # a loss where the rule did not run measures nothing
     return [(kl[k], loss[k]) for k in sorted(set(kl) & set(loss)) if np.isfinite(kl[k]) and np.isfinite(loss[k])]
+
