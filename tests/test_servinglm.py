@@ -123,6 +123,23 @@ def test_serving_hflm_is_plain_hflm_for_a_static_model(tokenizer):
     assert serving == plain
 
 
+def test_only_the_scored_positions_are_unembedded(tokenizer, monkeypatch):
+    """Each batch's logits start at the first position any of its rows scores (its last context token): the
+    unembedding and log-softmax of the contexts, most of each row, are skipped; the scores stay plain HFLM's."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(vocab_size=49152)).eval()
+    lm = ServingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    shapes, call = [], ServingHFLM._model_call
+
+    def spy(self, inps, **kw):
+        out = call(self, inps, **kw)
+        shapes.append((inps.shape[1], out.shape[1], min(self._lengths(r)[1] for r in inps.tolist())))
+        return out
+    monkeypatch.setattr(ServingHFLM, "_model_call", spy)
+    lm._loglikelihood_tokens(requests())
+    assert shapes and all(kept == width - (prompt - 1) < width for width, kept, prompt in shapes), shapes
+
+
 DYNAMIC = [m for m in pruning.methods() if not pruning.get(m).cell.static]
 
 

@@ -16,6 +16,13 @@ positions being scored. This module tells such a model where each row's prompt e
   (``len(context)`` after lm-eval's left truncation) and wraps its ``_model_call`` in
   :func:`prompt_lengths`. For a static model it is plain ``HFLM`` (identical scores).
 
+Only the positions a batch scores are unembedded: HFLM log-softmaxes the logits of every position and keeps the
+continuation's, so ``_model_call`` asks the model for the logits of the last positions only (``logits_to_keep``,
+from the first position any row of the batch scores), which HFLM reads at the same positions (its causal
+``ctx_len`` offset). The vocabulary projection of the context tokens, about a sixth of a scoring of the embedded
+model (a 49k vocabulary), and a ``[batch, length, vocab]`` float tensor per batch are saved; the scores are
+unchanged (tested equal to plain HFLM's).
+
 Batches: HFLM right-pads a batch and passes no attention mask. For a static model (or a
 causal dynamic one) padding after a row's tokens cannot change them, but a dynamic
 method would route, prune and count the pad tokens. So for a model with dynamic modules
@@ -79,8 +86,10 @@ class ServingHFLM(HFLM):
     _prompts: dict | None = None  # input tokens -> prompt length, for the requests being scored
     _prompt_aware = False  # whether the model has modules that take prompt lengths
 
+    _dynamic = False  # whether the model has modules whose work depends on the input (masked, counted)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self.backend != "causal" or not dynamic_modules(self.model):
+        if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         prompts = {}
         for _, context, continuation in requests:
@@ -88,7 +97,8 @@ class ServingHFLM(HFLM):
             n = len(inp) - len(continuation) + 1
             prompts[inp] = min(n, prompts.get(inp, n))
         self._prompts = prompts
-        self._prompt_aware = bool(serving_modules(self.model))  # found once per request set, not per batch
+        self._dynamic = bool(dynamic_modules(self.model))  # found once per request set, not per batch
+        self._prompt_aware = bool(serving_modules(self.model))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
@@ -108,8 +118,15 @@ class ServingHFLM(HFLM):
         if self._prompts is None:
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         real, prompt = zip(*(self._lengths(r) for r in inps.tolist()))
-        mask = torch.arange(inps.shape[1], device=inps.device)[None] < torch.tensor(real, device=inps.device)[:, None]
+        # logits of the last `keep` positions only: from the first position any row scores (its last prompt token)
+        # to the end; HFLM reads the shorter logits at the same positions (its ctx_len offset), and the unembedding
+        # and log-softmax of every context position, most of each row, are never computed
+        keep = inps.shape[1] - (min(prompt) - 1)
+        kw = dict(logits_to_keep=keep)
+        if self._dynamic:  # pad tokens are neither routed nor counted (a static model, as HFLM, gets no mask)
+            mask = torch.arange(inps.shape[1], device=inps.device)[None] < torch.tensor(real, device=inps.device)[:, None]
+            kw["attention_mask"] = mask.long()
         prompts = prompt_lengths(self.model, prompt) if self._prompt_aware else nullcontext()
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None), prompts:
-            return self.model(inps, attention_mask=mask.long()).logits
+            return self.model(inps, **kw).logits
