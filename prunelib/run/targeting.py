@@ -210,38 +210,37 @@ def target(model_name: str, method: str, bands=PAPER_BANDS, *, budget: int = 6, 
     ladder = rungs(method, model)
     del model
 
-    def stored(s, metric, domain=None, df=None, row=False):
+    def latest(s, metric, domain=None, df=None):
+        """The latest stored ``metric`` row of this method at rung ``s`` and ``seed`` (on ``domain``), or None."""
         df = store.load() if df is None else df
         df = df[(df.model == model_name) & (df.method == method) & (df.metric == metric)]
         df = df.loc[np.array([abs(x - s) < 1e-9 for x in df.sparsity], bool)]
         df = df.loc[np.array([(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
                               for e in df.extra], bool)]
-        if row:
-            return df.iloc[-1] if len(df) else None
-        return float(df.value.iloc[-1]) if len(df) else None
+        return df.iloc[-1] if len(df) else None
 
     def kl(s):
-        if stored(s, "fidelity_kl", "ptb") is None:
+        if latest(s, "fidelity_kl", "ptb") is None:
             run(model_name, [method], [s], phases=(), preset=None, fidelity=True, seed=seed, store=store, **run_kw)
-        return stored(s, "fidelity_kl", "ptb")
+        return float(latest(s, "fidelity_kl", "ptb").value)
 
     def score(s):
-        if stored(s, "quality_loss_pct") is None:
+        if latest(s, "quality_loss_pct") is None:
             run(model_name, [method], [s], phases=(), preset=preset, fidelity=True, seed=seed, store=store, **run_kw)
-        r = stored(s, "quality_loss_pct", row=True)
+        r = latest(s, "quality_loss_pct")
         if r is None:  # nothing stored, even after scoring: fail loudly rather than searching on nothing
             raise RuntimeError(f"band targeting: no quality_loss_pct row for {method} at {s:g} after scoring it")
-        share = (r.extra or {}).get("active_share_scoring")
         if inactive(r.extra):
             domain = fidelity_domain(method)
-            raise Inactive(f"its rule shaped {share:.0%} of the quick suite's scored tokens at {s:g} (fewer than "
-                           f"{ACTIVE_MIN:.0%}), so its loss there measures the dense model, not the method; read it "
-                           f"by its KL on {domain}: python -m prunelib.pareto --x kl --domain {domain}")
+            raise Inactive(f"its rule shaped {r.extra['active_share_scoring']:.0%} of the quick suite's scored tokens "
+                           f"at {s:g} (fewer than {ACTIVE_MIN:.0%}), so its loss there measures the dense model, not "
+                           f"the method; read it by its KL on {domain}: python -m prunelib.pareto --x kl --domain "
+                           f"{domain}")
         return float(r.value)
 
     rows = store.load()  # once for every rung's stored score and the prior
-    known = {s: stored(s, "quality_loss_pct", df=rows) for s in ladder
-             if (r := stored(s, "quality_loss_pct", df=rows, row=True)) is not None and not inactive(r.extra)}
+    known = {s: float(r.value) for s in ladder
+             if (r := latest(s, "quality_loss_pct", df=rows)) is not None and not inactive(r.extra)}
     return find_bands(ladder, kl, score, bands, budget, prior=_prior(rows, model_name, method, seed), known=known)
 
 
@@ -252,13 +251,10 @@ def _prior(df, model_name: str, method: str, seed: int) -> list:
     def table(metric, domain=None):
         d = df[df.metric == metric]
         keep = [(e or {}).get("seed", 0) == seed and (domain is None or (e or {}).get("domain") == domain)
-                for e in d.extra]
+                and not inactive(e) for e in d.extra]  # a loss where the rule did not run measures nothing
         d = d.loc[np.array(keep, bool)] if len(d) else d
         return {(m, round(float(s), 9)): float(v) for m, s, v in zip(d.method, d.sparsity, d.value)}
 
     kl, loss = table("fidelity_kl", "ptb"), table("quality_loss_pct")
-    d = df[df.metric == "quality_loss_pct"]
-    gone = {(m, round(float(s), 9)) for m, s, e in zip(d.method, d.sparsity, d.extra) if inactive(e)}
-    loss = {k: v for k, v in loss.items() if k not in gone}  # a loss where the rule did not run measures nothing
     return [(kl[k], loss[k]) for k in sorted(set(kl) & set(loss)) if np.isfinite(kl[k]) and np.isfinite(loss[k])]
 
