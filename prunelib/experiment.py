@@ -62,7 +62,10 @@ def main(argv=None):
                    help="with --runtime llama.cpp: the GGUF weights' dtype")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the timing: torch's, and with --runtime llama.cpp both engines' (default: torch's)")
-    p.add_argument("--no-fidelity", action="store_true", help="skip the KL / NLL change against dense (20 s a model)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the KL / NLL change against dense (10 s a model "
+                                                              "and domain)")
+    p.add_argument("--fidelity-domains", default="ptb,wikitext2",
+                   help="held-out texts of the KL / NLL change against dense (comma-separated: ptb, wikitext2)")
     p.add_argument("--calib-n", type=int, default=32, help="calibration windows of the criteria")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--table", action="store_true",
@@ -93,6 +96,7 @@ def main(argv=None):
         batches, lengths = checks.csv("batches", a.batches, int), checks.csv("lengths", a.lengths, int)
         options = {"round_to": a.round_to} if a.round_to is not None else {}
         preset = None if a.preset == "none" else a.preset
+        fidelity = list(checks.fidelity_domains(checks.csv("fidelity_domains", a.fidelity_domains)))
         checks.run_args(methods, sparsities, phases_=phases, batches=batches, lengths=lengths, reps_=a.reps,
                         preset=preset, seed=a.seed, options_=options, budget_s=a.budget, calib_n=a.calib_n,
                         calib_len=a.calib_len, baseline_seeds=a.baseline_seeds)
@@ -117,7 +121,7 @@ def main(argv=None):
             df = run(a.model, methods, sparsities, phases=phases, batches=batches, lengths=lengths, reps=a.reps,
                      preset=preset, seed=a.seed, timing_mode=None if a.timing_mode == "auto" else a.timing_mode,
                      ci_target=_ci_target(a.ci_target), budget_s=a.budget, runtime=a.runtime,
-                     export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity,
+                     export_dtype=a.export_dtype, threads=a.threads, fidelity=not a.no_fidelity and fidelity,
                      calib_n=a.calib_n, calib_len=a.calib_len, baseline_seeds=a.baseline_seeds, **options)
     except checks.InputError as err:
         p.error(str(err))

@@ -245,7 +245,7 @@ def test_paired_bootstrap_equals_a_plain_loop():
 @pytest.mark.slow
 def test_run_stores_paired_loss_and_fidelity(tiny_lm, monkeypatch):
     """experiment.run (quality only): the loss row carries the paired CI, the unpaired se and what defines the
-    model; every pruned model gets its fidelity rows; ``fidelity=False`` skips them."""
+    model; every pruned model gets its fidelity rows; ``fidelity=False`` skips them, a list of domains scores those."""
     from prunelib import experiment
     from prunelib.run import pipeline
 
@@ -265,6 +265,9 @@ def test_run_stores_paired_loss_and_fidelity(tiny_lm, monkeypatch):
     assert (fid[fid.metric == "fidelity_kl"].ci_low > 0).all() and all(x["seed"] == 3 for x in fid.extra)
     df = experiment.run("tiny", ["last_n"], [0.25], fidelity=False, **kw)
     assert not ((df.sparsity == 0.25) & df.metric.str.startswith("fidelity")).any()
+    df = experiment.run("tiny", ["last_n"], [0.375], fidelity=["ptb"], **kw)
+    fid = df[(df.sparsity == 0.375) & df.metric.str.startswith("fidelity")]
+    assert len(fid) == 2 and {x["domain"] for x in fid.extra} == {"ptb"}
 
 
 def test_per_task_limits(tiny_lm, tmp_path):

@@ -63,12 +63,24 @@ def run_args(methods_, sparsities_, *, phases_=PHASES, batches=(1,), lengths=(51
     ci_target(ci_target_)
     if budget_s is not None:
         budget(budget_s)
-    flag("fidelity", fidelity)
+    fidelity_domains(fidelity)
     resolve_dtype(dtype, device)  # the device exists and runs the dtype
     if timing_mode is not None:
         from prunelib.measure.timing import choose_mode
 
         choose_mode(resolve_device(device), timing_mode)  # a mode this device cannot run
+
+
+def fidelity_domains(v):
+    """``fidelity``: True (the default domains), False, or the held-out texts to score the KL / NLL change on (a
+    prompt-aware rule's long windows are added by name: :func:`prunelib.measure.fidelity.long_prompt_rule`)."""
+    from prunelib.measure.fidelity import DEFAULT_DOMAINS
+
+    if isinstance(v, bool):
+        return DEFAULT_DOMAINS if v else ()
+    if not isinstance(v, (list, tuple)) or not all(d in DEFAULT_DOMAINS for d in v) or len(set(v)) != len(v):
+        fail("fidelity", v, f"True, False, or distinct domains among {list(DEFAULT_DOMAINS)} ([] for none)")
+    return tuple(v)
 
 
 def model_args(model, methods_, sparsities_, lengths, phases_=PHASES) -> None:
@@ -133,6 +145,8 @@ def _each_parameter(p: dict) -> None:
         elif name == "hardware_spec":
             if v != "cpu" and v not in hardware.KNOWN:
                 fail(name, v, f"'cpu' or one of {sorted(hardware.KNOWN)}")
+        elif name == "fidelity_domains":
+            fidelity_domains(v)
         elif name == "long_context_docs":
             integer(name, v, 0, why=" (0 skips)")
         elif name in ("bands", "fine_bands"):

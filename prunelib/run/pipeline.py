@@ -163,7 +163,7 @@ def speed_rows(store, model_name, dense, pruned, method, sparsity, *, phases=("p
 def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, phases=("prefill", "decode"),
         batches=(1,), lengths=(512,), reps=20, preset: str | None = "quick", calib_n=32, calib_len=256, seed=0,
         device="cpu", dtype="float32", store: ResultsStore | None = None, timing_mode: str | None = None,
-        ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool = True, runtime: str = "pytorch",
+        ci_target=None, budget_s: float = timing.BUDGET_S, fidelity: bool | tuple = True, runtime: str = "pytorch",
         export_dtype: str = engine_rows.DEFAULT_EXPORT_DTYPE, threads: int | None = None, baseline_seeds: int = 1,
         **options) -> pd.DataFrame:
     """The sweep. Returns every stored row of this model (a tidy DataFrame).
@@ -176,7 +176,9 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
     timed: a random draw of the same sparsity has the same shapes, so its speed does not depend on the seed.
 
     ``fidelity``: also score each pruned model's KL and NLL change against the dense model
-    (:mod:`prunelib.measure.fidelity`, about 20 s per model on 2 cores).
+    (:mod:`prunelib.measure.fidelity`, about 10 s per model and domain on 2 cores): True on both default domains
+    (PTB, WikiText-2), or a list of them (``make demo`` scores PTB only: band targeting reads PTB); False or [] for
+    none. A rule that acts on long prompts is also scored on "ptb-long", where it runs.
 
     ``timing_mode``, ``ci_target``, ``budget_s``: how each comparison is timed (see :func:`speed_rows`).
 
@@ -190,6 +192,7 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                     budget_s=budget_s, fidelity=fidelity, timing_mode=timing_mode, device=device,
                     dtype=dtype, baseline_seeds=baseline_seeds)  # before any work
     engine_rows.check_runtime(runtime, export_dtype, threads, batches, device)
+    domains = checks.fidelity_domains(fidelity)
     store.check_writable()  # a read-only folder or a full disk, refused before scoring
     model, tok = load_model(model_name, device=device, dtype=dtype)
     checks.model_args(model, methods, sparsities, lengths, phases)  # per-method ranges, positions: nothing stored yet
@@ -225,12 +228,11 @@ def run(model_name: str = EMBEDDED, methods=("last_n",), sparsities=(0.25,), *, 
                                  sparsity=sparsity, extra=extra)
             _store_loss(store, model_name, method, sparsity, report.cell, dense_q, q, device, dtype, preset,
                         realised_sparsity(method, pruned), k, options, active_share(method, pruned))
-        if fidelity and tok is not None:
+        if domains and tok is not None:
             # a rule that acts on long prompts is also scored where it runs: 1536 tokens prefilled, 512 scored
             long = ("ptb-long",) if fidelity_mod.long_prompt_rule(method) else ()
             fidelity_mod.measure(model, pruned, tok, store=store, model_name=model_name, method=method,
-                                 sparsity=sparsity, cell=report.cell, seed=k, extra=extra,
-                                 domains=fidelity_mod.DEFAULT_DOMAINS + long)
+                                 sparsity=sparsity, cell=report.cell, seed=k, extra=extra, domains=domains + long)
         del pruned
         bar.update()
     bar.close()
