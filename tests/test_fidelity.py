@@ -50,6 +50,30 @@ def test_served_equals_full_forward_for_a_static_model(tiny_model):
     torch.testing.assert_close(served, full, atol=1e-4, rtol=1e-4)
 
 
+def test_dense_head_inputs_are_cached_on_disk(tiny_model, tmp_path, monkeypatch):
+    """The dense model's head inputs outlive the process (a notebook kernel); its log-probs are its head applied to
+    them, equal to the served forward's; another prompt length is another file; a torn file is measured again."""
+    from prunelib.model.models import fingerprint
+
+    monkeypatch.setenv("PRUNELIB_CACHE", str(tmp_path))
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    fp = fingerprint(tiny_model)
+    first = fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids)
+    assert first.shape == (3, 10, tiny_model.config.hidden_size)
+    torch.testing.assert_close(fidelity.head_logprobs(tiny_model, first), fidelity.served_logprobs(tiny_model, ids),
+                               atol=1e-5, rtol=1e-5)
+    files = list((tmp_path / "fidelity").glob("*.pt"))
+    assert len(files) == 1
+    forward = fidelity._head_inputs
+    calls = []
+    monkeypatch.setattr(fidelity, "_head_inputs", lambda *a: calls.append(a) or forward(*a))
+    assert torch.equal(fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids), first) and not calls  # read back
+    assert fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids, 15).shape == (3, 5, first.shape[-1]) and calls
+    assert len(list((tmp_path / "fidelity").glob("*.pt"))) == 2
+    files[0].write_bytes(b"torn")
+    assert torch.equal(fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids), first) and len(calls) == 2
+
+
 @needs_data
 def test_measure_stores_self_zero_and_separates(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm

@@ -28,8 +28,10 @@ same windows for both models (paired), 95%. With few windows a percentile bootst
 (its spread is the plug-in standard deviation, and the percentiles of a skewed mean fall short);
 the t quantile corrects for the estimated spread. The dense model's log-probs are
 kept in memory within a process (one dense model at a time), so each pruned model costs
-only its own forwards; they are not cached on disk (full-vocabulary log-probs of 2k tokens
-are 400 MB).
+only its own forwards. Across processes (each notebook of ``make demo`` is a kernel of its own) the dense
+model's *head inputs* at the scored positions are cached on disk (:func:`dense_head_inputs`: 5 MB for PTB's
+windows, where full-vocabulary log-probs would be 400 MB), and its log-probs are always its output head applied
+to them, cached or not, so a KL does not depend on whether the dense forward ran in this process.
 
 Rows (``phase="quality"``, ``metric`` in {``fidelity_kl``, ``fidelity_dnll``}) are keyed by
 both fingerprints, the code version of a dynamic method (:func:`prunelib.measure.scoring.code_version`),
@@ -43,6 +45,7 @@ with CIs, seconds) and the Spearman rank correlation of KL on PTB with the quick
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import time
@@ -51,7 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prunelib.core.config import data_dir
+from prunelib.core.config import cache_dir, data_dir
 from prunelib.model.models import fingerprint
 from prunelib.core.store import ResultsStore, config_hash
 
@@ -198,13 +201,57 @@ def _while_scoring(model, method: str) -> dict:
     return out
 
 
+def _head_inputs(model, ids: torch.Tensor, context: int | None = None) -> torch.Tensor:
+    """What :func:`served_logprobs` feeds the output head, ``[n, L - c, hidden]`` on the CPU (a forward hook)."""
+    got = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: got.append(args[0]))
+    try:
+        served_logprobs(model, ids, context)
+    finally:
+        handle.remove()
+    return got[-1].detach().float().cpu().contiguous()
+
+
+@torch.no_grad()
+def head_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``model``'s output head applied to ``hidden`` (float32, on the CPU)."""
+    head = model.get_output_embeddings()
+    w = head.weight
+    return torch.log_softmax(head(hidden.to(w.device, w.dtype)).float(), dim=-1).cpu()
+
+
+def dense_head_inputs(dense, fp: str, domain: str, ids: torch.Tensor, context: int | None = None) -> torch.Tensor:
+    """The dense model's head inputs on ``ids``, from the disk cache (``<cache>/fidelity/``) or one forward.
+
+    Keyed by the dense fingerprint, the windows' tokens, the prompt length and the torch and transformers versions
+    (another kernel library may round differently); an unreadable file is measured again and overwritten."""
+    import transformers
+
+    h = hashlib.sha256(ids.numpy().tobytes())
+    h.update(f"{fp}|{domain}|{tuple(ids.shape)}|{context}|{torch.__version__}|{transformers.__version__}|"
+             f"{next(dense.parameters()).device.type}".encode())
+    path = cache_dir() / "fidelity" / f"{domain}-{h.hexdigest()[:20]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a torn or foreign file: measured again below
+            pass
+    hidden = _head_inputs(dense, ids, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(hidden, tmp)
+    os.replace(tmp, path)
+    return hidden
+
+
 def _dense_logprobs(dense, fp, domain, ids, context=None):
     key = (fp, domain, *ids.shape)
     if key not in _DENSE:
         if _DENSE and next(iter(_DENSE))[0] != fp:
             _DENSE.clear()  # one dense model at a time: its log-probs are ~100 MB per domain
         t0 = time.perf_counter()
-        _DENSE[key] = (served_logprobs(dense, ids, context), time.perf_counter() - t0)
+        _DENSE[key] = (head_logprobs(dense, dense_head_inputs(dense, fp, domain, ids, context)),
+                       time.perf_counter() - t0)
     return _DENSE[key]
 
 
