@@ -37,6 +37,9 @@ def _isolated_results(tmp_path, monkeypatch):
     # numbers, and 32 + 8 windows of the embedded model made each notebook test minutes long. In-process tests keep
     # the default: prunelib.measure.fidelity read it when the test modules imported it.
     monkeypatch.setenv("PRUNELIB_FIDELITY_WINDOWS", "4")
+    from prunelib.model import calibration
+
+    calibration._STATS.clear()  # criterion statistics memoised by another test's model of equal weights: not reused
 
 
 @pytest.fixture

@@ -347,7 +347,6 @@ TABLE = [
     (_S, "store sparsity '0.25'", lambda e: _append(sparsity="0.25"), r"sparsity='0.25' is not allowed: expected a number"),
     (_S, "fidelity='no'", lambda e: _run(e, fidelity="no"),
      r"fidelity='no' is not allowed: expected True, False, or distinct domains among \['ptb', 'wikitext2'\]"),
-    (_S, "fidelity=['ptb', 'ptb']", lambda e: _run(e, fidelity=["ptb", "ptb"]), r"fidelity=\['ptb', 'ptb'\] is not allowed"),
     (_S, "--table --model nonexistent", lambda e: experiment.main(["--table", "--model", "nonexistent"]),
      r"model='nonexistent' is not allowed: expected a model with stored rows, and the store is empty"),
     (_S, "--spec S --methods X", lambda e: experiment.main(["--spec", _spec(e), "--methods", "shortgpt"]),
@@ -506,6 +505,16 @@ def test_issue27_bad_input_refused_before_work(env, monkeypatch, capsys, klass, 
     assert re.search(match, message), message
     after = ResultsStore(store.path)
     assert (len(after), after.path.read_bytes() if after.path.exists() else None) == before, "rows were written"
+
+
+def test_fidelity_domains_are_checked():
+    from prunelib.run import checks
+
+    assert checks.fidelity_domains(True) == ("ptb", "wikitext2") and checks.fidelity_domains(False) == ()
+    assert checks.fidelity_domains(["ptb"]) == ("ptb",)
+    for bad in (["ptb", "ptb"], ["ptb-long"], ["c4"], "ptb"):
+        with pytest.raises(checks.InputError, match=r"fidelity=.* is not allowed: expected True, False, or distinct"):
+            checks.fidelity_domains(bad)
 
 
 def test_issue27_table_counts():

@@ -43,3 +43,33 @@ def test_missing_calibration_file(tmp_path):
 def test_bad_sizes(embedded):
     with pytest.raises(ValueError, match="length must be a positive integer"):
         calibration.calibration_batch(embedded[1], n=2, length=0)
+
+
+def test_criterion_statistics_are_computed_once_per_model_and_calibration(tiny_model, cal):
+    """@per_calibration: a second rung on the same dense model and windows reuses the statistics (no forward); a
+    caller's edit of what it got reaches no later call; other weights, other windows or other arguments recompute."""
+    import copy
+
+    from prunelib.pruning.depth import layer_statistics
+
+    forwards = []
+    hook = tiny_model.register_forward_hook(lambda *a: forwards.append(1))
+    first = layer_statistics(tiny_model, cal)
+    n = len(forwards)
+    assert n > 0
+    again = layer_statistics(tiny_model, cal)
+    assert len(forwards) == n and all(torch.equal(first[k], again[k]) for k in first)
+    again["layer"].zero_()
+    assert torch.equal(layer_statistics(tiny_model, cal)["layer"], first["layer"]) and len(forwards) == n
+    layer_statistics(tiny_model, cal, block=2)  # other arguments: computed
+    assert len(forwards) == 2 * n
+    other = calibration.CalibrationSet(cal.input_ids.flip(0), cal.source, cal.file, cal.seed + 1)
+    layer_statistics(tiny_model, other)
+    assert len(forwards) == 3 * n
+    hook.remove()
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.mul_(1.5)
+    assert not torch.equal(layer_statistics(changed, cal)["layer"], first["layer"])
+    assert all(torch.equal(layer_statistics.uncached(tiny_model, cal)[k], first[k]) for k in first)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import per_calibration
 from prunelib.pruning.ladders import layers, whole
 from prunelib.pruning.registry import register
 from prunelib.pruning.surgery import remove_layers, remove_sublayers
@@ -40,6 +41,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1)
 
 
+@per_calibration
 @torch.inference_mode()
 def layer_statistics(model, calibration, block: int | None = None) -> dict[str, torch.Tensor]:
     """Per-layer mean BI of layers and sublayers, and (if ``block``) the angular distance of each block start.

@@ -8,6 +8,7 @@ import math
 import torch
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import per_calibration
 from prunelib.model.models import fingerprint
 from prunelib.pruning.routed_layer import RoutedDecoderLayer, Routers, _check_model, _check_variant, attach
 
@@ -71,7 +72,22 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
     a = _check_model(model)
     skip = layer_skip_rate(model, sparsity)
     layers = routed_layers(len(a.layers))
+    w = router_weights(model, calibration, variant)
     D = a.hidden_size
+    dtype = next(model.parameters()).dtype
+    routers = Routers(fingerprint(model), D, variant, tuple(layers), skip, torch.full((len(layers),), -math.inf),
+                      w[:, :D].to(dtype), w[:, D].to(dtype))
+    if skip > 0:
+        routers.threshold = _calibrate_thresholds(model, routers, calibration)
+    return routers
+
+
+@per_calibration
+def router_weights(model, calibration, variant: str = "layer") -> torch.Tensor:
+    """The ridge fit of every routed layer's router, ``[layers, hidden + 1]`` (weights, then the bias), float64;
+    it does not depend on the sparsity, so the rungs of a ladder share it."""
+    layers = routed_layers(len(ModelAdapter(model).layers))
+    D = ModelAdapter(model).hidden_size
     A = torch.zeros(len(layers), D + 1, D + 1, dtype=torch.float64)
     rhs = torch.zeros(len(layers), D + 1, dtype=torch.float64)
 
@@ -87,13 +103,7 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
     eye = torch.eye(D + 1, dtype=torch.float64)
     eye[D, D] = 0  # the bias is not penalised
     # one solve per layer: the batched solve of this torch build's MKL fails on these systems
-    w = torch.stack([torch.linalg.solve(A[j] + reg[j] * eye, rhs[j]) for j in range(len(layers))])
-    dtype = next(model.parameters()).dtype
-    routers = Routers(fingerprint(model), D, variant, tuple(layers), skip, torch.full((len(layers),), -math.inf),
-                      w[:, :D].to(dtype), w[:, D].to(dtype))
-    if skip > 0:
-        routers.threshold = _calibrate_thresholds(model, routers, calibration)
-    return routers
+    return torch.stack([torch.linalg.solve(A[j] + reg[j] * eye, rhs[j]) for j in range(len(layers))])
 
 
 def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0, calibration=None) -> Routers:

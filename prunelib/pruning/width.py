@@ -29,12 +29,14 @@ import torch
 from torch import nn
 
 from prunelib.model.adapter import ModelAdapter
+from prunelib.model.calibration import per_calibration
 from prunelib.pruning.ladders import mlp_quantum, snapped
 from prunelib.pruning.registry import register
 from prunelib.pruning.surgery import slice_heads, slice_mlp
 
 
 @torch.inference_mode()
+@per_calibration
 def consumer_input_stats(model, calibration) -> dict:
     """Per layer: mean, variance and L2 norm over calibration tokens of the inputs of o_proj and down_proj."""
     a = ModelAdapter(model)
