@@ -129,6 +129,19 @@ def test_realised_sparsity_on_calibration(tiny_model, cal, method):
     assert math.isnan(dd.realised_sparsity(pruned, "decode"))  # no decode step ran: unknown, not "skipped nothing"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_calibration_counts_equal_a_full_forward_on_the_calibration_text(tiny_model, cal, method):
+    """prune reads the realised sparsity off the threshold calibration's routed pass (no extra forward): the same
+    counters, per layer, as a full forward of the pruned model over the calibration batches."""
+    pruned, report = pruning.prune(tiny_model, method, 0.3, calibration=cal)
+    kept = [layer.counts.clone() for layer in ModelAdapter(pruned).layers if hasattr(layer, "counts")]
+    again = dd._removed(pruned, cal)  # no counts given: the full forward
+    assert {k: again[k] for k in ("realised_sparsity", "layer_skip")} == \
+        {k: report.removed[k] for k in ("realised_sparsity", "layer_skip")}
+    assert len(kept) == 2 and all(torch.equal(c, layer.counts) for c, layer in
+                                  zip(kept, [x for x in ModelAdapter(pruned).layers if hasattr(x, "counts")]))
+
+
 def test_decode_routes_the_calibration_text_as_its_full_forward(tiny_model, cal):
     """Token-by-token decoding of the calibration text skips exactly what the full forward skipped."""
     routed = dd.attach(tiny_model, dd.train_routers(tiny_model, cal, 0.25))

@@ -121,16 +121,24 @@ def realised_sparsity(model, phase: str | None = None) -> float:
     return sum(skipped for _, skipped in stats) / (tokens * len(ModelAdapter(model).layers))
 
 
-def _removed(model, calibration) -> dict:
-    """Realised sparsity and per-layer skip rates of a routed model on the calibration data (full forward)."""
+def _removed(model, calibration, counts: dict | None = None) -> dict:
+    """Realised sparsity and per-layer skip rates of a routed model on the calibration data: from ``counts``, the
+    counters of the threshold calibration's routed pass over the same batches (the same routes), where there are
+    some for every routed layer, else from a full forward. Either way the model's counters then hold that pass."""
     removed = {"realised_sparsity": None, "layer_skip": None}
     if calibration is None:
         return removed
     reset_stats(model)
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        for ids in calibration.batches(4):
-            model(ids.to(dev), use_cache=False)
+    routed = {i: layer for i, layer in enumerate(ModelAdapter(model).layers) if isinstance(layer, RoutedDecoderLayer)}
+    if counts and set(counts) == set(routed):
+        for i, layer in routed.items():
+            layer.counts.copy_(counts[i])
+            layer.last_phase = "prefill"
+    else:
+        dev = next(model.parameters()).device
+        with torch.inference_mode():
+            for ids in calibration.batches(4):
+                model(ids.to(dev), use_cache=False)
     per_layer = {}
     for i, layer in enumerate(ModelAdapter(model).layers):
         if isinstance(layer, RoutedDecoderLayer):
@@ -143,12 +151,13 @@ def _method(var: str, random: bool):
     def fn(model, sparsity, ctx):
         if sparsity == 0:  # nothing to skip: the dense model
             return copy.deepcopy(model), {"realised_sparsity": 0.0, "layer_skip": {}, "variant": var}
+        counts = {}
         if random:
-            routers = random_routers(model, sparsity, var, ctx.seed, ctx.calibration)
+            routers = random_routers(model, sparsity, var, ctx.seed, ctx.calibration, counts)
         else:
-            routers = train_routers(model, ctx.calibration, sparsity, var)
+            routers = train_routers(model, ctx.calibration, sparsity, var, counts)
         new = attach(model, routers)
-        removed = _removed(new, ctx.calibration)
+        removed = _removed(new, ctx.calibration, counts)
         removed.update(variant=var, skip=routers.skip, routed_layers=list(routers.layers))
         return new, removed
 

@@ -61,12 +61,13 @@ def _collect(model, calibration, layers, variant, on_batch):
             h.remove()
 
 
-def train_routers(model, calibration, sparsity: float, variant: str = "layer") -> Routers:
+def train_routers(model, calibration, sparsity: float, variant: str = "layer", counts: dict | None = None) -> Routers:
     """Fit one linear router per routed layer of ``model`` (left untouched) for a model-wide ``sparsity``.
 
     Targets: ||h_out - h_in|| / ||h_in|| of each token on the dense model; ridge least squares
     on the normed (sub)layer input. Thresholds: the skip-rate quantile of the scores on the
-    calibration tokens, fitted layer by layer on the routed model.
+    calibration tokens, fitted layer by layer on the routed model; ``counts`` (a dict) receives what that routed
+    pass ran and skipped per layer (:func:`_calibrate_thresholds`).
     """
     _check_variant(variant)
     a = _check_model(model)
@@ -78,7 +79,7 @@ def train_routers(model, calibration, sparsity: float, variant: str = "layer") -
     routers = Routers(fingerprint(model), D, variant, tuple(layers), skip, torch.full((len(layers),), -math.inf),
                       w[:, :D].to(dtype), w[:, D].to(dtype))
     if skip > 0:
-        routers.threshold = _calibrate_thresholds(model, routers, calibration)
+        routers.threshold = _calibrate_thresholds(model, routers, calibration, counts)
     return routers
 
 
@@ -106,7 +107,8 @@ def router_weights(model, calibration, variant: str = "layer") -> torch.Tensor:
     return torch.stack([torch.linalg.solve(A[j] + reg[j] * eye, rhs[j]) for j in range(len(layers))])
 
 
-def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0, calibration=None) -> Routers:
+def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0, calibration=None,
+                   counts: dict | None = None) -> Routers:
     """Routers of the random baseline: uniform scores hashed from positions. With ``calibration`` (what
     ``prune`` gives), each threshold is the skip-rate quantile of its scores on the calibration tokens, exactly as
     the trained router's: both then skip the target share of the calibration text (up to one token), so criterion
@@ -120,7 +122,7 @@ def random_routers(model, sparsity: float, variant: str = "layer", seed: int = 0
     routers = Routers(fingerprint(model), a.hidden_size, variant, tuple(layers), skip,
                       torch.full((len(layers),), skip), seed=seed)
     if calibration is not None and skip > 0:
-        routers.threshold = _calibrate_thresholds(model, routers, calibration)
+        routers.threshold = _calibrate_thresholds(model, routers, calibration, counts)
     return routers
 
 
@@ -146,18 +148,20 @@ def _first_layer_inputs(model, ids):
     return seen["h"], seen["kw"]
 
 
-def _calibrate_thresholds(model, routers: Routers, calibration) -> torch.Tensor:
+def _calibrate_thresholds(model, routers: Routers, calibration, counts: dict | None = None) -> torch.Tensor:
     """Per routed layer, the r-quantile of its router scores on the calibration tokens of the routed model.
 
     Layer by layer over all calibration batches: layer j's scores are collected with the
-    thresholds of layers < j in force, then its threshold is set and its outputs computed.
+    thresholds of layers < j in force, then its threshold is set and its outputs computed. That last pass is the
+    routed model's forward on the calibration batches, layer by layer; ``counts`` (a dict) receives each routed
+    layer's (run, skipped) counters of it, ``{layer index: [phases, 2]}``, so that the caller need not run it again.
     """
     routed = attach(model, routers)
     dev = next(routed.parameters()).device
     out = []
     with torch.inference_mode():
         states = [_first_layer_inputs(routed, ids.to(dev)) for ids in calibration.batches(4)]
-        for layer in ModelAdapter(routed).layers:
+        for i, layer in enumerate(ModelAdapter(routed).layers):
             if isinstance(layer, RoutedDecoderLayer):
                 scores = []
                 hook = layer.router.register_forward_hook(
@@ -169,5 +173,8 @@ def _calibrate_thresholds(model, routers: Routers, calibration) -> torch.Tensor:
                     hook.remove()
                 layer.threshold = float(torch.quantile(torch.cat(scores), routers.skip))
                 out.append(layer.threshold)
+                layer.reset_stats()  # the scoring pass ran every token; what follows is the routed pass
             states = [(layer(h, **kw), kw) for h, kw in states]
+            if counts is not None and isinstance(layer, RoutedDecoderLayer):
+                counts[i] = layer.counts.clone()
     return torch.tensor(out, dtype=torch.float64)
