@@ -7,11 +7,10 @@ included, five sparsities, two lengths.
 ``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook) with its strongest
 criterion, where the frontier is drawn: three rungs for each headline family (ShortGPT, FLAP width, the layer
 router; :data:`HEADLINE_RUNGS`), one for every other cell. Its time is dominated by the quick preset's scoring of
-each model (15 scorings). A run from a clean store on 2026-11-30 (one rung per family, 10 scorings, at 67-91 s
-each on that host) took 1418 s = 23.6 minutes. With three rungs per family, on the slower host of 2026-12-02
-(about 4x slower: 369 s for the dense scoring), it took 9040 s = 151 minutes, ~8100 s without an overlap
-(docs/RESULTS.md, stop 25); scaled to the faster host that is about 33-37 minutes, so the 30-minute budget is not
-met there either. ``demo took ... s`` is printed at the end,
+each model (14 scorings at ~95-110 s each on a 2-core host) and the timing of each rung (~30 s). From a clean store
+on 2026-12-02 it took 2917 s and, after two more cuts on a host that had slowed ~10%, 2935 s (docs/RESULTS.md,
+stop 26): the 30-minute budget is not met, and even half the documents (much wider quality CIs) would not meet it.
+``demo took ... s`` is printed at the end,
 and what it leaves out (:data:`SKIPPED`) after it.
 
 Plotly figures carry HTML with plotly.js embedded once per notebook and a PNG fallback
