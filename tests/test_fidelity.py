@@ -62,14 +62,14 @@ def test_dense_head_inputs_are_cached_on_disk(tiny_model, tmp_path, monkeypatch)
     assert first.shape == (3, 10, tiny_model.config.hidden_size)
     torch.testing.assert_close(fidelity.head_logprobs(tiny_model, first), fidelity.served_logprobs(tiny_model, ids),
                                atol=1e-5, rtol=1e-5)
-    files = list((tmp_path / "fidelity").glob("*.pt"))
+    files = list((tmp_path / "fidelity").glob("*.safetensors"))
     assert len(files) == 1
     forward = fidelity._head_inputs
     calls = []
     monkeypatch.setattr(fidelity, "_head_inputs", lambda *a: calls.append(a) or forward(*a))
     assert torch.equal(fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids), first) and not calls  # read back
     assert fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids, 15).shape == (3, 5, first.shape[-1]) and calls
-    assert len(list((tmp_path / "fidelity").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "fidelity").glob("*.safetensors"))) == 2
     files[0].write_bytes(b"torn")
     assert torch.equal(fidelity.dense_head_inputs(tiny_model, fp, "ptb", ids), first) and len(calls) == 2
 
