@@ -221,17 +221,17 @@ def head_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def dense_head_inputs(dense, fp: str, domain: str, ids: torch.Tensor, context: int | None = None) -> torch.Tensor:
-    """The dense model's head inputs on ``ids``, from the disk cache (``<cache>/fidelity/*.safetensors``) or one forward.
+    """The dense model's head inputs on ``ids``, from the disk cache (``<cache>/fidelity/*.safetensors``) or one
+    forward.
 
     Keyed by the dense fingerprint, the windows' tokens, the prompt length and the torch and transformers versions
     (another kernel library may round differently); an unreadable file is measured again and overwritten."""
     import transformers
+    from safetensors.torch import load_file, save_file
 
     h = hashlib.sha256(ids.numpy().tobytes())
     h.update(f"{fp}|{domain}|{tuple(ids.shape)}|{context}|{torch.__version__}|{transformers.__version__}|"
              f"{next(dense.parameters()).device.type}".encode())
-    from safetensors.torch import load_file, save_file
-
     path = cache_dir() / "fidelity" / f"{domain}-{h.hexdigest()[:20]}.safetensors"  # tensors only: no pickle
     if path.is_file():
         try:
