@@ -14,7 +14,8 @@ positions being scored. This module tells such a model where each row's prompt e
   static model) is untouched. Outside the block, a forward's whole input is the prompt.
 - :class:`ServingHFLM`: ``HFLM`` that derives each loglikelihood request's prompt length
   (``len(context)`` after lm-eval's left truncation) and wraps its ``_model_call`` in
-  :func:`prompt_lengths`. For a static model it is plain ``HFLM`` (identical scores).
+  :func:`prompt_lengths`. For a static model it is plain ``HFLM`` (identical scores), but for the shared contexts
+  below.
 
 Only the positions a batch scores are unembedded: HFLM log-softmaxes the logits of every position and keeps the
 continuation's, so ``_model_call`` asks the model for the logits of the last positions only (``logits_to_keep``,
@@ -22,6 +23,13 @@ from the first position any row of the batch scores), which HFLM reads at the sa
 ``ctx_len`` offset). The vocabulary projection of the context tokens, about a sixth of a scoring of the embedded
 model (a 49k vocabulary), and a ``[batch, length, vocab]`` float tensor per batch are saved; the scores are
 unchanged (tested equal to plain HFLM's).
+
+Answer choices of a static model share their context: requests with the same context (a multiple-choice
+document's choices) are scored in one row, the context once and each choice after it under a tree mask
+(:mod:`prunelib.measure.sharedprefix`; ARC-Easy's quick-suite tokens 20,161 -> 6,675, 2.4x faster; PIQA 1.1x),
+equal to lm-eval's separate forwards to 1e-4 and checked against them on the first row of every request set.
+A model with dynamic modules is never packed (its rules would see the choices as one prompt); ``packed`` counts
+the requests scored this way (stored as ``shared_context`` in each quality row's ``extra``).
 
 Batches: HFLM right-pads a batch and passes no attention mask. For a static model (or a
 causal dynamic one) padding after a row's tokens cannot change them, but a dynamic
@@ -88,9 +96,41 @@ class ServingHFLM(HFLM):
 
     _dynamic = False  # whether the model has modules whose work depends on the input (masked, counted)
 
+    #: requests scored with their context shared (:mod:`prunelib.measure.sharedprefix`), since the last reset
+    packed = 0
+    #: whether a static model's answer choices are scored in one row per context (False: lm-eval's way only)
+    share_prefix = True
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        bs = override_bs or self.batch_size_per_gpu
+        if not (self.share_prefix and isinstance(bs, int) and not dynamic_modules(self.model)):
+            return self._served(requests, disable_tqdm, override_bs)
+        from tqdm.auto import tqdm
+
+        from prunelib.measure import sharedprefix
+
+        groups = sharedprefix.groups(requests, self.max_length)
+        packed = {}
+        if groups:
+            bar = tqdm(total=sum(map(len, groups)), desc="Shared-context choices", disable=disable_tqdm or self.rank != 0)
+            packed = sharedprefix.score(self, requests, groups, bs, progress=bar) or {}
+            bar.close()
+        self.packed += len(packed)
+        if not packed:
+            return self._served(requests, disable_tqdm, override_bs)
+        out = dict(packed)
+        rest = [i for i in range(len(requests)) if i not in packed]
+        if rest:
+            out.update(zip(rest, self._served([requests[i] for i in rest], disable_tqdm, override_bs)))
+        for i, (key, _, _) in enumerate(requests):
+            if i in packed and key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, packed[i])
+        return [out[i] for i in range(len(requests))]
+
+    def _served(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """HFLM's scoring, each row told where its prompt ends."""
         prompts = {}
         for _, context, continuation in requests:
             inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])  # as HFLM builds it
