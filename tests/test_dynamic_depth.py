@@ -8,7 +8,7 @@ from conftest import tiny_config
 from prunelib import pruning
 from prunelib.model.adapter import ModelAdapter
 from prunelib.pruning import dynamic_depth as dd
-from prunelib.pruning import routed_layer
+from prunelib.pruning import routed_layer, routers
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 METHODS = ["dyn_depth_router", "dyn_depth_router_mlp", "dyn_depth_random"]
@@ -140,6 +140,35 @@ def test_calibration_counts_equal_a_full_forward_on_the_calibration_text(tiny_mo
         {k: report.removed[k] for k in ("realised_sparsity", "layer_skip")}
     assert len(kept) == 2 and all(torch.equal(c, layer.counts) for c, layer in
                                   zip(kept, [x for x in ModelAdapter(pruned).layers if hasattr(x, "counts")]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_router_scores_read_off_the_input_equal_the_layers_own(tiny_model, cal, method):
+    """A whole-layer router's scores come from the layer's input without running it (the threshold calibration's
+    shortcut): the very scores the layer's forward hands its router, for every calibration batch and routed layer;
+    the MLP variant has none (it routes on the attention's output)."""
+    from prunelib.pruning.routed_layer import RoutedDecoderLayer
+
+    pruned, _ = pruning.prune(tiny_model, method, 0.3, calibration=cal)
+    for ids in cal.batches(4):
+        h, kw = routers._first_layer_inputs(pruned, ids)
+        for layer in ModelAdapter(pruned).layers:
+            if isinstance(layer, RoutedDecoderLayer):
+                seen = []
+                hook = layer.router.register_forward_hook(lambda mod, args, o: seen.append(o))
+                try:
+                    with torch.inference_mode():
+                        out, direct = layer(h, **kw), layer.scores(h, **kw)
+                finally:
+                    hook.remove()
+                if method == "dyn_depth_router_mlp":
+                    assert direct is None
+                else:
+                    assert torch.equal(direct, seen[0])
+            else:
+                with torch.inference_mode():
+                    out = layer(h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
 
 
 def test_decode_routes_the_calibration_text_as_its_full_forward(tiny_model, cal):

@@ -75,6 +75,16 @@ class RoutedDecoderLayer(nn.Module):
             positions = torch.arange(x.shape[1], device=x.device)[None]
         return (self.router(x, positions) > self.threshold) & valid
 
+    def scores(self, hidden_states, position_ids=None, **_) -> torch.Tensor | None:
+        """The router's scores of the tokens of ``hidden_states`` (no cache) as :meth:`forward` computes them, without
+        running the layer: for the ``layer`` variant, which routes on the layer's input; None for ``mlp``, which routes
+        on the attention's output."""
+        if self.variant != "layer":
+            return None
+        if position_ids is None:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+        return self.router(getattr(self, self.names[2])(hidden_states), position_ids)
+
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
         if past_key_values is not None and not isinstance(past_key_values, CACHES):

@@ -152,7 +152,8 @@ def _calibrate_thresholds(model, routers: Routers, calibration, counts: dict | N
     """Per routed layer, the r-quantile of its router scores on the calibration tokens of the routed model.
 
     Layer by layer over all calibration batches: layer j's scores are collected with the
-    thresholds of layers < j in force, then its threshold is set and its outputs computed. That last pass is the
+    thresholds of layers < j in force (read off its input for a whole-layer router, :meth:`RoutedDecoderLayer.scores`,
+    else from a hooked run of the layer), then its threshold is set and its outputs computed. That last pass is the
     routed model's forward on the calibration batches, layer by layer; ``counts`` (a dict) receives each routed
     layer's (run, skipped) counters of it, ``{layer index: [phases, 2]}``, so that the caller need not run it again.
     """
@@ -163,14 +164,16 @@ def _calibrate_thresholds(model, routers: Routers, calibration, counts: dict | N
         states = [_first_layer_inputs(routed, ids.to(dev)) for ids in calibration.batches(4)]
         for i, layer in enumerate(ModelAdapter(routed).layers):
             if isinstance(layer, RoutedDecoderLayer):
-                scores = []
-                hook = layer.router.register_forward_hook(
-                    lambda mod, args, o: scores.append(o.detach().float().reshape(-1).cpu()))
-                try:
-                    for h, kw in states:
-                        layer(h, **kw)
-                finally:
-                    hook.remove()
+                scores = [layer.scores(h, **kw) for h, kw in states]  # the layer variant: no layer compute
+                if scores[0] is None:  # the mlp variant routes on the attention's output: run the layer, hooked
+                    scores = []
+                    hook = layer.router.register_forward_hook(lambda mod, args, o: scores.append(o))
+                    try:
+                        for h, kw in states:
+                            layer(h, **kw)
+                    finally:
+                        hook.remove()
+                scores = [s.detach().float().reshape(-1).cpu() for s in scores]
                 layer.threshold = float(torch.quantile(torch.cat(scores), routers.skip))
                 out.append(layer.threshold)
                 layer.reset_stats()  # the scoring pass ran every token; what follows is the routed pass
