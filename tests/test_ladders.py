@@ -44,7 +44,7 @@ def test_rungs_are_in_each_methods_unit(smol_like):
     width = rungs("width_flap", smol_like)
     assert _whole(width, I / 64) and width[0] == pytest.approx(64 / I)  # multiples of 64 MLP channels
     assert _whole(rungs("slicegpt", smol_like), H / 8)
-    assert rungs("dyn_depth_router", smol_like)[:3] == [0.05, 0.1, 0.15]  # target skip rates
+    assert rungs("dyn_depth_router", smol_like)[:7] == [0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.15]  # target skip rates
     assert rungs("sparse_attn_block", smol_like) == [round(0.1 * k, 10) for k in range(1, 10)]
 
 
@@ -67,6 +67,9 @@ def test_ladder_builders_by_hand():
     assert snapped == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     with pytest.raises(ValueError, match="step=0 is not allowed"):
         ladders.grid(0)
+    assert ladders.fine_then_grid(0.1, 0.25)(cfg) == [0.1, 0.2, 0.25, 0.5, 0.75]
+    with pytest.raises(ValueError, match="fine=0.3 is not allowed"):
+        ladders.fine_then_grid(0.3, 0.25)
 
 
 def test_a_method_without_a_ladder_is_refused():

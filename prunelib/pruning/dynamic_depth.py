@@ -78,7 +78,7 @@ import copy
 import torch
 
 from prunelib.model.adapter import ModelAdapter
-from prunelib.pruning.ladders import grid
+from prunelib.pruning.ladders import fine_then_grid
 from prunelib.pruning.registry import register
 from prunelib.pruning.routed_layer import (PHASES, VARIANTS, LinearRouter, RandomRouter, RoutedDecoderLayer,  # noqa: F401
                                           Routers, _check_phase, attach)
@@ -165,21 +165,23 @@ def _method(var: str, random: bool):
 
 
 LAYER_UNIT, MLP_UNIT = "token-layer pairs", "token-MLP pairs"
+#: target skip rates: 1% steps to 5% (the router already loses ~21% at 5% on the embedded model), then 5% steps
+LADDER = fine_then_grid(0.01, 0.05)
 register("dyn_depth_router", "dynamic_depth",
          "linear router on the normed layer input fitted to ||h_out - h_in|| / ||h_in||; tokens scoring above the "
          "calibrated threshold run the layer (causal)", unit=LAYER_UNIT, baseline="dyn_depth_random",
-         needs_calibration=True, max_sparsity=_max_sparsity, ladder=grid(0.05))(_method("layer", random=False))
+         needs_calibration=True, max_sparsity=_max_sparsity, ladder=LADDER)(_method("layer", random=False))
 register("dyn_depth_router_mlp", "dynamic_depth",
          "linear router on the normed MLP input fitted to ||h_out - h_mid|| / ||h_mid||; tokens scoring above the "
          "calibrated threshold run the MLP (causal)", unit=MLP_UNIT, baseline="dyn_depth_random_mlp",
-         needs_calibration=True, max_sparsity=_max_sparsity, ladder=grid(0.05))(_method("mlp", random=False))
+         needs_calibration=True, max_sparsity=_max_sparsity, ladder=LADDER)(_method("mlp", random=False))
 register("dyn_depth_random", "dynamic_depth",
          "random baseline: each token's route hashed from (seed, layer, position), the threshold set so that the "
          "calibration tokens skip the same share of whole layers as the router's",
-         unit=LAYER_UNIT, baseline=None, needs_calibration=True, max_sparsity=_max_sparsity, ladder=grid(0.05))(
+         unit=LAYER_UNIT, baseline=None, needs_calibration=True, max_sparsity=_max_sparsity, ladder=LADDER)(
     _method("layer", random=True))
 register("dyn_depth_random_mlp", "dynamic_depth",
          "random baseline of the MLP router: each token's route hashed from (seed, layer, position), the threshold "
          "set so that the calibration tokens skip the same share of MLP sublayers", unit=MLP_UNIT, baseline=None,
          needs_calibration=True,
-         max_sparsity=_max_sparsity, ladder=grid(0.05))(_method("mlp", random=True))
+         max_sparsity=_max_sparsity, ladder=LADDER)(_method("mlp", random=True))
