@@ -7,9 +7,10 @@ included, five sparsities, two lengths.
 ``make demo`` covers every axis (each axis notebook, the baseline and the Pareto notebook) with its strongest
 criterion, where the frontier is drawn: three rungs for each headline family (ShortGPT, FLAP width, the layer
 router; :data:`HEADLINE_RUNGS`), one for every other cell. Its time is dominated by the quick preset's scoring of
-each model (14 scorings at ~95-110 s each on a 2-core host) and the timing of each rung (~30 s). From a clean store
-on 2026-12-02 it took 2917 s and, after two more cuts on a host that had slowed ~10%, 2935 s (docs/RESULTS.md,
-stop 26): the 30-minute budget is not met, and even half the documents (much wider quality CIs) would not meet it.
+each model (14 scorings) and the timing of each rung (~30 s). From a clean store on 2026-12-02 it took 2917 s and
+2935 s (docs/RESULTS.md, stop 26), then, with answer choices sharing their question's forward
+(:mod:`prunelib.measure.sharedprefix`), 3340 s on a host 1.4-1.5x slower (about 37-41 min at stop 26's speed;
+stop 27): the 30-minute budget is not met, and even half the documents (much wider quality CIs) would not meet it.
 ``demo took ... s`` is printed at the end,
 and what it leaves out (:data:`SKIPPED`) after it.
 
