@@ -134,3 +134,19 @@ def test_switched_off_it_is_plain_hflm(tokenizer):
     assert lm._loglikelihood_tokens(reqs) == HFLM(pretrained=model, tokenizer=tokenizer,
                                                    batch_size=4)._loglikelihood_tokens(reqs)
     assert lm.packed == 0
+
+
+def test_only_masked_attention_is_packed(tokenizer):
+    """Flash-attention takes no 4D mask: a model configured for it is scored the plain way."""
+    model = tiny_family_model("llama")
+    assert sharedprefix.supports(model)
+    model.config._attn_implementation = "flash_attention_2"  # as a CUDA model with flash-attn would be configured
+    assert not sharedprefix.supports(model)
+    model.config._attn_implementation = "sdpa"
+    assert sharedprefix.supports(model)
+
+
+def test_an_unsupported_attention_is_scored_the_plain_way(tokenizer, monkeypatch):
+    monkeypatch.setattr(sharedprefix, "supports", lambda model: False)
+    plain, served, lm = plain_and_served(tiny_family_model("llama"), tokenizer, choice_requests())
+    assert served == plain and lm.packed == 0

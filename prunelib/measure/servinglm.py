@@ -105,11 +105,12 @@ class ServingHFLM(HFLM):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         bs = override_bs or self.batch_size_per_gpu
-        if not (self.share_prefix and isinstance(bs, int) and not dynamic_modules(self.model)):
+        from prunelib.measure import sharedprefix
+
+        if not (self.share_prefix and isinstance(bs, int) and sharedprefix.supports(self.model)
+                and not dynamic_modules(self.model)):
             return self._served(requests, disable_tqdm, override_bs)
         from tqdm.auto import tqdm
-
-        from prunelib.measure import sharedprefix
 
         groups = sharedprefix.groups(requests, self.max_length)
         packed = {}

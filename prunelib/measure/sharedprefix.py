@@ -14,7 +14,8 @@ longer, masked key axis), tested against lm-eval's own ``HFLM`` to 1e-4.
 Only for a model without dynamic modules (a dynamic rule would see the packed choices as one prompt), and only for
 a context shared by two or more requests whose packed row fits ``max_length``; every other request is scored by
 ``HFLM`` as before. The mask is additive (0 or the dtype's minimum), which both the eager and the SDPA attention of
-transformers apply as given (a 4D mask is passed through unchanged); :func:`score` checks its first batch against
+transformers apply as given (a 4D mask is passed through unchanged; other attention kernels, flash-attention's,
+take no such mask, so a model using one is not packed: :func:`supports`); :func:`score` checks its first row against
 separate forwards and returns None (the caller scores everything the plain way) if a model's attention ignored it.
 """
 from __future__ import annotations
@@ -31,6 +32,15 @@ CHECK_TOL = 1e-3
 #: a forward holds at most ``batch_size * ROW_TOKENS`` tokens (lm-eval's batches of short requests hold about as
 #: many), so that wide packed rows do not make a batch's activations and log-probs unbounded
 ROW_TOKENS = 128
+
+
+#: the attention implementations of transformers that apply a 4D additive mask as given
+MASKED_ATTENTION = ("eager", "sdpa")
+
+
+def supports(model) -> bool:
+    """Whether ``model``'s attention applies the packed rows' mask (eager or SDPA attention)."""
+    return getattr(model.config, "_attn_implementation", None) in MASKED_ATTENTION
 
 
 def groups(requests, max_length: int) -> list[list[int]]:
