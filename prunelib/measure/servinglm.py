@@ -58,6 +58,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from prunelib.measure import sharedprefix
 
 HOOK = "set_prompt_lengths"
 
@@ -105,13 +108,9 @@ class ServingHFLM(HFLM):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         bs = override_bs or self.batch_size_per_gpu
-        from prunelib.measure import sharedprefix
-
         if not (self.share_prefix and isinstance(bs, int) and sharedprefix.supports(self.model)
                 and not dynamic_modules(self.model)):
             return self._served(requests, disable_tqdm, override_bs)
-        from tqdm.auto import tqdm
-
         groups = sharedprefix.groups(requests, self.max_length)
         packed = {}
         if groups:
@@ -119,8 +118,6 @@ class ServingHFLM(HFLM):
             packed = sharedprefix.score(self, requests, groups, bs, progress=bar) or {}
             bar.close()
         self.packed += len(packed)
-        if not packed:
-            return self._served(requests, disable_tqdm, override_bs)
         out = dict(packed)
         rest = [i for i in range(len(requests)) if i not in packed]
         if rest:

@@ -69,11 +69,15 @@ class RoutedDecoderLayer(nn.Module):
         out["router"] = int(isinstance(self.router, LinearRouter))
         return out
 
-    def route(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Which tokens run ([B, S] bool): score above the threshold, non-padding (positions: for the random router)."""
+    def _scores(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The router's scores of the normed tokens ``x`` (positions: for the random router; default 0..S-1)."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)[None]
-        return (self.router(x, positions) > self.threshold) & valid
+        return self.router(x, positions)
+
+    def route(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Which tokens run ([B, S] bool): score above the threshold, non-padding (positions: for the random router)."""
+        return (self._scores(x, positions) > self.threshold) & valid
 
     def scores(self, hidden_states, position_ids=None, **_) -> torch.Tensor | None:
         """The router's scores of the tokens of ``hidden_states`` (no cache) as :meth:`forward` computes them, without
@@ -81,9 +85,7 @@ class RoutedDecoderLayer(nn.Module):
         on the attention's output."""
         if self.variant != "layer":
             return None
-        if position_ids is None:
-            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
-        return self.router(getattr(self, self.names[2])(hidden_states), position_ids)
+        return self._scores(getattr(self, self.names[2])(hidden_states), position_ids)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
