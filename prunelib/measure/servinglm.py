@@ -58,7 +58,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a per-request bar like HFLM's own: text on stderr, which notebooks send to their log
 
 from prunelib.measure import sharedprefix
 
